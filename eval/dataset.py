@@ -1,0 +1,148 @@
+"""The prepared data set: the one artifact every stage reads histories, item texts and candidates from.
+
+Layout of a data folder:
+  interactions.parquet   user, item, rating, timestamp (chronological within each user)
+  users.parquet          user (0..U-1), raw_id
+  items.parquet          item (1..I), raw_id, title, categories, brand, year, text
+  candidates_{valid,test}_{n}.npy   [U, n+1] int64, column 0 = the true item
+  manifest.json
+Leave-one-out: a user's last item is the test target, the one before it the validation target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import InputError
+from .io import MANIFEST, file_hash, manifest, read_json, write_json, atomic_dir
+from .loaders import load_source
+from .preprocess import PrepareConfig, attach_item_text, prepare, sample_candidates
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class SeqDataset:
+    path: Path
+    interactions: pd.DataFrame
+    users: pd.DataFrame
+    items: pd.DataFrame
+    manifest: dict
+
+    @property
+    def num_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def num_items(self) -> int:
+        """Real items are 1..num_items; 0 is padding."""
+        return len(self.items)
+
+    @cached_property
+    def sequences(self) -> list[np.ndarray]:
+        """Each user's full chronological item sequence (train + valid + test)."""
+        inter = self.interactions
+        bounds = np.searchsorted(inter["user"].to_numpy(), np.arange(self.num_users + 1))
+        items = inter["item"].to_numpy()
+        return [items[bounds[u]:bounds[u + 1]] for u in range(self.num_users)]
+
+    def history(self, user: int, split: str) -> np.ndarray:
+        """The input history for a split: training items for train/valid, + the validation item for test."""
+        seq = self.sequences[user]
+        return seq[:-1] if split == "test" else seq[:-2]
+
+    def target(self, split: str) -> np.ndarray:
+        """The true next item of every user for 'valid' or 'test'."""
+        k = {"valid": -2, "test": -1}[split]
+        return np.array([s[k] for s in self.sequences], dtype=np.int64)
+
+    def train_sequences(self) -> list[np.ndarray]:
+        return [s[:-2] for s in self.sequences]
+
+    def candidates(self, split: str, negatives: int) -> np.ndarray:
+        path = self.path / f"candidates_{split}_{negatives}.npy"
+        if not path.exists():
+            have = sorted(p.name for p in self.path.glob("candidates_*.npy"))
+            raise InputError(f"{path}: no fixed candidates for {negatives} negatives (have: {', '.join(have)})")
+        return np.load(path)
+
+    @cached_property
+    def item_popularity(self) -> np.ndarray:
+        """Training-interaction count of each item id (index 0 = padding = 0)."""
+        counts = np.zeros(self.num_items + 1, dtype=np.int64)
+        for s in self.train_sequences():
+            np.add.at(counts, s, 1)
+        return counts
+
+    def item_texts(self) -> list[str]:
+        """Item text by id (index 0 is the empty padding item)."""
+        return ["", *self.items.sort_values("item")["text"].tolist()]
+
+
+def pad_left(seqs: list[np.ndarray], max_len: int | None = None) -> torch.Tensor:
+    """Left-pad (0) a batch of histories so the latest item is always in the last column."""
+    max_len = max_len or max(1, max(len(s) for s in seqs))
+    out = torch.zeros(len(seqs), max_len, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[-max_len:]
+        if len(s):
+            out[i, -len(s):] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def load_dataset(path: str | Path) -> SeqDataset:
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        raise InputError(f"{path}: not a prepared data set (no {MANIFEST}; run the prepare stage)")
+    ds = SeqDataset(
+        path=path,
+        interactions=pd.read_parquet(path / "interactions.parquet"),
+        users=pd.read_parquet(path / "users.parquet"),
+        items=pd.read_parquet(path / "items.parquet"),
+        manifest=read_json(path / MANIFEST),
+    )
+    return ds
+
+
+def source_inputs(cfg: PrepareConfig) -> dict:
+    """What identifies the raw input, for the manifest and for skipping an up-to-date stage."""
+    from .assets import recbole_dataset
+
+    src = recbole_dataset(cfg.source) if cfg.source in ("ml-100k", "ml-1m") and not Path(cfg.source).exists() \
+        else Path(cfg.source)
+    files = {str(src): file_hash(src)}
+    if cfg.meta:
+        files[cfg.meta] = file_hash(cfg.meta)
+    return files
+
+
+def prepare_dataset(cfg: PrepareConfig, out: str | Path) -> SeqDataset:
+    """Read the raw source, apply the protocol and write the data folder atomically."""
+    raw_inter, raw_items = load_source(cfg.source, cfg.format, cfg.meta)
+    inter, users, items = prepare(cfg, raw_inter)
+    items = attach_item_text(items, raw_items)
+    with atomic_dir(out) as tmp:
+        inter.to_parquet(tmp / "interactions.parquet", index=False)
+        users.to_parquet(tmp / "users.parquet", index=False)
+        items.to_parquet(tmp / "items.parquet", index=False)
+        ds = SeqDataset(tmp, inter, users, items, {})
+        short: dict[str, int] = {}  # users with fewer never-seen items than the negatives asked for
+        for split in ("valid", "test"):
+            for n in cfg.negatives:
+                cand = sample_candidates(ds.sequences, ds.target(split), ds.num_items, n, cfg.seed, split)
+                np.save(tmp / f"candidates_{split}_{n}.npy", cand)
+                short[f"{split}_{n}"] = int((cand[:, -1] == 0).sum())
+        lengths = np.array([len(s) for s in ds.sequences])
+        counts = {"users": ds.num_users, "items": ds.num_items, "interactions": len(inter),
+                  "raw_interactions": len(raw_inter), "avg_length": round(float(lengths.mean()), 2),
+                  "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
+                  "users_with_short_candidate_lists": short}
+        content = {p.name: file_hash(p) for p in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST, manifest("prepare", inputs=source_inputs(cfg), config=cfg.to_dict(),
+                                            seed=cfg.seed, counts=counts, extra={"content_sha256": content}))
+    return load_dataset(out)

@@ -1,0 +1,117 @@
+"""Atomic artifact writes and manifests.
+
+A stage writes into a temporary sibling and renames it into place, so a killed run never leaves a
+half-written artifact that a later run would mistake for a finished one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file that replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file under a directory (sorted, names included)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Versions of the packages that shaped an artifact (for its manifest)."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "pandas", "transformers", "peft", *packages):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def manifest(stage: str, *, inputs: dict[str, Any], config: dict[str, Any], seed: int | None,
+             counts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The small record every stage writes beside its outputs."""
+    return {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": inputs,
+        "config": config,
+        "seed": seed,
+        "counts": counts,
+        "versions": versions(),
+        "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        **(extra or {}),
+    }
+
+
+def is_up_to_date(out_dir: str | Path, inputs: dict[str, Any], config: dict[str, Any]) -> bool:
+    """True when `out_dir` holds a finished artifact built from the same inputs and config."""
+    m = Path(out_dir) / MANIFEST
+    if not m.exists():
+        return False
+    old = read_json(m)
+    return old.get("inputs") == json.loads(json.dumps(inputs, default=str)) and \
+        old.get("config") == json.loads(json.dumps(config, default=str))
