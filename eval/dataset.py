@@ -48,7 +48,7 @@ class SeqDataset:
         """Each user's full chronological item sequence (train + valid + test)."""
         inter = self.interactions
         bounds = np.searchsorted(inter["user"].to_numpy(), np.arange(self.num_users + 1))
-        items = inter["item"].to_numpy()
+        items = inter["item"].to_numpy(dtype=np.int64, copy=True)
         return [items[bounds[u]:bounds[u + 1]] for u in range(self.num_users)]
 
     def history(self, user: int, split: str) -> np.ndarray:
@@ -79,6 +79,11 @@ class SeqDataset:
             np.add.at(counts, s, 1)
         return counts
 
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """Content hashes of the data files: what a downstream stage's up-to-date check compares."""
+        return self.manifest["content_sha256"]
+
     def item_texts(self) -> list[str]:
         """Item text by id (index 0 is the empty padding item)."""
         return ["", *self.items.sort_values("item")["text"].tolist()]
@@ -91,7 +96,7 @@ def pad_left(seqs: list[np.ndarray], max_len: int | None = None) -> torch.Tensor
     for i, s in enumerate(seqs):
         s = s[-max_len:]
         if len(s):
-            out[i, -len(s):] = torch.as_tensor(s, dtype=torch.long)
+            out[i, -len(s):] = torch.from_numpy(np.array(s, dtype=np.int64))
     return out
 
 
@@ -115,9 +120,12 @@ def source_inputs(cfg: PrepareConfig) -> dict:
 
     src = recbole_dataset(cfg.source) if cfg.source in ("ml-100k", "ml-1m") and not Path(cfg.source).exists() \
         else Path(cfg.source)
-    files = {str(src): file_hash(src)}
-    if cfg.meta:
-        files[cfg.meta] = file_hash(cfg.meta)
+    files = {}
+    for path in (src, cfg.meta):
+        if path is not None:
+            if not Path(path).exists():
+                raise InputError(f"{path}: data source not found")
+            files[str(path)] = file_hash(path)
     return files
 
 

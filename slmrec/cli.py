@@ -1,0 +1,42 @@
+"""`slmrec`: SASRec pre-training, LLM teacher training and distillation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from eval.cli import guarded
+from eval.report import floor_of, print_table
+
+from .pretrain import PretrainConfig, pretrain
+from .trainer import TrainConfig
+
+app = typer.Typer(help="SLMRec: SASRec pre-training, LLM teacher training, layer-wise distillation.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _group() -> None:
+    """Keep sub-command names even while the app has a single command."""
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    run: Path = typer.Option(..., help="Run directory (reads RUN/data, writes RUN/sasrec)."),
+    hidden: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.2,
+    max_len: int = typer.Option(50, help="Most recent items a history keeps."),
+    epochs: int = 200, batch_size: int = 128, lr: float = 1e-3,
+    patience: int = typer.Option(10, help="Epochs without better validation MRR before stopping."),
+    seed: int = 42,
+    force: bool = typer.Option(False, help="Retrain even if the output is up to date."),
+) -> None:
+    """Train SASRec (cross-entropy over all items) and export its item embeddings for SLMRec."""
+    cfg = PretrainConfig(hidden=hidden, layers=layers, heads=heads, dropout=dropout,
+                         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                                           max_len=max_len, seed=seed))
+    metrics = pretrain(run / "data", run / "sasrec", cfg, force=force)
+    for protocol, m in metrics.items():
+        print_table(f"SASRec test: {protocol}", {"SASRec": m}, floor=floor_of(m))
+
+
+main = guarded(app)

@@ -1,0 +1,52 @@
+"""The `slmrec pretrain` stage: train SASRec on a prepared data set and export its item embeddings."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eval.dataset import load_dataset
+from eval.evaluate import PROTOCOLS, evaluate, protocol_label, protocols_of
+from eval.io import atomic_dir, is_up_to_date, manifest, read_json, write_json
+
+from .sasrec import SASRec, SASRecConfig
+from .trainer import TrainConfig, fit
+
+
+@dataclass
+class PretrainConfig:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def test_metrics(model, ds, max_len: int, protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, dict]:
+    """Test metrics under every candidate protocol the data set has."""
+    return {protocol_label(p): evaluate(model, ds, "test", p, max_len=max_len) for p in protocols_of(ds, protocols)}
+
+
+def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, force: bool = False) -> dict:
+    """Train SASRec unless `out_dir` is already up to date; return its test metrics."""
+    out_dir = Path(out_dir)
+    ds = load_dataset(data_dir)
+    inputs = {"data": ds.fingerprint}
+    if not force and is_up_to_date(out_dir, inputs, cfg.to_dict()):
+        return read_json(out_dir / "metrics.json")
+    model = SASRec(SASRecConfig(num_items=ds.num_items, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                                max_len=cfg.train.max_len, dropout=cfg.dropout))
+    log = fit(model, ds, cfg.train, desc="SASRec")
+    metrics = test_metrics(model, ds, cfg.train.max_len)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", log)
+        write_json(tmp / "metrics.json", metrics)
+        params = sum(p.numel() for p in model.parameters())
+        write_json(tmp / "manifest.json", manifest(
+            "pretrain", inputs=inputs, config=cfg.to_dict(), seed=cfg.train.seed,
+            counts={"parameters": params, "best_epoch": log["best_epoch"],
+                    "train_seconds": round(log["train_seconds"], 1)}))
+    return metrics

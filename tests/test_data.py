@@ -1,0 +1,183 @@
+"""The data layer: chronology, ids, reproducibility, candidates, k-core and bad input."""
+import gzip
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval.dataset import load_dataset, prepare_dataset
+from eval.errors import InputError
+from eval.io import file_hash
+from eval.loaders import load_amazon, load_movielens, load_recbole
+from eval.preprocess import PrepareConfig, k_core
+from tests.conftest import write_atomic
+
+
+def cfg(source, **kw):
+    base = dict(source=str(source), rating_gt=None, user_core=1, item_core=1, negatives=[5])
+    return PrepareConfig(**{**base, **kw})
+
+
+def test_histories_are_chronological_not_by_item_id(tmp_path):
+    # item ids deliberately out of time order; ties on timestamp keep file order
+    rows = [("a", "9", 5, 30), ("a", "1", 5, 10), ("a", "5", 5, 20), ("a", "7", 5, 20),
+            ("b", "1", 5, 1), ("b", "9", 5, 2), ("b", "5", 5, 3)]
+    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[1]), tmp_path / "out")
+    raw = dict(zip(ds.items["item"], ds.items["raw_id"]))
+    assert [raw[i] for i in ds.sequences[0]] == ["1", "5", "7", "9"]
+    assert ds.target("test")[0] == ds.items.set_index("raw_id").loc["9", "item"]
+    assert ds.target("valid")[0] == ds.items.set_index("raw_id").loc["7", "item"]
+    assert list(ds.history(0, "test")) == list(ds.sequences[0][:-1])
+
+
+def test_item_zero_is_padding_only(synthetic, tmp_path):
+    ds = prepare_dataset(cfg(synthetic), tmp_path / "out")
+    assert ds.items["item"].min() == 1 and ds.items["item"].max() == ds.num_items
+    assert (ds.interactions["item"] > 0).all()
+    assert (ds.candidates("test", 5) > 0).all()  # every user here has >= 5 unseen items
+
+
+def test_same_seed_same_everything_other_seed_other_candidates(synthetic, tmp_path):
+    a = prepare_dataset(cfg(synthetic, seed=7), tmp_path / "a")
+    b = prepare_dataset(cfg(synthetic, seed=7), tmp_path / "b")
+    c = prepare_dataset(cfg(synthetic, seed=8), tmp_path / "c")
+    assert a.fingerprint == b.fingerprint
+    for name in ("interactions.parquet", "users.parquet", "items.parquet", "candidates_test_5.npy"):
+        assert file_hash(a.path / name) == file_hash(b.path / name)
+    assert file_hash(a.path / "items.parquet") == file_hash(c.path / "items.parquet")
+    assert not np.array_equal(a.candidates("test", 5), c.candidates("test", 5))
+
+
+def test_candidates_are_unseen_unique_and_truth_first(synthetic, tmp_path):
+    ds = prepare_dataset(cfg(synthetic, negatives=[5, 15]), tmp_path / "out")
+    for split in ("valid", "test"):
+        for n in (5, 15):
+            cand = ds.candidates(split, n)
+            assert (cand[:, 0] == ds.target(split)).all()
+            for u, row in enumerate(cand):
+                neg = row[1:][row[1:] > 0]
+                assert len(set(neg)) == len(neg)
+                assert not set(neg) & set(ds.sequences[u])
+
+
+def test_short_candidate_lists_are_padded_and_recorded(tmp_path):
+    rows = [("a", str(i), 5, i) for i in range(6)] + [("b", "0", 5, 1), ("b", "1", 5, 2), ("b", "2", 5, 3)]
+    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[4]), tmp_path / "out")
+    cand = ds.candidates("test", 4)
+    assert (cand[0, 1:] == 0).all()           # user a has seen every item: no negatives left
+    assert sorted(cand[1, 1:]) == [0, 4, 5, 6]  # user b: all 3 unseen items, then padding
+    assert ds.manifest["counts"]["users_with_short_candidate_lists"]["test_4"] == 2
+
+
+def test_k_core_is_iterative():
+    # one pass keeps item x (2 users) but drops user c (1 item); then x has 1 user -> dropped, and so on
+    inter = pd.DataFrame({"user_id": ["a", "a", "b", "b", "c"], "item_id": ["x", "y", "y", "z", "x"]})
+    out = k_core(inter, user_core=2, item_core=2)
+    assert out.empty
+    one_pass_users = inter["user_id"].map(inter["user_id"].value_counts()) >= 2
+    assert one_pass_users.sum() == 4  # a single pass would have kept something
+
+
+def test_rating_threshold_and_dedup(tmp_path):
+    rows = [("a", "1", 5, 1), ("a", "2", 3, 2), ("a", "1", 5, 3), ("a", "3", 4, 4), ("a", "4", 4, 5)]
+    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), rating_gt=3.0, negatives=[1]),
+                         tmp_path / "out")
+    assert sorted(ds.items["raw_id"]) == ["1", "3", "4"]
+    assert len(ds.sequences[0]) == 3  # the repeated (a, 1) is kept once
+
+
+def test_item_text_is_kept(synthetic, tmp_path):
+    ds = prepare_dataset(cfg(synthetic), tmp_path / "out")
+    row = ds.items.iloc[0]
+    assert row["title"].startswith("Movie") and "Drama" in row["text"] and row["year"] in row["text"]
+    assert ds.item_texts()[0] == "" and len(ds.item_texts()) == ds.num_items + 1
+
+
+def test_embedded_ml100k_loads():
+    inter, items = load_recbole(__import__("eval.assets", fromlist=["x"]).recbole_dataset("ml-100k"))
+    assert len(inter) == 100_000 and inter["user_id"].nunique() == 943 and len(items) == 1682
+
+
+def test_movielens_raw_formats(tmp_path):
+    (tmp_path / "u.data").write_text("1\t10\t5\t100\n1\t20\t4\t50\n")
+    (tmp_path / "u.item").write_text("10|Heat (1995)|01-Jan-1995||url|0|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n")
+    inter, items = load_movielens(tmp_path)
+    assert list(inter["item_id"]) == ["10", "20"]
+    assert items.iloc[0].to_dict() == {"item_id": "10", "title": "Heat", "categories": "Action",
+                                       "brand": "", "year": "1995"}
+    m1 = tmp_path / "m1"
+    m1.mkdir()
+    (m1 / "ratings.dat").write_text("1::10::5::100\n")
+    (m1 / "movies.dat").write_text("10::Heat (1995)::Action|Crime\n")
+    inter, items = load_movielens(m1)
+    assert items.iloc[0]["categories"] == "Action, Crime" and inter.iloc[0]["rating"] == 5.0
+
+
+def _gz_lines(path, objs):
+    with gzip.open(path, "wt") as f:
+        for o in objs:
+            f.write(o if isinstance(o, str) else json.dumps(o) + "\n")
+    return path
+
+
+def test_amazon_2018_and_2023(tmp_path):
+    r18 = _gz_lines(tmp_path / "r18.json.gz", [{"reviewerID": "A", "asin": "X", "overall": 5.0, "unixReviewTime": 1}])
+    m18 = _gz_lines(tmp_path / "m18.json.gz", [{"asin": "X", "title": "Pen", "category": ["Office", "Pens"], "brand": "Bic"}])
+    inter, items = load_amazon(r18, m18)
+    assert inter.iloc[0]["item_id"] == "X"
+    assert items.iloc[0][["title", "categories", "brand"]].tolist() == ["Pen", "Office, Pens", "Bic"]
+    r23 = _gz_lines(tmp_path / "r23.jsonl.gz", [{"user_id": "A", "asin": "X1", "parent_asin": "P", "rating": 4.0, "timestamp": 1700000000000}])
+    m23 = _gz_lines(tmp_path / "m23.jsonl.gz", [{"parent_asin": "P", "title": "Lamp", "categories": ["Home"], "store": "Ikea"}])
+    inter, items = load_amazon(r23, m23)
+    assert inter.iloc[0]["item_id"] == "P" and items.iloc[0]["brand"] == "Ikea"
+
+
+# --- bad input: one line naming the place, nothing partial left behind ----------------------------
+
+def _no_partial(parent):
+    assert not [p for p in parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="nope.*not found"):
+        prepare_dataset(cfg(tmp_path / "nope"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "asin": "X", "overall": 5, "unixReviewTime": 1},
+                                              "{not json\n"])
+    with pytest.raises(InputError, match=r"r\.json\.gz:2: malformed JSON"):
+        prepare_dataset(cfg(path, format="amazon"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_field_in_json(tmp_path):
+    path = _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "overall": 5, "unixReviewTime": 1}])
+    with pytest.raises(InputError, match=r":1: missing field 'parent_asin' or 'asin'"):
+        load_amazon(path)
+
+
+def test_missing_column(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "d.inter").write_text("user_id:token\titem_id:token\n1\t2\n")
+    with pytest.raises(InputError, match=r"d\.inter: missing column 'timestamp'"):
+        prepare_dataset(cfg(folder), tmp_path / "out")
+
+
+def test_bad_number_names_line_and_field(tmp_path):
+    folder = write_atomic(tmp_path / "d", "d", [("a", "1", 5, 1), ("a", "2", "five", 2)])
+    with pytest.raises(InputError, match=r"d\.inter:3: field 'rating'"):
+        prepare_dataset(cfg(folder), tmp_path / "out")
+
+
+def test_empty_after_filtering_keeps_previous_output(synthetic, tmp_path):
+    out = tmp_path / "out"
+    good = prepare_dataset(cfg(synthetic), out)
+    before = file_hash(out)
+    with pytest.raises(InputError, match="no interactions left after filtering"):
+        prepare_dataset(cfg(synthetic, user_core=100), out)
+    assert file_hash(out) == before and load_dataset(out).num_users == good.num_users
+    _no_partial(tmp_path)

@@ -1,0 +1,75 @@
+"""SASRec: masks, padding invariance, checkpoints, and that it learns."""
+import subprocess
+import sys
+
+import torch
+
+from eval.dataset import prepare_dataset
+from eval.evaluate import evaluate
+from eval.preprocess import PrepareConfig
+from slmrec.pretrain import PretrainConfig, pretrain
+from slmrec.sasrec import SASRec, SASRecConfig, load_item_embeddings
+from slmrec.trainer import TrainConfig
+
+
+def small(num_items=30, **kw):
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(num_items=num_items, hidden=16, layers=2, heads=2, max_len=12, **kw)).eval()
+
+
+def test_padding_does_not_change_scores():
+    m = small()
+    h = torch.tensor([[0, 0, 3, 4, 5]])
+    more = torch.tensor([[0, 0, 0, 0, 0, 0, 3, 4, 5]])
+    users = torch.tensor([0])
+    assert torch.allclose(m.score(users, h, None), m.score(users, more, None), atol=1e-5)
+
+
+def test_causal_mask_hides_the_future():
+    m = small()
+    a = m.encode(torch.tensor([[1, 2, 3, 4]]))
+    b = m.encode(torch.tensor([[1, 2, 3, 9]]))
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6) and not torch.allclose(a[:, 3], b[:, 3])
+
+
+def test_padding_item_embedding_is_zero_and_never_recommended():
+    m = small()
+    assert m.item_emb.weight[0].abs().sum() == 0
+    loss = m.training_loss(torch.tensor([0]), torch.tensor([[0, 1, 2]]), torch.tensor([[0, 2, 3]]))
+    assert torch.isfinite(loss)
+
+
+def test_checkpoint_round_trip_scores_identically(tmp_path):
+    m = small(dropout=0.1)
+    m.save_pretrained(tmp_path / "ck")
+    back = SASRec.from_pretrained(tmp_path / "ck")
+    h = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert torch.equal(m.score(torch.arange(2), h, None), back.score(torch.arange(2), h, None))
+    emb = load_item_embeddings(tmp_path / "ck")
+    assert emb.shape == (31, 16) and torch.equal(emb, m.item_emb.weight)
+
+
+def test_pretrain_learns_and_is_skipped_when_up_to_date(synthetic, tmp_path):
+    ds = prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
+                                       negatives=[10]), tmp_path / "data")
+    cfg = PretrainConfig(hidden=32, layers=1, heads=1, dropout=0.0,
+                         train=TrainConfig(epochs=40, patience=40, batch_size=16, lr=5e-3, max_len=12))
+    metrics = pretrain(tmp_path / "data", tmp_path / "sasrec", cfg)
+    full = metrics["full ranking"]
+    assert full["MRR"] > 3 * full["random_MRR"]
+    stamp = (tmp_path / "sasrec" / "model.safetensors").stat().st_mtime_ns
+    assert pretrain(tmp_path / "data", tmp_path / "sasrec", cfg) == metrics
+    assert (tmp_path / "sasrec" / "model.safetensors").stat().st_mtime_ns == stamp
+    reloaded = evaluate(SASRec.from_pretrained(tmp_path / "sasrec"), ds, "test", "full", max_len=12)
+    assert reloaded["MRR"] == full["MRR"]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    for args in (["fusion", "prepare", "--run", str(tmp_path), "--source", str(tmp_path / "missing")],
+                 ["slmrec", "pretrain", "--run", str(tmp_path / "empty")]):
+        mod = "fusion.cli" if args[0] == "fusion" else "slmrec.cli"
+        p = subprocess.run([sys.executable, "-c", f"from {mod} import main; main()", *args[1:]],
+                           capture_output=True, text=True)
+        assert p.returncode == 1
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert str(tmp_path) in p.stderr
