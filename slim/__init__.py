@@ -1,0 +1,1 @@
+"""SLIM: rationale generation (teacher/student), LoRA distillation, serving and rationale vectors."""

@@ -1,0 +1,111 @@
+"""The one OpenAI-compatible chat client: OpenAI, `vllm serve` and `transformers serve` alike.
+
+Retries with exponential backoff on 429, 5xx, timeouts and dropped connections are the `openai`
+package's own (it also honours `Retry-After`); this wrapper adds the concurrency limit, token
+accounting and the cost estimate. The API key is read from an environment variable and handed to
+the client only: it is never logged, printed or written.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Protocol
+
+LOCAL_KEY = "EMPTY"  # local servers accept any key
+
+
+@dataclass
+class ClientConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # name of the variable, never the key itself
+    temperature: float = 0.7
+    max_tokens: int = 200
+    concurrency: int = 4
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    price_prompt_per_1m: float = 0.0      # USD per million prompt tokens (cost estimate only)
+    price_completion_per_1m: float = 0.0  # USD per million completion tokens
+    seed: int | None = 42
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    """Running totals of one generation run (thread-safe)."""
+    requests: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, c: Completion | None) -> None:
+        with self._lock:
+            if c is None:
+                self.failures += 1
+                return
+            self.requests += 1
+            self.prompt_tokens += c.prompt_tokens
+            self.completion_tokens += c.completion_tokens
+
+    def cost(self, price_prompt_per_1m: float, price_completion_per_1m: float) -> float:
+        return (self.prompt_tokens * price_prompt_per_1m + self.completion_tokens * price_completion_per_1m) / 1e6
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+class Generator(Protocol):
+    """What a generation run needs: completions for (key, prompt) jobs, yielded as they finish."""
+    model_name: str
+
+    def stream(self, jobs: Iterable[tuple[Any, str]]) -> Iterator[tuple[Any, Completion | Exception]]: ...
+
+
+class ChatClient:
+    """Chat completions against one endpoint and model, `concurrency` requests in flight."""
+
+    def __init__(self, cfg: ClientConfig):
+        from openai import OpenAI
+
+        self.cfg = cfg
+        self.model_name = cfg.model
+        self._client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or LOCAL_KEY,
+                              timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+
+    def complete(self, prompt: str, max_tokens: int | None = None) -> Completion:
+        t0 = time.perf_counter()
+        r = self._client.chat.completions.create(
+            model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
+            temperature=self.cfg.temperature, max_tokens=max_tokens or self.cfg.max_tokens, seed=self.cfg.seed)
+        choice = r.choices[0]
+        usage = r.usage
+        return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
+                          prompt_tokens=usage.prompt_tokens if usage else 0,
+                          completion_tokens=usage.completion_tokens if usage else 0,
+                          seconds=time.perf_counter() - t0)
+
+    def stream(self, jobs: Iterable[tuple[Any, str]]) -> Iterator[tuple[Any, Completion | Exception]]:
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            futures = {pool.submit(self.complete, prompt): key for key, prompt in jobs}
+            try:
+                for fut in as_completed(futures):
+                    err = fut.exception()
+                    yield futures[fut], err if err is not None else fut.result()
+            finally:
+                for fut in futures:
+                    fut.cancel()

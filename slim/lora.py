@@ -1,0 +1,45 @@
+"""LoRA adapters as plain models: merged in memory (in-process generation) or on disk (serving).
+
+`transformers serve` takes a model folder, not an adapter, so on CPU the student is served as a
+merged copy; vLLM loads the adapter itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.errors import InputError
+from eval.io import atomic_dir, file_hash, read_json, write_json
+
+
+def adapter_base(adapter: str | Path, base: str | Path | None = None) -> str:
+    """The base model path of an adapter: given explicitly, or the one it was trained on."""
+    cfg = Path(adapter) / "adapter_config.json"
+    if not cfg.exists():
+        raise InputError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    return str(base or read_json(cfg)["base_model_name_or_path"])
+
+
+def load_merged(adapter: str | Path, base: str | Path | None = None):
+    """(model, tokenizer) with the adapter's weights merged into the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = adapter_base(adapter, base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model, AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
+
+
+def merged_dir(adapter: str | Path, base: str | Path | None = None) -> Path:
+    """A model folder `<adapter>-merged` equal to base + adapter, rebuilt only when the adapter changes."""
+    adapter = Path(adapter)
+    out = adapter.with_name(adapter.name + "-merged")
+    stamp = {"adapter": str(adapter), "adapter_sha256": file_hash(adapter), "base": adapter_base(adapter, base)}
+    if (out / "merged_from.json").exists() and read_json(out / "merged_from.json") == stamp:
+        return out
+    model, tok = load_merged(adapter, base)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "merged_from.json", stamp)
+    return out

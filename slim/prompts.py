@@ -1,0 +1,96 @@
+"""Versioned prompt templates and safe rendering of untrusted item text into them.
+
+A template is a file `prompts/<name>.txt`; its stem (e.g. `slim_teacher_v1`) is the prompt version
+stored with every record, so changing a prompt means adding a new file, never editing an old one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from string import Template
+import pandas as pd
+
+from eval.errors import InputError
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+TEACHER = "slim_teacher_v1"
+STUDENT = "slim_student_v1"
+
+_DELIMS = re.compile(r"</?\s*history\s*>|[<>]", re.I)
+_STEP_LABEL = re.compile(r"\b(step)\s*(\d+)\s*[:.)-]", re.I)
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    version: str
+    text: str
+    path: Path
+
+    def render(self, history: str) -> str:
+        return Template(self.text).substitute(history=history)
+
+
+@lru_cache
+def load_template(name_or_path: str) -> PromptTemplate:
+    """A template by version name (looked up in prompts/) or by file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROMPTS_DIR / f"{name_or_path}.txt"
+    if not path.exists():
+        raise InputError(f"{path}: prompt template not found")
+    text = path.read_text()
+    if "${history}" not in text:
+        raise InputError(f"{path}: template has no ${{history}} placeholder")
+    return PromptTemplate(version=path.stem, text=text.rstrip("\n"), path=path)
+
+
+def clean_field(value: object, max_chars: int) -> str:
+    """One line of plain text: no newlines, no template delimiters, no fake 'Step N:' labels."""
+    text = "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+    text = _DELIMS.sub(" ", text)
+    text = _STEP_LABEL.sub(r"\1 \2", text)
+    text = _SPACE.sub(" ", text).strip()
+    return text[:max_chars].rstrip()
+
+
+def item_line(row: pd.Series, max_chars: int = 160) -> str:
+    """`- title (year); categories; brand`, each field cleaned and the whole line capped."""
+    title = clean_field(row["title"], max_chars)
+    year = clean_field(row.get("year"), 8)
+    parts = [f"{title} ({year})" if year else title]
+    parts += [clean_field(row.get(col), max_chars) for col in ("categories", "brand")]
+    return "- " + clean_field("; ".join(p for p in parts if p), max_chars)
+
+
+def history_block(lines: list[str], tokens: list[int], budget: int) -> str:
+    """The most recent lines whose tokens (+1 per newline) fit the budget, in chronological order."""
+    kept: list[str] = []
+    used = 0
+    for line, n in zip(reversed(lines), reversed(tokens)):
+        used += n + 1
+        if used > budget and kept:
+            break
+        kept.append(line)
+    return "\n".join(reversed(kept))
+
+
+class PromptBuilder:
+    """Renders a user's history into a template, within a token budget."""
+
+    def __init__(self, items: pd.DataFrame, template: str, budget: int, tokenizer_path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.template = load_template(template)
+        self.budget = budget
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        by_id = items.set_index("item")
+        self.lines = {int(i): item_line(row) for i, row in by_id.iterrows()}
+        self.tokens = {i: len(tok(line, add_special_tokens=False)["input_ids"]) for i, line in self.lines.items()}
+
+    def __call__(self, history: list[int]) -> str:
+        ids = [int(i) for i in history]
+        block = history_block([self.lines[i] for i in ids], [self.tokens[i] for i in ids], self.budget)
+        return self.template.render(block)

@@ -1,0 +1,106 @@
+"""Append-only JSONL rationale records, keyed by (user, prompt version, model).
+
+Each record is one line written with flush + fsync, so a killed run loses at most the line it was
+writing; that torn last line is dropped on the next open and the run resumes after the last
+complete record, never writing a key twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from eval.errors import InputError
+
+STEPS = ("step1", "step2", "step3")
+_LABEL = re.compile(r"^\W*step\s*([123])\W*", re.I | re.M)
+
+Key = tuple[int, str, str]
+
+
+def key_of(rec: dict[str, Any]) -> Key:
+    return int(rec["user"]), rec["prompt_version"], rec["model"]
+
+
+def parse_steps(text: str) -> tuple[dict[str, str], str | None]:
+    """The three steps of an answer as fields, and an error naming what is missing (None if complete)."""
+    marks = list(_LABEL.finditer(text or ""))
+    steps: dict[str, str] = {}
+    for m, nxt in zip(marks, [*marks[1:], None]):
+        name = f"step{m.group(1)}"
+        body = text[m.end():nxt.start() if nxt else len(text)].strip()
+        if name not in steps and body:
+            steps[name] = body
+    missing = [s for s in STEPS if s not in steps]
+    return {s: steps.get(s, "") for s in STEPS}, (f"missing {', '.join(missing)}" if missing else None)
+
+
+def rationale_text(rec: dict[str, Any]) -> str:
+    """The canonical text of a record: its three steps, labelled (the raw answer if unparsed)."""
+    if all(rec.get(s) for s in STEPS):
+        return "\n".join(f"Step {i}: {rec[s]}" for i, s in enumerate(STEPS, 1))
+    return (rec.get("text") or "").strip()
+
+
+def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                return  # torn last line of a killed run
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not a JSON record ({e.msg})") from None
+
+
+def read_records(path: str | Path, prompt_version: str | None = None, model: str | None = None,
+                 ok_only: bool = False) -> dict[int, dict[str, Any]]:
+    """Records by user (the last one per user wins), filtered by prompt version / model / no error."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no rationale records")
+    out: dict[int, dict[str, Any]] = {}
+    for n, rec in _read(path):
+        if "user" not in rec or "prompt_version" not in rec or "model" not in rec:
+            raise InputError(f"{path}:{n}: record lacks user/prompt_version/model")
+        if (prompt_version in (None, rec["prompt_version"]) and model in (None, rec["model"])
+                and not (ok_only and rec.get("error"))):
+            out[int(rec["user"])] = rec
+    return out
+
+
+class RecordLog:
+    """An open append-only record file that knows which keys it already holds."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.keys: set[Key] = set()
+        good = 0
+        if self.path.exists():
+            for _, rec in _read(self.path):
+                self.keys.add(key_of(rec))
+            with open(self.path, "rb") as f:
+                good = f.read().rfind(b"\n") + 1
+            os.truncate(self.path, good)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def append(self, rec: dict[str, Any]) -> None:
+        key = key_of(rec)
+        if key in self.keys:
+            return
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.keys.add(key)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "RecordLog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
