@@ -24,6 +24,7 @@ class ClientConfig:
     api_key_env: str = "OPENAI_API_KEY"  # name of the variable, never the key itself
     temperature: float = 0.7
     max_tokens: int = 200
+    frequency_penalty: float | None = None  # transformers serve maps it to repetition_penalty = 1 + value
     concurrency: int = 4
     timeout_s: float = 120.0
     max_retries: int = 5
@@ -66,7 +67,8 @@ class Usage:
         return (self.prompt_tokens * price_prompt_per_1m + self.completion_tokens * price_completion_per_1m) / 1e6
 
     def to_dict(self) -> dict[str, int]:
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        return {"requests": self.requests, "failures": self.failures, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens}
 
 
 class Generator(Protocol):
@@ -91,7 +93,8 @@ class ChatClient:
         t0 = time.perf_counter()
         r = self._client.chat.completions.create(
             model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
-            temperature=self.cfg.temperature, max_tokens=max_tokens or self.cfg.max_tokens, seed=self.cfg.seed)
+            temperature=self.cfg.temperature, max_tokens=max_tokens or self.cfg.max_tokens, seed=self.cfg.seed,
+            frequency_penalty=self.cfg.frequency_penalty)
         choice = r.choices[0]
         usage = r.usage
         return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,

@@ -18,7 +18,7 @@ from eval.assets import smollm2_path
 from eval.dataset import SeqDataset, load_dataset
 from eval.io import file_hash, manifest, write_json
 
-from .client import ChatClient, ClientConfig, Completion, Generator, Usage
+from .client import ClientConfig, Completion, Generator, Usage
 from .prompts import TEACHER, PromptBuilder, load_template
 from .records import RecordLog, parse_steps
 
@@ -33,6 +33,7 @@ class RationaleConfig:
     history_tokens: int = 256             # token budget of the rendered history (most recent items kept)
     tokenizer: str | None = None          # counts history tokens; default: the SmolLM2 tokenizer
     client: ClientConfig = field(default_factory=ClientConfig)
+    serve: str | None = None              # model folder to serve locally for the run (instead of client.base_url)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,4 +103,7 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: RationaleConf
 
 def generate_rationales(data_dir: str | Path, out_dir: str | Path, cfg: RationaleConfig) -> dict[str, Any]:
     """Teacher rationales for a seeded sample of users through an OpenAI-compatible endpoint."""
-    return run_generation(data_dir, out_dir, cfg, ChatClient(cfg.client))
+    from .serve import endpoint
+
+    with endpoint(cfg.client, cfg.serve, log_path=Path(out_dir) / "server.log") as client:
+        return run_generation(data_dir, out_dir, cfg, client)

@@ -6,6 +6,7 @@ server is ready only once it has answered a real chat completion.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from eval.errors import InputError
 from eval.io import read_json
@@ -132,3 +135,14 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def endpoint(client: ClientConfig, serve: str | Path | None = None, adapter: str | Path | None = None,
+             log_path: str | Path | None = None) -> Iterator[ChatClient]:
+    """A client for `client.base_url`, or, given a model folder / adapter, for a local server run for the block."""
+    if serve is None and adapter is None:
+        yield ChatClient(client)
+        return
+    with Server(serve, adapter, log_path=log_path) as server:
+        yield ChatClient(replace(client, base_url=server.base_url, model=client.model or server.model_name))

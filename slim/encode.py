@@ -1,0 +1,116 @@
+"""Rationale and item-text vectors in LanceDB, re-encoding only rows whose text (or encoder) changed.
+
+Tables (one row per id): id, text, text_sha256, vector (float32, L2-normalised), model, prompt_version.
+`read_vectors` gives the fusion stage numpy matrices aligned to user / item ids.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from eval.assets import minilm_path
+from eval.dataset import load_dataset
+from eval.errors import InputError
+from eval.io import manifest, write_json
+
+from .records import rationale_text, read_records
+
+USERS_TABLE, ITEMS_TABLE = "user_rationales", "item_texts"
+ITEM_VERSION = "item_text"
+
+
+@dataclass
+class EncodeConfig:
+    model: str | None = None             # sentence-transformers folder; default all-MiniLM-L6-v2
+    batch_size: int = 64
+    prompt_version: str | None = None    # encode only records of this prompt version (default: any)
+    record_model: str | None = None      # ... and of this generating model (default: any; last per user wins)
+    users_table: str = USERS_TABLE
+    items_table: str = ITEMS_TABLE
+    ann_index: bool = False              # build an IVF-PQ index (large catalogs; needs >= 256 rows)
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: list[str], encoder, model_name: str,
+                 batch_size: int = 64, ann_index: bool = False) -> dict[str, int]:
+    """Make `table` hold exactly these rows, encoding only new or changed ones."""
+    hashes = [sha256(t) for t in texts]
+    old: dict[int, tuple[str, str]] = {}
+    if table in db.table_names():
+        cols = db.open_table(table).to_arrow().select(["id", "text_sha256", "model"]).to_pydict()
+        old = {i: (h, m) for i, h, m in zip(cols["id"], cols["text_sha256"], cols["model"])}
+    todo = [k for k, (i, h) in enumerate(zip(ids, hashes)) if old.get(i) != (h, model_name)]
+    stale = sorted(set(old) - set(ids))
+    if todo:
+        vecs = encoder.encode([texts[k] for k in todo], batch_size=batch_size, normalize_embeddings=True,
+                              convert_to_numpy=True, show_progress_bar=len(todo) > batch_size).astype(np.float32)
+        rows = pa.table({
+            "id": pa.array([ids[k] for k in todo], pa.int64()),
+            "text": [texts[k] for k in todo],
+            "text_sha256": [hashes[k] for k in todo],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), vecs.shape[1]),
+            "model": [model_name] * len(todo),
+            "prompt_version": [versions[k] for k in todo]})
+        if len(todo) == len(ids):  # nothing kept (new table or new encoder, maybe a new dim): rewrite
+            db.create_table(table, data=rows, mode="overwrite")
+            stale = []
+        else:
+            db.open_table(table).merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+    if stale:
+        db.open_table(table).delete(f"id IN ({', '.join(map(str, stale))})")
+    if ann_index and len(ids) >= 256:
+        db.open_table(table).create_index(metric="cosine", vector_column_name="vector", replace=True)
+    return {"rows": len(ids), "encoded": len(todo), "deleted": len(stale)}
+
+
+def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids sorted ascending as int64, float32 matrix whose row k is the vector of ids[k])."""
+    import lancedb
+
+    db = lancedb.connect(str(db_path))
+    if table not in db.table_names():
+        raise InputError(f"{db_path}: no table '{table}' (run slim encode)")
+    t = db.open_table(table).to_arrow().select(["id", "vector"]).sort_by("id")
+    ids = t["id"].to_numpy()
+    dim = t.schema.field("vector").type.list_size
+    return ids, t["vector"].combine_chunks().flatten().to_numpy().reshape(len(ids), dim).astype(np.float32)
+
+
+def encode(data_dir: str | Path, records: str | Path, db_path: str | Path, cfg: EncodeConfig) -> dict[str, Any]:
+    """Encode users' rationales and every item's text into two LanceDB tables under `db_path`."""
+    import lancedb
+    from sentence_transformers import SentenceTransformer
+
+    model_path = str(cfg.model or minilm_path())
+    ds = load_dataset(data_dir)
+    recs = read_records(records, cfg.prompt_version, cfg.record_model)
+    users = sorted(u for u, r in recs.items() if rationale_text(r))
+    if not users:
+        raise InputError(f"{records}: no rationale text to encode")
+    encoder = SentenceTransformer(model_path, device=cfg.device)
+    db = lancedb.connect(str(db_path))
+    items = ds.items.sort_values("item")
+    counts = {
+        cfg.users_table: upsert_texts(db, cfg.users_table, users, [rationale_text(recs[u]) for u in users],
+                                      [recs[u]["prompt_version"] for u in users], encoder, model_path,
+                                      cfg.batch_size, cfg.ann_index),
+        cfg.items_table: upsert_texts(db, cfg.items_table, items["item"].astype(int).tolist(),
+                                      items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
+                                      model_path, cfg.batch_size, cfg.ann_index),
+    }
+    write_json(Path(db_path) / "manifest.json", manifest(
+        "encode", inputs={"data": ds.fingerprint, "records": str(records)}, config=cfg.to_dict(), seed=None,
+        counts={**counts, "dim": encoder.get_sentence_embedding_dimension()}))
+    return counts
