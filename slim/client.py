@@ -103,12 +103,11 @@ class ChatClient:
                           seconds=time.perf_counter() - t0)
 
     def stream(self, jobs: Iterable[tuple[Any, str]]) -> Iterator[tuple[Any, Completion | Exception]]:
-        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+        pool = ThreadPoolExecutor(self.cfg.concurrency)
+        try:
             futures = {pool.submit(self.complete, prompt): key for key, prompt in jobs}
-            try:
-                for fut in as_completed(futures):
-                    err = fut.exception()
-                    yield futures[fut], err if err is not None else fut.result()
-            finally:
-                for fut in futures:
-                    fut.cancel()
+            for fut in as_completed(futures):
+                err = fut.exception()
+                yield futures[fut], err if err is not None else fut.result()
+        finally:  # on interruption do not wait for requests in flight (their server may be going away)
+            pool.shutdown(wait=False, cancel_futures=True)

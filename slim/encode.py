@@ -43,12 +43,16 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def has_table(db, name: str) -> bool:
+    return name in db.list_tables().tables
+
+
 def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: list[str], encoder, model_name: str,
                  batch_size: int = 64, ann_index: bool = False) -> dict[str, int]:
     """Make `table` hold exactly these rows, encoding only new or changed ones."""
     hashes = [sha256(t) for t in texts]
     old: dict[int, tuple[str, str]] = {}
-    if table in db.table_names():
+    if has_table(db, table):
         cols = db.open_table(table).to_arrow().select(["id", "text_sha256", "model"]).to_pydict()
         old = {i: (h, m) for i, h, m in zip(cols["id"], cols["text_sha256"], cols["model"])}
     todo = [k for k, (i, h) in enumerate(zip(ids, hashes)) if old.get(i) != (h, model_name)]
@@ -80,7 +84,7 @@ def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarra
     import lancedb
 
     db = lancedb.connect(str(db_path))
-    if table not in db.table_names():
+    if not has_table(db, table):
         raise InputError(f"{db_path}: no table '{table}' (run slim encode)")
     t = db.open_table(table).to_arrow().select(["id", "vector"]).sort_by("id")
     ids = t["id"].to_numpy()
@@ -112,5 +116,5 @@ def encode(data_dir: str | Path, records: str | Path, db_path: str | Path, cfg: 
     }
     write_json(Path(db_path) / "manifest.json", manifest(
         "encode", inputs={"data": ds.fingerprint, "records": str(records)}, config=cfg.to_dict(), seed=None,
-        counts={**counts, "dim": encoder.get_sentence_embedding_dimension()}))
+        counts={**counts, "dim": encoder.get_embedding_dimension()}))
     return counts

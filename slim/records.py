@@ -6,6 +6,7 @@ complete record, never writing a key twice.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -78,14 +79,18 @@ class RecordLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set[Key] = set()
-        good = 0
-        if self.path.exists():
+        self._f = open(self.path, "a", encoding="utf-8")
+        try:  # one writer at a time: a second run on the same file would interleave and duplicate
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.close()
+            raise InputError(f"{self.path}: another run is writing these records") from None
+        if self.path.stat().st_size:
             for _, rec in _read(self.path):
                 self.keys.add(key_of(rec))
             with open(self.path, "rb") as f:
                 good = f.read().rfind(b"\n") + 1
             os.truncate(self.path, good)
-        self._f = open(self.path, "a", encoding="utf-8")
 
     def append(self, rec: dict[str, Any]) -> None:
         key = key_of(rec)

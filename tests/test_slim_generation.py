@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from eval.errors import InputError
 from slim.client import ClientConfig
 from slim.prompts import TEACHER, PromptBuilder, history_block, load_template
 from slim.rationales import RationaleConfig, generate_rationales
@@ -108,6 +109,8 @@ def test_record_log_drops_torn_line_and_never_duplicates(tmp_path):
     with RecordLog(path) as log:
         log.append(rec)
         log.append(rec)
+        with pytest.raises(InputError, match="another run"):
+            RecordLog(path)
     path.write_text(path.read_text() + '{"user": 2, "prom')
     with RecordLog(path) as log:
         assert log.keys == {(1, "v", "m")}

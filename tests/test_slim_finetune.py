@@ -1,0 +1,87 @@
+"""SLIM student: label masking, LoRA fine-tuning and generation (in-process and served) with a tiny LLaMA."""
+import json
+
+import pytest
+
+from slim.client import ClientConfig
+from slim.finetune import IGNORE, FinetuneConfig, finetune_student, tokenize_example
+from slim.prompts import STUDENT
+from slim.rationales import RationaleConfig
+from slim.records import RecordLog, read_records
+from slim.student import StudentConfig, generate_student
+from tests.slim_fake_openai import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer LLaMA (hidden 32) with the local SmolLM2 tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from eval.assets import smollm2_path
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = make_dataset(root)
+    with RecordLog(root / "teacher.jsonl") as log:
+        for u in range(12):
+            steps = {"step1": f"User {u} likes drama.", "step2": "Drama.", "step3": "Movie 1; Movie 2."}
+            log.append({"user": u, "prompt_version": "slim_teacher_v1", "model": "t", "error": None, **steps})
+        log.append({"user": 12, "prompt_version": "slim_teacher_v1", "model": "t", "error": "missing step2",
+                    "step1": "x", "step2": "", "step3": "", "text": "x"})
+    return {"model": root / "model", "tok": tok, "data": data, "records": root / "teacher.jsonl", "root": root}
+
+
+def test_prompt_tokens_are_masked_in_labels(tiny):
+    from transformers import DataCollatorForSeq2Seq
+
+    tok = tiny["tok"]
+    ex = tokenize_example(tok, "User history: Fargo", "Step 1: likes crime.", max_length=512)
+    n_prompt = len(tok.apply_chat_template([{"role": "user", "content": "User history: Fargo"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    assert tok.decode(ex["input_ids"][n_prompt:]) == "Step 1: likes crime." + tok.eos_token
+    short = tokenize_example(tok, "p", "a", max_length=512)
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, padding=True)([ex, short])
+    assert (batch["labels"][1, len(short["labels"]):] == IGNORE).all()  # padding never counts
+    assert len(tokenize_example(tok, "p " * 600, "a", max_length=64)["input_ids"]) == 64
+
+
+def test_finetune_then_generate_locally(tiny, tmp_path):
+    adapter = tiny["root"] / "adapter"
+    cfg = FinetuneConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4, val_fraction=0.25)
+    counts = finetune_student(tiny["data"], tiny["records"], adapter, cfg)
+    assert counts["train_examples"] == 9 and counts["val_examples"] == 3  # the errored record is skipped
+    assert counts["val_loss"] is not None and counts["answer_tokens"] > 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny["model"])
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "manifest.json").exists()
+    assert finetune_student(tiny["data"], tiny["records"], adapter, cfg) == counts  # up to date: skipped
+
+    gen = StudentConfig(adapter=str(adapter), backend="local", batch_size=3,
+                        rationale=RationaleConfig(template=STUDENT, users=5, client=ClientConfig(max_tokens=6, temperature=0)))
+    summary = generate_student(tiny["data"], tmp_path, gen)
+    recs = read_records(tmp_path / "records.jsonl")
+    assert summary["complete"] == 5 and len(recs) == 5
+    r = next(iter(recs.values()))
+    assert r["prompt_version"] == STUDENT and r["model"].startswith("student:adapter:")
+    assert {"step1", "step2", "step3", "text", "error", "completion_tokens"} <= set(r)
+
+
+def test_served_student_through_transformers_serve(tiny, tmp_path):
+    """The endpoint path for real: `transformers serve` on base + merged adapter, the shared client."""
+    adapter = tiny["root"] / "adapter"
+    if not adapter.exists():
+        finetune_student(tiny["data"], tiny["records"], adapter,
+                         FinetuneConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4))
+    gen = StudentConfig(adapter=str(adapter), backend="endpoint",
+                        rationale=RationaleConfig(template=STUDENT, users=2,
+                                                  client=ClientConfig(max_tokens=4, temperature=0, concurrency=2)))
+    summary = generate_student(tiny["data"], tmp_path, gen)
+    assert summary["complete"] == 2 and summary["completion_tokens"] > 0
+    assert (tiny["root"] / "adapter-merged" / "model.safetensors").exists()
+    assert len(read_records(tmp_path / "records.jsonl")) == 2
