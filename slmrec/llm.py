@@ -1,0 +1,301 @@
+"""The E4SRec-style LLM recommender that SLMRec distills (teacher and student are both this model).
+
+    frozen item embeddings -> in_proj -> [prompt tokens | items] -> LLaMA decoder (LoRA)
+    -> hidden state at each item position -> out_proj -> dot product with every item embedding
+
+Layout of one sequence: the instruction prompt (identical for every user) comes first, then the
+left-padded history. Padding therefore sits *between* prompt and items; it is masked out and the
+position ids skip it, so a user's encoding is the same with any amount of padding, and the prompt
+always occupies positions 0..P-1. That makes the prompt's keys/values the same for every user: they
+are computed once per batch (batch size 1) and shared, in training (gradients flow through the
+shared prefix) as in inference.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+from transformers.utils import logging as hf_logging
+
+from eval.dataset import SeqDataset, pad_left
+from eval.errors import InputError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+MODEL_TYPE = "slmrec-llm"
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+DEFAULT_PROMPT = "slmrec_v1"
+
+
+@dataclass
+class LLMRecConfig:
+    base: str | None = None           # HF folder or .gguf file; None = the embedded SmolLM2
+    llama: dict | None = None         # LlamaConfig fields for a randomly initialised base (tests, bench)
+    layers: int | None = None         # decoder layers kept (None = all)
+    layer_stride: int = 1             # keep layers 0, s, 2s, ... ("every n-th layer")
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    prompt: str = DEFAULT_PROMPT      # template name in prompts/ or a file path
+    prompt_ids: list[int] | None = None  # filled at build time, so reloading needs no tokenizer
+    aux_heads: list[int] = field(default_factory=list)  # layers with an extra supervision head
+    dtype: str = "float32"            # of the frozen base; adapters and heads stay float32
+    seed: int = 0
+    num_items: int = 0                # set from the item embeddings when 0
+    item_dim: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_ids(total: int, keep: int | None, stride: int) -> list[int]:
+    """Which base layers a model keeps: the first `keep`, or every `stride`-th."""
+    keep = keep or total // stride
+    ids = list(range(0, keep * stride, stride))
+    if stride < 1 or keep < 1 or ids[-1] >= total:
+        raise InputError(f"cannot keep {keep} layers with stride {stride} from a {total}-layer base model")
+    return ids
+
+
+def _base_location(cfg: LLMRecConfig) -> tuple[Path, dict]:
+    from eval.assets import smollm2_path
+
+    path = Path(cfg.base) if cfg.base else smollm2_path()
+    if not path.exists():
+        raise InputError(f"{path}: base model not found")
+    if path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    return path, {}
+
+
+def load_decoder(cfg: LLMRecConfig) -> LlamaModel:
+    """The base decoder with only the kept layers (renumbered so the KV cache indexes them)."""
+    if cfg.llama is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)  # a random base is rebuilt bit-identically from its config
+            model = LlamaModel(LlamaConfig(**cfg.llama))
+    else:
+        folder, kw = _base_location(cfg)
+        total = LlamaConfig.from_pretrained(folder, **kw).num_hidden_layers
+        ids = layer_ids(total, cfg.layers, cfg.layer_stride)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the unused deeper layers are expected, not worth a warning
+        try:
+            model = LlamaModel.from_pretrained(folder, num_hidden_layers=ids[-1] + 1,
+                                               dtype=getattr(torch, cfg.dtype), **kw)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    ids = layer_ids(model.config.num_hidden_layers, cfg.layers, cfg.layer_stride)
+    model.layers = nn.ModuleList(model.layers[i] for i in ids)
+    for new, layer in enumerate(model.layers):
+        layer.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(ids)
+    return model.to(getattr(torch, cfg.dtype))
+
+
+def prompt_ids(cfg: LLMRecConfig, vocab_size: int) -> list[int]:
+    """Token ids of the instruction prompt (bytes modulo the vocabulary for a tokenizer-less random base)."""
+    path = Path(cfg.prompt)
+    if not path.suffix:
+        path = PROMPTS_DIR / f"{cfg.prompt}.txt"
+    if not path.exists():
+        raise InputError(f"{path}: prompt template not found")
+    text = path.read_text()
+    if cfg.llama is not None:
+        return [b % vocab_size for b in text.encode()]
+    from transformers import AutoTokenizer
+
+    folder, kw = _base_location(cfg)
+    return AutoTokenizer.from_pretrained(folder, **kw)(text).input_ids
+
+
+class LLMRec(nn.Module):
+    """Teacher or student: user vectors from an LLM over projected item embeddings."""
+
+    def __init__(self, cfg: LLMRecConfig, item_embeddings: torch.Tensor):
+        super().__init__()
+        if not cfg.num_items and not cfg.item_dim:
+            cfg.num_items, cfg.item_dim = item_embeddings.shape[0] - 1, item_embeddings.shape[1]
+        if item_embeddings.shape != (cfg.num_items + 1, cfg.item_dim):
+            raise InputError(f"item embeddings have shape {list(item_embeddings.shape)}, "
+                             f"expected [{cfg.num_items + 1}, {cfg.item_dim}]")
+        decoder = load_decoder(cfg)
+        if cfg.prompt_ids is None:
+            cfg.prompt_ids = prompt_ids(cfg, decoder.config.vocab_size)
+        self.config = cfg
+        hidden = decoder.config.hidden_size
+        bad = [k for k in cfg.aux_heads if not 1 <= k < decoder.config.num_hidden_layers]
+        if bad:
+            raise InputError(f"aux heads {bad} are not intermediate layers of a "
+                             f"{decoder.config.num_hidden_layers}-layer model")
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_targets))
+            self.decoder = get_peft_model(decoder, lora)
+            self.in_proj = nn.Linear(cfg.item_dim, hidden)
+            self.out_proj = nn.Linear(hidden, cfg.item_dim)
+            self.aux = nn.ModuleDict({str(k): nn.Linear(hidden, cfg.item_dim) for k in cfg.aux_heads})
+        self.register_buffer("item_emb", item_embeddings.detach().float().clone())
+        self.register_buffer("prompt", torch.tensor(cfg.prompt_ids, dtype=torch.long), persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.decoder.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder.config.hidden_size
+
+    def hidden_states(self, histories: torch.Tensor, prefix_cache: bool = True) -> tuple[torch.Tensor, ...]:
+        """Hidden states at the item positions [B, L, H]: index 0 = input, k = after layer k (last normed).
+
+        An empty history keeps its last (padding) slot, so every user has a last real position."""
+        B = histories.shape[0]
+        P = len(self.prompt)
+        real = histories > 0
+        real[:, -1] = True
+        dtype = self.decoder.dtype
+        x = self.in_proj(self.item_emb[histories]).to(dtype)
+        prompt = self.decoder.get_input_embeddings()(self.prompt)[None]
+        positions = P - 1 + real.long().cumsum(1)   # items continue right after the prompt, padding skipped
+        mask = torch.cat([real.new_ones(B, P), real], dim=1).long()
+        if prefix_cache:
+            cache = self.decoder(inputs_embeds=prompt, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(B)
+            out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True, output_hidden_states=True)
+            return tuple(h.float() for h in out.hidden_states)
+        full_pos = torch.cat([torch.arange(P, device=x.device).expand(B, P), positions], dim=1)
+        out = self.decoder(inputs_embeds=torch.cat([prompt.expand(B, -1, -1), x], dim=1), attention_mask=mask,
+                           position_ids=full_pos, use_cache=False, output_hidden_states=True)
+        return tuple(h[:, P:].float() for h in out.hidden_states)
+
+    def logits(self, hidden: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """Scores over all items (padding column at -inf) from hidden states [..., H]."""
+        scores = (head or self.out_proj)(hidden) @ self.item_emb.T
+        return scores.index_fill(-1, torch.tensor([0], device=scores.device), float("-inf"))
+
+    def item_loss(self, hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        """Cross-entropy over all items at every position with a target (targets 0 are ignored).
+
+        targets [B, L] trains every prefix (SASRec-style); targets [B] trains the last position only
+        (E4SRec's original objective)."""
+        if targets.dim() == 1:
+            return F.cross_entropy(self.logits(hidden[:, -1], head), targets)
+        keep = targets > 0
+        return F.cross_entropy(self.logits(hidden[keep], head), targets[keep])
+
+    def forward(self, histories: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.item_loss(self.hidden_states(histories)[-1], targets)}
+
+    # --- the Scorer interface of eval.evaluate, and what fusion needs ---
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """[B, item_dim]: the projected last hidden state; score = user_vector . item_vector."""
+        return self.out_proj(self.hidden_states(histories)[-1][:, -1])
+
+    def item_vectors(self) -> torch.Tensor:
+        """The frozen item table [num_items + 1, item_dim] scores are computed against (row 0 = padding)."""
+        return self.item_emb
+
+    @torch.no_grad()
+    def score(self, users: torch.Tensor, histories: torch.Tensor,
+              candidates: torch.Tensor | None) -> torch.Tensor:
+        return dot_scores(self.user_vectors(users, histories), self.item_emb, candidates)
+
+    @torch.no_grad()
+    def all_user_vectors(self, ds: SeqDataset, split: str, max_len: int, batch_size: int = 64) -> "UserVectors":
+        """Every user's vector for a split, computed once (all candidate protocols then reuse it)."""
+        was_training = self.training
+        self.eval()
+        users = torch.arange(ds.num_users)
+        out = [self.user_vectors(u, pad_left([ds.history(int(x), split) for x in u], max_len).to(self.item_emb.device))
+               for u in users.split(batch_size)]
+        self.train(was_training)
+        return UserVectors(torch.cat(out).cpu(), self.item_emb.cpu(), users)
+
+    # --- checkpoints ---
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: trainable tensors and the item table (the base is referenced by path)."""
+        return checkpoint_state(self)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG).write_text(json.dumps({"model_type": MODEL_TYPE, **self.config.to_dict()}, indent=2))
+        save_file(self.checkpoint_state(), path / WEIGHTS)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "LLMRec":
+        path = Path(path)
+        if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
+            raise InputError(f"{path}: not an SLMRec LLM checkpoint (needs {CONFIG} and {WEIGHTS})")
+        raw = json.loads((path / CONFIG).read_text())
+        if raw.pop("model_type", None) != MODEL_TYPE:
+            raise InputError(f"{path / CONFIG}: model_type is not '{MODEL_TYPE}'")
+        try:
+            cfg = LLMRecConfig(**raw)
+        except TypeError as e:
+            raise InputError(f"{path / CONFIG}: {e}") from None
+        state = load_file(path / WEIGHTS)
+        if "item_emb" not in state:
+            raise InputError(f"{path / WEIGHTS}: no item_emb tensor")
+        model = cls(cfg, state["item_emb"])
+        load_checkpoint_state(model, state, path / WEIGHTS)
+        return model.eval()
+
+
+def checkpoint_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and persistent buffers of any module built from LLMRecs (teacher, student, both)."""
+    keep = {n for n, p in module.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in module.named_buffers()}
+    return {k: v.detach().contiguous() for k, v in module.state_dict().items() if k in keep}
+
+
+def load_checkpoint_state(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load what `checkpoint_state` saved; any mismatch is one line naming the file and the tensor."""
+    expected = checkpoint_state(module)
+    full = module.state_dict()
+    for name, tensor in state.items():
+        if name not in full:
+            raise InputError(f"{source}: unexpected tensor '{name}' (checkpoint does not match its config)")
+        if tensor.shape != full[name].shape:
+            raise InputError(f"{source}: tensor '{name}' has shape {list(tensor.shape)}, expected "
+                             f"{list(full[name].shape)} (checkpoint does not match its config)")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise InputError(f"{source}: missing {len(missing)} tensors, e.g. '{missing[0]}'")
+    module.load_state_dict(state, strict=False)
+
+
+class UserVectors:
+    """Precomputed user vectors as a Scorer: what evaluation and fusion use after one encoding pass."""
+
+    def __init__(self, vectors: torch.Tensor, items: torch.Tensor, users: torch.Tensor):
+        self.vectors, self.items = vectors, items
+        self.row = {int(u): i for i, u in enumerate(users)}
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vectors[[self.row[int(u)] for u in users]]
+
+    def score(self, users: torch.Tensor, histories: torch.Tensor,
+              candidates: torch.Tensor | None) -> torch.Tensor:
+        return dot_scores(self.user_vectors(users), self.items, candidates)
+
+
+def dot_scores(users: torch.Tensor, items: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+    """[B, C] scores of candidate items, or [B, num_items + 1] for all items when candidates is None."""
+    items = items.to(users.device)
+    if candidates is None:
+        return users @ items.T
+    return torch.einsum("bd,bcd->bc", users, items[candidates.to(users.device)])
