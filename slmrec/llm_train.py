@@ -290,8 +290,8 @@ ABLATION = {"ce": (False, False, False), "ce+cos": (True, False, False),
             "ce+cos+norm": (True, True, False), "ce+cos+norm+ms": (True, True, True)}
 
 
-def distill_ablation(data_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path, cfg: DistillRunConfig,
-                     force: bool = False) -> dict:
+def distill_ablation(data_dir: str | Path, teacher_dir: str | Path | None, out_dir: str | Path,
+                     cfg: DistillRunConfig, sasrec: str | Path | None = None, force: bool = False) -> dict:
     """Train and test the four ablation variants (the configured lambdas are the 'on' weights);
     write `<out>/<variant>/` for each and `<out>/metrics.json` + `report.md` with the table."""
     out_dir = Path(out_dir)
@@ -300,7 +300,7 @@ def distill_ablation(data_dir: str | Path, teacher_dir: str | Path, out_dir: str
         d = cfg.distill
         variant = replace(cfg, distill=replace(d, lambda_cos=d.lambda_cos * cos, lambda_norm=d.lambda_norm * norm,
                                                lambda_ms=d.lambda_ms * ms))
-        for protocol, m in distill(data_dir, teacher_dir, out_dir / name, variant, force=force).items():
+        for protocol, m in distill(data_dir, teacher_dir, out_dir / name, variant, sasrec, force).items():
             results[protocol][name] = m
     write_metrics_report(out_dir, dict(results), "SLMRec distillation ablation (Table 4)")
     return dict(results)
