@@ -199,9 +199,9 @@ class LLMRec(nn.Module):
 
     # --- the Scorer interface of eval.evaluate, and what fusion needs ---
 
-    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor, prefix_cache: bool = True) -> torch.Tensor:
         """[B, item_dim]: the projected last hidden state; score = user_vector . item_vector."""
-        return self.out_proj(self.hidden_states(histories)[-1][:, -1])
+        return self.out_proj(self.hidden_states(histories, prefix_cache)[-1][:, -1])
 
     def item_vectors(self) -> torch.Tensor:
         """The frozen item table [num_items + 1, item_dim] scores are computed against (row 0 = padding)."""

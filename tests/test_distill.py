@@ -130,3 +130,31 @@ def test_teacher_then_student_end_to_end(run):
     bad.save_pretrained(run / "bad")
     with pytest.raises(InputError, match="teacher scores 20 items, the data set has 30"):
         distill(run / "data", run / "bad", run / "student2", dcfg)
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(run, monkeypatch):
+    from eval.dataset import load_dataset
+    from slmrec import llm_train
+
+    ds = load_dataset(run / "data")
+    cfg = LLMTrainConfig(epochs=1, batch_size=8, max_len=8, evals_per_epoch=2)  # 5 steps, checkpoint at 2 and 4
+    fingerprint = {"test": 1}
+    original, calls = llm_train.RecTrainer.training_step, []
+
+    def crash_at_step_4(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4 and crash:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    crash = True
+
+    monkeypatch.setattr(llm_train.RecTrainer, "training_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        llm_train.fit(model(2), model(2), ds, cfg, run / "work", fingerprint)
+    assert (run / "work" / "checkpoint-2").exists()
+    crash = False
+    calls.clear()
+    m = model(2)
+    log = llm_train.fit(m, m, ds, cfg, run / "work", fingerprint)
+    assert len(calls) == 3 and log["steps"] == 5  # steps 3..5 only: resumed from checkpoint-2
