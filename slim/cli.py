@@ -38,7 +38,7 @@ def generate_rationales_cmd(
     frequency_penalty: Optional[float] = typer.Option(None, help="Repetition penalty (OpenAI semantics)."),
     timeout: float = typer.Option(120.0, help="Per-request timeout (s)."),
     retries: int = typer.Option(5, help="Retries on 429/5xx/timeouts, exponential backoff."),
-    history_tokens: int = typer.Option(256, help="Token budget of a rendered history."),
+    history_tokens: int = typer.Option(128, help="Token budget of a rendered history (most recent items kept)."),
     price_prompt: float = typer.Option(0.0, help="USD per 1M prompt tokens (cost estimate)."),
     price_completion: float = typer.Option(0.0, help="USD per 1M completion tokens (cost estimate)."),
     seed: int = 42,
@@ -87,6 +87,7 @@ def finetune_cmd(
     base_model: Optional[Path] = typer.Option(None, help="Local causal LM folder (default: SmolLM2-135M-Instruct)."),
     epochs: float = 2.0, lr: float = 5e-4, batch_size: int = 4,
     max_length: int = typer.Option(512, help="Max prompt + answer tokens per example."),
+    history_tokens: int = typer.Option(128, help="Token budget of a rendered history (as in slim generate)."),
     lora_r: int = 16, lora_alpha: int = 32, val_fraction: float = 0.1, seed: int = 42,
     force: bool = typer.Option(False, help="Retrain even if the adapter is up to date."),
 ) -> None:
@@ -94,8 +95,8 @@ def finetune_cmd(
     from .finetune import FinetuneConfig, finetune_student
 
     cfg = FinetuneConfig(base_model=str(base_model) if base_model else None, epochs=epochs, lr=lr,
-                         batch_size=batch_size, max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha,
-                         val_fraction=val_fraction, seed=seed)
+                         batch_size=batch_size, max_length=max_length, history_tokens=history_tokens,
+                         lora_r=lora_r, lora_alpha=lora_alpha, val_fraction=val_fraction, seed=seed)
     _print_summary(finetune_student(data, records, out, cfg, force=force))
 
 
@@ -110,10 +111,10 @@ def generate_cmd(
     model: Optional[str] = typer.Option(None, help="Model name in requests (default: the served model)."),
     base_model: Optional[Path] = typer.Option(None, help="Base model folder (default: the adapter's)."),
     users: Optional[int] = typer.Option(None, help="Seeded sample of N users (default: all)."),
-    max_tokens: int = 128, temperature: float = 0.0,
+    max_tokens: int = 96, temperature: float = 0.0,
     batch_size: int = typer.Option(16, help="Users per batch (local backend)."),
     concurrency: int = typer.Option(4, help="Requests in flight (endpoint backend)."),
-    timeout: float = 300.0, history_tokens: int = 256, seed: int = 42,
+    timeout: float = 900.0, history_tokens: int = 128, seed: int = 42,
 ) -> None:
     """Student rationales for every user, in the teacher's record format; resumable."""
     from .rationales import RationaleConfig

@@ -29,7 +29,7 @@ IGNORE = -100
 class FinetuneConfig:
     base_model: str | None = None          # local model folder; default: SmolLM2-135M-Instruct
     template: str = STUDENT
-    history_tokens: int = 256
+    history_tokens: int = 128              # must match the student generation budget
     max_length: int = 512                  # prompt + answer tokens; longer answers lose their tail
     epochs: float = 2.0
     lr: float = 5e-4

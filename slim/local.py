@@ -17,7 +17,7 @@ class LocalGenerator:
     """Greedy (temperature 0) or sampled batched generation with the chat template, length-sorted batches."""
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
-                 batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 42):
+                 batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -15,7 +15,7 @@ import pandas as pd
 from eval.errors import InputError
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
-TEACHER = "slim_teacher_v1"
+TEACHER = "slim_teacher_v2"
 STUDENT = "slim_student_v1"
 
 _DELIMS = re.compile(r"</?\s*history\s*>|[<>]", re.I)

@@ -30,7 +30,7 @@ class RationaleConfig:
     template: str = TEACHER               # prompt version in prompts/, or a template file
     users: int | None = None              # seeded sample size; None = every user
     seed: int = 42
-    history_tokens: int = 256             # token budget of the rendered history (most recent items kept)
+    history_tokens: int = 128             # token budget of the rendered history (most recent items kept)
     tokenizer: str | None = None          # counts history tokens; default: the SmolLM2 tokenizer
     client: ClientConfig = field(default_factory=ClientConfig)
     serve: str | None = None              # model folder to serve locally for the run (instead of client.base_url)

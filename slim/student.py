@@ -18,7 +18,7 @@ from .rationales import RationaleConfig, run_generation
 
 
 def _student_defaults() -> RationaleConfig:
-    return RationaleConfig(template=STUDENT, client=ClientConfig(max_tokens=128, temperature=0.0))
+    return RationaleConfig(template=STUDENT, client=ClientConfig(max_tokens=96, temperature=0.0, timeout_s=900.0))
 
 
 @dataclass
