@@ -20,7 +20,7 @@ from eval.io import atomic_dir, file_hash, is_up_to_date, manifest, read_json, w
 
 from .prompts import STUDENT
 from .rationales import RationaleConfig, user_prompts
-from .records import read_records, rationale_text
+from .records import parse_steps, rationale_text, read_records
 
 IGNORE = -100
 
@@ -58,8 +58,9 @@ def tokenize_example(tok, prompt: str, answer: str, max_length: int) -> dict[str
 
 
 def training_pairs(data_dir: str | Path, records: str | Path, cfg: FinetuneConfig, tokenizer: str | Path) -> list[tuple[str, str]]:
-    """(student prompt, teacher rationale) for every teacher record without an error."""
-    recs = read_records(records, ok_only=True)
+    """(student prompt, teacher rationale) for every teacher record without an error (parsed again, so
+    records written before a parser fix are judged by the current rules)."""
+    recs = {u: r for u, r in read_records(records, ok_only=True).items() if parse_steps(r.get("text", ""))[1] is None}
     if not recs:
         raise InputError(f"{records}: no teacher record without an error to train on")
     ds = load_dataset(data_dir)

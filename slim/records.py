@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from eval.errors import InputError
 
 STEPS = ("step1", "step2", "step3")
-_LABEL = re.compile(r"^\W*step\s*([123])\W*", re.I | re.M)
+_LABEL = re.compile(r"^[#*\s-]*step\s*([123])\s*\**\s*[:.)-]?\s*\**\s*", re.I | re.M)
+_PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 
 Key = tuple[int, str, str]
 
@@ -35,7 +36,10 @@ def parse_steps(text: str) -> tuple[dict[str, str], str | None]:
         if name not in steps and body:
             steps[name] = body
     missing = [s for s in STEPS if s not in steps]
-    return {s: steps.get(s, "") for s in STEPS}, (f"missing {', '.join(missing)}" if missing else None)
+    if missing:
+        return {s: steps.get(s, "") for s in STEPS}, f"missing {', '.join(missing)}"
+    echoed = [s for s in STEPS if _PLACEHOLDER.match(steps[s])]  # a small model copying the format line
+    return steps, (f"placeholder in {', '.join(echoed)}" if echoed else None)
 
 
 def rationale_text(rec: dict[str, Any]) -> str:

@@ -30,7 +30,9 @@ def tiny(tmp_path_factory):
     with RecordLog(root / "teacher.jsonl") as log:
         for u in range(12):
             steps = {"step1": f"User {u} likes drama.", "step2": "Drama.", "step3": "Movie 1; Movie 2."}
-            log.append({"user": u, "prompt_version": "slim_teacher_v1", "model": "t", "error": None, **steps})
+            text = "\n".join(f"Step {i}: {t}" for i, t in enumerate(steps.values(), 1))
+            log.append({"user": u, "prompt_version": "slim_teacher_v1", "model": "t", "error": None, **steps,
+                        "text": text})
         log.append({"user": 12, "prompt_version": "slim_teacher_v1", "model": "t", "error": "missing step2",
                     "step1": "x", "step2": "", "step3": "", "text": "x"})
     return {"model": root / "model", "tok": tok, "data": data, "records": root / "teacher.jsonl", "root": root}
