@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -147,10 +148,13 @@ def fit(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig, 
 
     `work_dir` holds the Trainer's checkpoints; a run with the same fingerprint resumes from them."""
     stamp = work_dir / "fingerprint.json"
-    if work_dir.exists() and (not stamp.exists() or read_json(stamp) != _jsonable(fingerprint)):
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, fingerprint)
+    state = PartialState()  # under accelerate launch / torchrun only the main process touches files
+    if state.is_main_process:
+        if work_dir.exists() and (not stamp.exists() or read_json(stamp) != _jsonable(fingerprint)):
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, fingerprint)
+    state.wait_for_everyone()
     train = NextItems(ds, cfg)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     every = max(1, steps_per_epoch // cfg.evals_per_epoch)
@@ -170,7 +174,8 @@ def fit(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig, 
                          ds=ds, scored=scored, rec_cfg=cfg)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work_dir)))
-    return {"train_seconds": round(time.perf_counter() - t0, 1), "best_valid_MRR": trainer.state.best_metric,
+    return {"main_process": state.is_main_process,
+            "train_seconds": round(time.perf_counter() - t0, 1), "best_valid_MRR": trainer.state.best_metric,
             "best_checkpoint": trainer.state.best_model_checkpoint, "steps": trainer.state.global_step,
             "history": trainer.state.log_history}
 
@@ -202,6 +207,8 @@ def _write(out_dir: Path, stage: str, models: dict[str, LLMRec], metrics: dict, 
            config: dict, seed: int) -> None:
     """The stage's folder, atomically: model(s), metrics.json, train_log.json, manifest.json."""
     main = models[""]
+    if not log.pop("main_process"):
+        return
     with atomic_dir(out_dir) as tmp:
         for sub, model in models.items():
             model.save_pretrained(tmp / sub)
@@ -211,6 +218,7 @@ def _write(out_dir: Path, stage: str, models: dict[str, LLMRec], metrics: dict, 
                   "trainable_parameters": sum(p.numel() for p in main.parameters() if p.requires_grad),
                   "layers": main.num_layers, "train_seconds": log["train_seconds"]}
         write_json(tmp / "manifest.json", manifest(stage, inputs=inputs, config=config, seed=seed, counts=counts))
+    shutil.rmtree(work_dir_of(out_dir), ignore_errors=True)  # the finished stage needs no checkpoints
 
 
 def work_dir_of(out_dir: Path) -> Path:
@@ -231,7 +239,6 @@ def train_teacher(data_dir: str | Path, sasrec: str | Path, out_dir: str | Path,
     log = fit(model, model, ds, cfg.train, work_dir_of(out_dir), {"inputs": inputs, "config": cfg.to_dict()})
     metrics, speed = test_report(model, ds, cfg.train)
     _write(out_dir, "train-teacher", {"": model}, metrics, {**log, **speed}, inputs, cfg.to_dict(), cfg.train.seed)
-    shutil.rmtree(work_dir_of(out_dir), ignore_errors=True)
     return metrics
 
 
@@ -281,7 +288,6 @@ def distill(data_dir: str | Path, teacher_dir: str | Path | None, out_dir: str |
     metrics, speed = test_report(student, ds, cfg.train)
     models = {"": student, **({"teacher": teacher} if cfg.distill.mode == "online" else {})}
     _write(out_dir, "distill", models, metrics, {**log, **speed}, inputs, cfg.to_dict(), cfg.train.seed)
-    shutil.rmtree(work_dir_of(out_dir), ignore_errors=True)
     return metrics
 
 
