@@ -18,6 +18,7 @@ from eval.dataset import load_dataset
 from eval.errors import InputError
 from eval.io import atomic_dir, file_hash, is_up_to_date, manifest, read_json, write_json
 
+from .lora import load_causal_lm
 from .prompts import STUDENT
 from .rationales import RationaleConfig, user_prompts
 from .records import parse_steps, rationale_text, read_records
@@ -75,8 +76,7 @@ def finetune_student(data_dir: str | Path, records: str | Path, out_dir: str | P
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     base = Path(cfg.base_model or smollm2_path())
     if not (base / "config.json").exists():
@@ -94,8 +94,7 @@ def finetune_student(data_dir: str | Path, records: str | Path, out_dir: str | P
     val = Dataset.from_list([rows[i] for i in order[:n_val]]) if n_val else None
     train = Dataset.from_list([rows[i] for i in order[n_val:]])
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    model = get_peft_model(load_causal_lm(base), LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
     with atomic_dir(out_dir) as tmp:
         args = TrainingArguments(output_dir=str(tmp / "trainer"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,

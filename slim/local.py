@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .client import Completion
-from .lora import load_merged
+from .lora import load_causal_lm, load_merged
 
 
 class LocalGenerator:
@@ -19,14 +19,13 @@ class LocalGenerator:
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         torch.manual_seed(seed)
         if adapter:
             self.model, self.tok = load_merged(adapter, model_path)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-            self.tok = AutoTokenizer.from_pretrained(model_path)
+            self.model, self.tok = load_causal_lm(model_path), AutoTokenizer.from_pretrained(model_path)
         self.model.eval()
         self.tok.padding_side = "left"
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token

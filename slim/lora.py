@@ -19,14 +19,26 @@ def adapter_base(adapter: str | Path, base: str | Path | None = None) -> str:
     return str(base or read_json(cfg)["base_model_name_or_path"])
 
 
+def load_causal_lm(path: str | Path):
+    """A float32 causal LM. A leftover GGUF `quantization_config` (the cached SmolLM2's weights are
+    plain float32) is dropped, since transformers refuses to train a model that claims it is quantized."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and dict(quant).get("quant_method") == "gguf":
+        delattr(config, "quantization_config")
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+
+
 def load_merged(adapter: str | Path, base: str | Path | None = None):
     """(model, tokenizer) with the adapter's weights merged into the base."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     base = adapter_base(adapter, base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model = PeftModel.from_pretrained(load_causal_lm(base), str(adapter)).merge_and_unload()
     return model, AutoTokenizer.from_pretrained(adapter if (Path(adapter) / "tokenizer_config.json").exists() else base)
 
 
