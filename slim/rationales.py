@@ -72,10 +72,10 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: RationaleConf
     users = sample_users(ds.num_users, cfg.users, cfg.seed)
     usage = Usage()
     malformed = 0
-    t0 = time.perf_counter()
     with RecordLog(out_dir / RECORDS) as log:
         todo = [u for u in users if (u, version, model) not in log.keys]
         prompts = user_prompts(ds, todo, cfg)
+        t0 = time.perf_counter()  # generation time only: tokens/s is not diluted by prompt rendering
         with tqdm(total=len(todo), unit="user", desc=f"{stage} ({model})") as bar:
             for user, result in gen.stream(prompts.items()):
                 if isinstance(result, Exception):  # the client gave up after its retries: retry next run
