@@ -5,6 +5,10 @@ or `torchrun`. Its checkpoints hold only the trainable tensors (adapters, projec
 item table, never the frozen base. Model selection and test metrics go through the shared protocol
 (`eval.evaluate`) on the data set's fixed candidates.
 
+Several GPUs (data parallel; only the main process writes files; --batch-size is per device):
+  accelerate launch --num_processes 4 $(which slmrec) train-teacher --run RUN --base /models/llama-2-7b --bf16
+  torchrun --nproc_per_node 4 $(which slmrec) distill --run RUN --layers 4 --bf16
+
 Output folder of a stage (`<run>/teacher`, `<run>/student`, `<run>/ablation/<variant>`):
   config.json, model.safetensors   the model (LLMRec.from_pretrained)
   teacher/                         online KD only: the teacher trained alongside
