@@ -49,7 +49,10 @@ def has_table(db, name: str) -> bool:
 
 def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: list[str], encoder, model_name: str,
                  batch_size: int = 64, ann_index: bool = False) -> dict[str, int]:
-    """Make `table` hold exactly these rows, encoding only new or changed ones."""
+    """Make `table` hold exactly these rows, encoding only new or changed ones.
+
+    The returned `content_sha256` changes exactly when the table's texts or encoder do (for a
+    downstream stage's up-to-date check)."""
     hashes = [sha256(t) for t in texts]
     old: dict[int, tuple[str, str]] = {}
     if has_table(db, table):
@@ -76,7 +79,8 @@ def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: lis
         db.open_table(table).delete(f"id IN ({', '.join(map(str, stale))})")
     if ann_index and len(ids) >= 256:
         db.open_table(table).create_index(metric="cosine", vector_column_name="vector", replace=True)
-    return {"rows": len(ids), "encoded": len(todo), "deleted": len(stale)}
+    content = sha256("".join(f"{i}:{h}\n" for i, h in sorted(zip(ids, hashes))) + model_name)
+    return {"rows": len(ids), "encoded": len(todo), "deleted": len(stale), "content_sha256": content}
 
 
 def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarray]:
