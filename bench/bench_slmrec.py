@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from slmrec.llm import LLMRec, LLMRecConfig, dot_scores, prompt_ids
+from eval.scoring import dot_scores
+from slmrec.llm import LLMRec, LLMRecConfig, prompt_ids
 
 LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)

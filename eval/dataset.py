@@ -56,6 +56,13 @@ class SeqDataset:
         seq = self.sequences[user]
         return seq[:-1] if split == "test" else seq[:-2]
 
+    def rationale_history(self, user: int) -> np.ndarray:
+        """What a rationale about a user may see: the training history without its last item.
+
+        That last item is the fused models' training target, and validation/test targets come
+        after it, so a rationale never mentions an item it is later asked to predict."""
+        return self.sequences[user][:-3]
+
     def target(self, split: str) -> np.ndarray:
         """The true next item of every user for 'valid' or 'test'."""
         k = {"valid": -2, "test": -1}[split]

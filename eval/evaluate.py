@@ -85,10 +85,12 @@ def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str
 
 
 def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",
-             batch_size: int = 256, max_len: int = 200, progress: bool = False) -> dict[str, float]:
+             batch_size: int = 256, max_len: int = 200, progress: bool = False,
+             users: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of a model with the random-ranker floor of the same protocol and users/s."""
     t0 = time.perf_counter()
-    r, n, _ = rank_users(model, ds, split, protocol, batch_size=batch_size, max_len=max_len, progress=progress)
+    r, n, _ = rank_users(model, ds, split, protocol, users=users, batch_size=batch_size, max_len=max_len,
+                         progress=progress)
     seconds = time.perf_counter() - t0
     floor = random_floor(n)
     out = from_ranks(r)

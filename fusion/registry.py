@@ -14,7 +14,17 @@ def _sasrec(path: Path) -> Scorer:
     return SASRec.from_pretrained(path)
 
 
-LOADERS: dict[str, Callable[[Path], Scorer]] = {"sasrec": _sasrec}
+def _fusion(path: Path) -> Scorer:
+    from .model import FusedRecommender
+    return FusedRecommender.from_pretrained(path)
+
+
+def _llmrec(path: Path) -> Scorer:
+    from slmrec.llm import LLMRec
+    return LLMRec.from_pretrained(path).eval()
+
+
+LOADERS: dict[str, Callable[[Path], Scorer]] = {"sasrec": _sasrec, "fusion": _fusion, "slmrec-llm": _llmrec}
 
 
 def register(model_type: str, loader: Callable[[Path], Scorer]) -> None:
@@ -32,7 +42,16 @@ def load_model(path: str | Path) -> Scorer:
     return LOADERS[kind](path)
 
 
-def max_len_of(model: Scorer) -> int:
-    """The history length a model was trained with (evaluation feeds it the same)."""
-    cfg = getattr(model, "config", None)
-    return int(getattr(cfg, "max_len", 200))
+def max_len_of(path: str | Path) -> int:
+    """The history length the model in `path` was trained with (evaluation feeds it the same).
+
+    Read from config.json (SASRec, fusion) or else from the training config in manifest.json (LLMRec)."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    if "max_len" in cfg:
+        return int(cfg["max_len"])
+    manifest = path / "manifest.json"
+    train = json.loads(manifest.read_text()).get("config", {}).get("train", {}) if manifest.exists() else {}
+    if "max_len" not in train:
+        raise InputError(f"{path}: no max_len in config.json or in the manifest's training config")
+    return int(train["max_len"])

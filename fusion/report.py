@@ -1,39 +1,191 @@
-"""`fusion evaluate`: every trained model of a run, judged on the same candidates, in one report."""
+"""`fusion evaluate`: every trained model of a run, judged on the same candidates, in one report.
+
+Overall metrics under every protocol; on the analysis protocol (full ranking by default) also user
+groups by history length (cold start, SLIM Fig. 5), test items by training popularity, popularity
+bias of the top 10 (SLIM Fig. 6) and efficiency. Writes metrics.json, report.md and PNG plots.
+"""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
-from eval.dataset import load_dataset
-from eval.errors import InputError
-from eval.evaluate import PROTOCOLS, evaluate, protocol_label, protocols_of
-from eval.report import write_metrics_report
+import matplotlib
+import numpy as np
 
+from eval.dataset import SeqDataset, load_dataset
+from eval.errors import InputError
+from eval.evaluate import protocol_label, protocols_of, rank_users
+from eval.io import atomic_file, read_json, write_json
+from eval.metrics import from_ranks, random_floor
+from eval.popularity import popularity_metrics
+from eval.scoring import CachedScorer
+from eval.report import floor_of, markdown_table, print_table
+
+from .groups import item_popularity_groups, user_length_groups, users_by_test_item
 from .registry import LOADERS, load_model, max_len_of
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUP_COLUMNS = ["users", "HR@10", "NDCG@10", "MRR"]
+POP_COLUMNS = ["avg_popularity@10", "long_tail_share@10", "coverage@10", "gini@10", "EPC@10", "EFD@10"]
+EFF_COLUMNS = ["parameters", "trainable_parameters", "train_seconds", "users_per_s"]
+RARE = 5  # "items seen at most k times in training"
 
 
 def find_models(run: Path) -> dict[str, Path]:
-    """Model folders of a run (any sub-folder whose config.json names a known model_type), by name."""
+    """Finished model folders of a run (config.json with a known model_type, and a manifest), by name."""
     found = {}
     for cfg in sorted(run.glob("**/config.json")):
+        rel = cfg.parent.relative_to(run)
+        if any(part.startswith(".") for part in rel.parts) or not (cfg.parent / "manifest.json").exists():
+            continue
         try:
             kind = json.loads(cfg.read_text()).get("model_type")
         except json.JSONDecodeError:
             continue
-        if kind in LOADERS and not any(part.startswith(".") for part in cfg.relative_to(run).parts):
-            found[str(cfg.parent.relative_to(run))] = cfg.parent
+        if kind in LOADERS:
+            found[str(rel)] = cfg.parent
     return found
 
 
-def evaluate_run(run: Path, out: Path, protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+def _metrics(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
+    if not len(r):
+        return {"users": 0}
+    return {**from_ranks(r), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r))}
+
+
+def user_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
+    """The 5 history-length groups, named by their length range."""
+    lengths = np.array([len(s) for s in ds.train_sequences()])
+    return {f"G{i + 1} ({lengths[g].min()}-{lengths[g].max()})": g for i, g in enumerate(user_length_groups(ds))}
+
+
+def item_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
+    """Test users by the training popularity of their test item: head / mid / tail and rare items."""
+    groups = {**item_popularity_groups(ds), f"seen <= {RARE}": np.flatnonzero(ds.item_popularity[1:] <= RARE) + 1}
+    return {name: users_by_test_item(ds, items) for name, items in groups.items()}
+
+
+def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
+    """Overall, per-group and popularity-bias results of one model under one protocol."""
+    t0 = time.perf_counter()
+    r, n, top = rank_users(model, ds, "test", protocol, max_len=max_len)
+    users_per_s = len(r) / (time.perf_counter() - t0)
+    tail = item_popularity_groups(ds)["tail"]
+    return {
+        "overall": _metrics(r, n),
+        "users_per_s": users_per_s,
+        "user_groups": {k: _metrics(r[g], n[g]) for k, g in user_groups(ds).items()},
+        "item_groups": {k: _metrics(r[g], n[g]) for k, g in item_groups(ds).items()},
+        "popularity": popularity_metrics(top, ds.target("test"), ds.item_popularity, ds.num_users, tail),
+        "exposure@10": np.bincount(top[:, :10][top[:, :10] > 0], minlength=ds.num_items + 1).tolist(),
+    }
+
+
+def _efficiency(path: Path, model: CachedScorer, users_per_s: float) -> dict[str, float | None]:
+    counts = read_json(path / "manifest.json").get("counts", {})
+    params = sum(p.numel() for p in model.model.parameters())
+    trainable = counts.get("trainable_parameters", sum(p.numel() for p in model.model.parameters() if p.requires_grad))
+    return {"parameters": counts.get("parameters", params), "trainable_parameters": trainable,
+            "train_seconds": counts.get("train_seconds"), "users_per_s": round(users_per_s, 1)}
+
+
+def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "full") -> dict:
+    """Score every model of `run`; write metrics.json, report.md and plots to `out`; return the results."""
+    run, out = Path(run), Path(out)
     ds = load_dataset(run / "data")
     models = find_models(run)
     if not models:
-        raise InputError(f"{run}: no trained model found (run `slmrec pretrain --run {run}` first)")
-    results: dict[str, dict[str, dict]] = {}
+        raise InputError(f"{run}: no trained models found")
+    protocols = protocols_of(ds)
+    if analysis_protocol not in protocols:
+        raise InputError(f"analysis protocol {analysis_protocol!r} not prepared for {run / 'data'}")
+    results: dict = {"data": ds.fingerprint, "analysis_protocol": analysis_protocol, "overall": {},
+                     "user_groups": {}, "item_groups": {}, "popularity": {}, "efficiency": {}, "exposure@10": {}}
     for name, path in models.items():
-        model = load_model(path)
-        for p in protocols_of(ds, protocols):
-            results.setdefault(protocol_label(p), {})[name] = evaluate(model, ds, "test", p, max_len=max_len_of(model))
-    write_metrics_report(out, results, f"Test metrics: {run.name}")
+        model = CachedScorer(load_model(path))  # one pass over the users serves every protocol
+        max_len = max_len_of(path)
+        for protocol in sorted(protocols, key=lambda p: p != analysis_protocol):  # time it before the cache fills
+            if protocol == analysis_protocol:
+                a = analyse(model, ds, protocol, max_len)
+                results["overall"].setdefault(protocol, {})[name] = a["overall"]
+                for key in ("user_groups", "item_groups", "popularity", "exposure@10"):
+                    results[key][name] = a[key]
+                results["efficiency"][name] = _efficiency(path, model, a["users_per_s"])
+            else:
+                r, n, _ = rank_users(model, ds, "test", protocol, max_len=max_len)
+                results["overall"].setdefault(protocol, {})[name] = _metrics(r, n)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", results)
+    with atomic_file(out / "report.md") as f:
+        f.write(markdown_report(results, ds))
+    plot(results, ds, out)
     return results
+
+
+def _by_group(results: dict, key: str, metric: str) -> dict[str, dict[str, float]]:
+    """model -> {group: metric} rows for a Markdown/terminal table."""
+    return {name: {g: m.get(metric) for g, m in groups.items()} for name, groups in results[key].items()}
+
+
+def markdown_report(results: dict, ds: SeqDataset) -> str:
+    """The report as Markdown; the overall tables are also printed to the terminal."""
+    ap = results["analysis_protocol"]
+    parts = [f"# Evaluation report", "", f"{ds.num_users} users, {ds.num_items} items; test split, "
+             f"pessimistic ties. Analyses below use {protocol_label(ap)}."]
+    for protocol, rows in results["overall"].items():
+        floor = floor_of(next(iter(rows.values())))
+        parts += ["", f"## Overall: {protocol_label(protocol)}", "", markdown_table(rows, floor=floor)]
+        print_table(f"test: {protocol_label(protocol)}", rows, floor=floor)
+    for key, title in (("user_groups", "Users by history length (G1 = shortest)"),
+                       ("item_groups", "Test items by training popularity")):
+        some = next(iter(results[key].values()))
+        sizes = {g: m["users"] for g, m in some.items()}
+        parts += ["", f"## {title}", "", "users per group: " + ", ".join(f"{g}: {n}" for g, n in sizes.items())]
+        for metric in ("NDCG@10", "HR@10"):
+            rows = _by_group(results, key, metric)
+            parts += ["", f"{metric}:", "", markdown_table(rows, columns=list(sizes))]
+            if metric == "NDCG@10":
+                print_table(f"{title}: {metric}", rows, columns=list(sizes))
+    parts += ["", "## Popularity bias of the top 10", "", markdown_table(results["popularity"], columns=POP_COLUMNS),
+              "", "## Efficiency", "", markdown_table(results["efficiency"], columns=EFF_COLUMNS)]
+    print_table("popularity bias (top 10)", results["popularity"], columns=POP_COLUMNS)
+    print_table("efficiency", results["efficiency"], columns=EFF_COLUMNS)
+    parts += ["", "![users by history length](user_groups.png)", "![items by popularity](item_groups.png)",
+              "![popularity of recommended items](popularity.png)"]
+    return "\n".join(parts) + "\n"
+
+
+def _bars(ax, rows: dict[str, dict[str, float]], title: str) -> None:
+    groups = list(next(iter(rows.values())))
+    width = 0.8 / len(rows)
+    for i, (name, vals) in enumerate(rows.items()):
+        ax.bar(np.arange(len(groups)) + i * width, [vals[g] or 0 for g in groups], width, label=name)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=15, fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def plot(results: dict, ds: SeqDataset, out: Path) -> None:
+    """Group bar charts (SLIM Fig. 5) and recommended vs training popularity (SLIM Fig. 6)."""
+    for key, title in (("user_groups", "NDCG@10 by user history length"),
+                       ("item_groups", "NDCG@10 by test-item popularity")):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        _bars(ax, _by_group(results, key, "NDCG@10"), title)
+        fig.tight_layout()
+        fig.savefig(out / f"{key}.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    pop = ds.item_popularity[1:]
+    for name, exposure in results["exposure@10"].items():
+        shown = np.asarray(exposure[1:])
+        keep = shown > 0
+        ax.scatter(pop[keep] + 1, shown[keep], s=6, alpha=0.5, label=name)
+    ax.set(xscale="log", yscale="log", xlabel="item popularity in training (+1)",
+           ylabel="times recommended in a top 10", title="Popularity of recommended items")
+    ax.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(out / "popularity.png", dpi=120)
+    plt.close(fig)

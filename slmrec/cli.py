@@ -8,16 +8,12 @@ import typer
 from eval.cli import guarded
 from eval.report import floor_of, print_table
 
+from .llm_cli import register
 from .pretrain import PretrainConfig, pretrain
 from .trainer import TrainConfig
 
 app = typer.Typer(help="SLMRec: SASRec pre-training, LLM teacher training, layer-wise distillation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-@app.callback()
-def _group() -> None:
-    """Keep sub-command names even while the app has a single command."""
 
 
 @app.command("pretrain")
@@ -39,4 +35,5 @@ def pretrain_cmd(
         print_table(f"SASRec test: {protocol}", {"SASRec": m}, floor=floor_of(m))
 
 
+register(app)
 main = guarded(app)

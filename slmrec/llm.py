@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from eval.dataset import SeqDataset, pad_left
 from eval.errors import InputError
+from eval.scoring import dot_scores
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -291,11 +292,3 @@ class UserVectors:
     def score(self, users: torch.Tensor, histories: torch.Tensor,
               candidates: torch.Tensor | None) -> torch.Tensor:
         return dot_scores(self.user_vectors(users), self.items, candidates)
-
-
-def dot_scores(users: torch.Tensor, items: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-    """[B, C] scores of candidate items, or [B, num_items + 1] for all items when candidates is None."""
-    items = items.to(users.device)
-    if candidates is None:
-        return users @ items.T
-    return torch.einsum("bd,bcd->bc", users, items[candidates.to(users.device)])

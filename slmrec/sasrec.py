@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eval.errors import InputError
+from eval.scoring import dot_scores
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -91,11 +92,7 @@ class SASRec(nn.Module):
 
     def score(self, users: torch.Tensor, histories: torch.Tensor,
               candidates: torch.Tensor | None) -> torch.Tensor:
-        u = self.user_vectors(users, histories)
-        items = self.item_vectors()
-        if candidates is None:
-            return u @ items.T
-        return torch.einsum("bd,bcd->bc", u, items[candidates])
+        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
 
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over all items at every real position (targets 0 are ignored)."""

@@ -50,11 +50,18 @@ def next_item_pairs(ds: SeqDataset, max_len: int) -> tuple[np.ndarray, torch.Ten
     return np.array(users), pad_left(inputs, max_len), pad_left(targets, max_len)
 
 
-def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "training") -> dict:
-    """Train in place; return the log (per-epoch loss and validation MRR, best epoch, seconds)."""
+Examples = tuple[np.ndarray, torch.Tensor, torch.Tensor]
+
+
+def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "training",
+        examples: Examples | None = None, valid_users: np.ndarray | None = None) -> dict:
+    """Train in place; return the log (per-epoch loss and validation MRR, best epoch, seconds).
+
+    `examples` (users, inputs, targets) default to every next-item pair of the training histories;
+    `valid_users` restricts model selection to a subset (e.g. one user group)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    users, inputs, targets = next_item_pairs(ds, cfg.max_len)
+    users, inputs, targets = examples if examples is not None else next_item_pairs(ds, cfg.max_len)
     users_t = torch.as_tensor(users)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -72,7 +79,7 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
                 opt.step()
                 total, n = total + loss.item() * len(idx), n + len(idx)
             model.eval()
-            mrr = evaluate(model, ds, "valid", cfg.select_protocol, max_len=cfg.max_len)["MRR"]
+            mrr = evaluate(model, ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)["MRR"]
             log.append({"epoch": epoch, "loss": total / n, "valid_MRR": mrr})
             bar.update(task, advance=1, description=f"{desc} loss {total / n:.3f} valid MRR {mrr:.4f}")
             if mrr > best:

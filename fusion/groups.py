@@ -1,0 +1,31 @@
+"""User and item groups for the cold-start, sparsity and popularity analyses."""
+from __future__ import annotations
+
+import numpy as np
+
+from eval.dataset import SeqDataset
+
+
+def user_length_groups(ds: SeqDataset, n_groups: int = 5) -> list[np.ndarray]:
+    """Users in `n_groups` equal-size groups by training-history length, shortest first (SLIM, Fig. 5).
+
+    Sorted by (length, user id), then cut into contiguous chunks: every user lands in exactly one group.
+    """
+    lengths = np.array([len(s) for s in ds.train_sequences()])
+    order = np.lexsort((np.arange(ds.num_users), lengths))
+    return [np.sort(g) for g in np.array_split(order, n_groups)]
+
+
+def item_popularity_groups(ds: SeqDataset, head: float = 0.2, tail: float = 0.5) -> dict[str, np.ndarray]:
+    """Items by training popularity: the `head` most popular share, the `tail` least popular share,
+    and the rest (mid). Ties are broken by item id so the split is deterministic."""
+    pop = ds.item_popularity[1:]
+    order = np.lexsort((np.arange(1, ds.num_items + 1), -pop)) + 1  # most popular first
+    n_head, n_tail = int(round(head * ds.num_items)), int(round(tail * ds.num_items))
+    return {"head": np.sort(order[:n_head]), "mid": np.sort(order[n_head:ds.num_items - n_tail]),
+            "tail": np.sort(order[ds.num_items - n_tail:])}
+
+
+def users_by_test_item(ds: SeqDataset, items: np.ndarray, split: str = "test") -> np.ndarray:
+    """Users whose target item for `split` is one of `items`."""
+    return np.flatnonzero(np.isin(ds.target(split), items))

@@ -1,0 +1,151 @@
+"""SLIM's fusion of rationale and item-text vectors with an ID-based recommender, and its
+ID-agnostic text-matching variant.
+
+hybrid: user = g_f([g_l(rationale_u); backbone_user(history)]), item = g_f([g_l(text_i); id_i])
+text:   user = g_u(rationale_u), item = g_i(text_i)
+A user without a rationale, or an item without text, gets a learned "missing" vector instead.
+g_f starts as the identity on the ID half, so training begins from the backbone's own ranking.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eval.errors import InputError
+from eval.scoring import CachedScorer, dot_scores
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+BACKBONE = "backbone"
+
+
+class Backbone(Protocol):
+    """What fusion needs from a recommender: user vectors for histories and its item table."""
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor: ...
+    def item_vectors(self) -> torch.Tensor: ...
+
+
+@dataclass
+class FusionConfig:
+    mode: str                    # "hybrid" | "text"
+    num_users: int
+    num_items: int
+    text_dim: int
+    id_dim: int = 0              # backbone vector size (hybrid only)
+    hidden: int = 64             # output size of the text-only maps
+    max_len: int = 50
+    freeze_backbone: bool = True
+    backbone_path: str = ""      # frozen backbone checkpoint, relative to this model's folder
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("hybrid", "text"):
+            raise InputError(f"fusion mode must be 'hybrid' or 'text', not {self.mode!r}")
+
+
+class FusedRecommender(nn.Module):
+    def __init__(self, cfg: FusionConfig, user_text: torch.Tensor, user_has: torch.Tensor,
+                 item_text: torch.Tensor, item_has: torch.Tensor, backbone: nn.Module | None = None):
+        super().__init__()
+        self.config = cfg
+        self.register_buffer("user_text", user_text.float())
+        self.register_buffer("user_has", user_has.bool())
+        self.register_buffer("item_text", item_text.float())
+        self.register_buffer("item_has", item_has.bool())
+        self.missing_user = nn.Parameter(torch.zeros(cfg.text_dim))
+        self.missing_item = nn.Parameter(torch.zeros(cfg.text_dim))
+        self.backbone = backbone
+        if cfg.mode == "hybrid":
+            if backbone is None:
+                raise InputError("hybrid fusion needs a backbone recommender")
+            self.g_l = nn.Linear(cfg.text_dim, cfg.id_dim)
+            self.g_f = nn.Linear(2 * cfg.id_dim, cfg.id_dim)
+            with torch.no_grad():  # start as the backbone: g_f passes the ID half through
+                nn.init.normal_(self.g_f.weight, std=1e-3)
+                self.g_f.weight[:, cfg.id_dim:] += torch.eye(cfg.id_dim)
+                self.g_f.bias.zero_()
+            if cfg.freeze_backbone:
+                backbone.requires_grad_(False)
+        else:
+            self.g_user = nn.Linear(cfg.text_dim, cfg.hidden)
+            self.g_item = nn.Linear(cfg.text_dim, cfg.hidden)
+        # a frozen backbone's vectors never change: compute each user's once
+        self.frozen = CachedScorer(backbone) if backbone is not None and cfg.freeze_backbone else None
+
+    # --- text sides ---
+    def _user_text(self, users: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.user_has[users, None], self.user_text[users], self.missing_user)
+
+    def _item_text(self) -> torch.Tensor:
+        return torch.where(self.item_has[:, None], self.item_text, self.missing_item)
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        if self.config.mode == "text":
+            return self.g_user(self._user_text(users))
+        ids = (self.frozen or self.backbone).user_vectors(users, histories)
+        return self.g_f(torch.cat([self.g_l(self._user_text(users)), ids], dim=-1))
+
+    def item_vectors(self) -> torch.Tensor:
+        if self.config.mode == "text":
+            return self.g_item(self._item_text())
+        ids = (self.frozen or self.backbone).item_vectors()
+        return self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
+
+    def score(self, users: torch.Tensor, histories: torch.Tensor,
+              candidates: torch.Tensor | None) -> torch.Tensor:
+        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
+
+    def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over all items for the last target of each row (one per user)."""
+        logits = self.user_vectors(users, inputs) @ self.item_vectors().T
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, targets[:, -1])
+
+    # --- checkpoints ---
+    def save_pretrained(self, path: str | Path) -> None:
+        """Config + fusion weights; a fine-tuned backbone is saved beside them, a frozen one referenced."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG).write_text(json.dumps({"model_type": "fusion", **asdict(self.config)}, indent=2))
+        own = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        save_file(own, path / WEIGHTS)
+        if self.backbone is not None and not self.config.freeze_backbone:
+            self.backbone.save_pretrained(path / BACKBONE)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "FusedRecommender":
+        from .registry import load_model
+
+        path = Path(path)
+        cfg = FusionConfig(**{k: v for k, v in json.loads((path / CONFIG).read_text()).items() if k != "model_type"})
+        state = load_file(path / WEIGHTS)
+        backbone = None
+        if cfg.mode == "hybrid":
+            src = path / BACKBONE if (path / BACKBONE).exists() else path / cfg.backbone_path
+            if not (src / "config.json").exists():
+                raise InputError(f"{path / CONFIG}: backbone checkpoint {src} not found")
+            backbone = load_model(src)
+        model = cls(cfg, state["user_text"], state["user_has"], state["item_text"], state["item_has"], backbone)
+        missing = set(model.load_state_dict(state, strict=False).missing_keys)
+        if any(not k.startswith("backbone.") for k in missing):
+            raise InputError(f"{path / WEIGHTS}: checkpoint does not match its config (missing {sorted(missing)[:3]})")
+        return model.eval()
+
+
+def vectors_to_tensors(ids: np.ndarray, vectors: np.ndarray, size: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter (id, vector) rows into a dense [size, dim] table with a has-vector mask."""
+    table = torch.zeros(size, dim)
+    has = torch.zeros(size, dtype=torch.bool)
+    if len(ids):
+        idx = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        table[idx] = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        has[idx] = True
+    return table, has

@@ -1,0 +1,33 @@
+"""Text vectors for fusion: user rationale vectors and item-text vectors, by id."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slim.encode import ITEMS_TABLE, USERS_TABLE, read_vectors
+
+
+@dataclass
+class TextVectors:
+    user_ids: np.ndarray        # user ids (0..U-1) that have a rationale vector
+    user_vectors: np.ndarray    # [len(user_ids), dim]
+    item_ids: np.ndarray        # item ids (1..I) that have a text vector
+    item_vectors: np.ndarray    # [len(item_ids), dim]
+    fingerprint: str            # changes whenever any vector changes (for up-to-date checks)
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_vectors.shape[1] if len(self.item_vectors) else self.user_vectors.shape[1])
+
+
+def load_vectors(db_path: str | Path, users_table: str = USERS_TABLE, items_table: str = ITEMS_TABLE) -> TextVectors:
+    """Rationale and item-text vectors from the LanceDB tables `slim encode` wrote."""
+    user_ids, user_vectors = read_vectors(db_path, users_table)
+    item_ids, item_vectors = read_vectors(db_path, items_table)
+    h = hashlib.sha256()
+    for a in (user_ids, user_vectors, item_ids, item_vectors):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return TextVectors(user_ids, user_vectors, item_ids, item_vectors, h.hexdigest())
