@@ -21,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $@
 
+# prepare -> SASRec -> SLMRec teacher/student -> SLIM rationales -> LanceDB -> fused models -> report;
+# rerunning skips finished stages (a killed run resumes).
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/fusion prepare --run $(RUN)
-	HF_HUB_OFFLINE=1 $(BIN)/slmrec pretrain --run $(RUN)
-	HF_HUB_OFFLINE=1 $(BIN)/fusion evaluate --run $(RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/fusion run --preset demo --run $(RUN)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
