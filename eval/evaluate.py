@@ -22,16 +22,14 @@ class Scorer(Protocol):
               candidates: torch.Tensor | None) -> torch.Tensor: ...
 
 
-PROTOCOLS = ("999", "100", "full")
-
-
 def protocol_label(protocol: str) -> str:
     return "full ranking" if protocol == "full" else f"{protocol} negatives"
 
 
-def protocols_of(ds: SeqDataset, protocols: tuple[str, ...] = PROTOCOLS) -> list[str]:
-    """The protocols a data set supports: full ranking and each persisted candidate size."""
-    return [p for p in protocols if p == "full" or (ds.path / f"candidates_test_{p}.npy").exists()]
+def protocols_of(ds: SeqDataset) -> list[str]:
+    """The protocols a data set supports: each persisted candidate size (largest first), then full ranking."""
+    sizes = sorted((int(p.stem.rsplit("_", 1)[1]) for p in ds.path.glob("candidates_test_*.npy")), reverse=True)
+    return [str(n) for n in sizes] + ["full"]
 
 
 def _batch_candidates(ds: SeqDataset, split: str, protocol: str, users: np.ndarray,

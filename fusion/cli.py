@@ -92,3 +92,7 @@ def run_cmd(
 
 
 main = guarded(app)
+
+
+if __name__ == "__main__":
+    main()

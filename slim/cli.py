@@ -138,13 +138,14 @@ def encode_cmd(
     prompt_version: Optional[str] = typer.Option(None, help="Encode only records of this prompt version."),
     batch_size: int = 64,
     ann_index: bool = typer.Option(False, help="Build an ANN (IVF-PQ) index, for large catalogs."),
+    force: bool = typer.Option(False, help="Check every row even if records and data are unchanged."),
 ) -> None:
     """Encode user rationales and item texts into LanceDB, re-encoding only changed rows."""
     from .encode import EncodeConfig, encode
 
     cfg = EncodeConfig(model=str(model) if model else None, batch_size=batch_size,
                        prompt_version=prompt_version, ann_index=ann_index)
-    _print_summary(encode(data, records, out, cfg))
+    _print_summary(encode(data, records, out, cfg, force=force))
 
 
 def main() -> None:

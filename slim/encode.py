@@ -16,7 +16,7 @@ import pyarrow as pa
 from eval.assets import minilm_path
 from eval.dataset import load_dataset
 from eval.errors import InputError
-from eval.io import manifest, write_json
+from eval.io import file_hash, is_up_to_date, manifest, read_json, write_json
 
 from .records import rationale_text, read_records
 
@@ -96,13 +96,18 @@ def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarra
     return ids, t["vector"].combine_chunks().flatten().to_numpy().reshape(len(ids), dim).astype(np.float32)
 
 
-def encode(data_dir: str | Path, records: str | Path, db_path: str | Path, cfg: EncodeConfig) -> dict[str, Any]:
+def encode(data_dir: str | Path, records: str | Path, db_path: str | Path, cfg: EncodeConfig,
+           force: bool = False) -> dict[str, Any]:
     """Encode users' rationales and every item's text into two LanceDB tables under `db_path`."""
     import lancedb
     from sentence_transformers import SentenceTransformer
 
     model_path = str(cfg.model or minilm_path())
     ds = load_dataset(data_dir)
+    inputs = {"data": ds.fingerprint, "records": file_hash(records) if Path(records).exists() else None,
+              "encoder": model_path}
+    if not force and is_up_to_date(db_path, inputs, cfg.to_dict()):
+        return read_json(Path(db_path) / "manifest.json")["counts"]
     recs = read_records(records, cfg.prompt_version, cfg.record_model)
     users = sorted(u for u, r in recs.items() if rationale_text(r))
     if not users:
@@ -118,7 +123,7 @@ def encode(data_dir: str | Path, records: str | Path, db_path: str | Path, cfg: 
                                       items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
                                       model_path, cfg.batch_size, cfg.ann_index),
     }
-    write_json(Path(db_path) / "manifest.json", manifest(
-        "encode", inputs={"data": ds.fingerprint, "records": str(records)}, config=cfg.to_dict(), seed=None,
-        counts={**counts, "dim": encoder.get_embedding_dimension()}))
+    counts["dim"] = encoder.get_embedding_dimension()
+    write_json(Path(db_path) / "manifest.json", manifest("encode", inputs=inputs, config=cfg.to_dict(), seed=None,
+                                                         counts=counts))
     return counts

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eval.dataset import load_dataset
-from eval.evaluate import PROTOCOLS, evaluate, protocol_label, protocols_of
+from eval.evaluate import evaluate, protocol_label, protocols_of
 from eval.io import atomic_dir, is_up_to_date, manifest, read_json, write_json
 
 from .sasrec import SASRec, SASRecConfig
@@ -24,9 +24,9 @@ class PretrainConfig:
         return asdict(self)
 
 
-def test_metrics(model, ds, max_len: int, protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, dict]:
+def test_metrics(model, ds, max_len: int) -> dict[str, dict]:
     """Test metrics under every candidate protocol the data set has."""
-    return {protocol_label(p): evaluate(model, ds, "test", p, max_len=max_len) for p in protocols_of(ds, protocols)}
+    return {protocol_label(p): evaluate(model, ds, "test", p, max_len=max_len) for p in protocols_of(ds)}
 
 
 def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, force: bool = False) -> dict:

@@ -41,3 +41,12 @@ def test_encode_reencodes_only_changed_rows(data, tmp_path):
     changed = ~np.isclose(U2, U).all(axis=1)
     assert changed.tolist() == [u == 7 for u in range(40)]
     assert np.allclose(V, read_vectors(db, ITEMS_TABLE)[1])
+
+
+def test_encode_skips_when_records_and_data_are_unchanged(data, tmp_path):
+    records, db = tmp_path / "records.jsonl", tmp_path / "vectors"
+    write_records(records, {u: f"User {u} likes comedies." for u in range(40)})
+    first = encode(data, records, db, EncodeConfig())
+    stamp = (db / "manifest.json").read_text()
+    assert encode(data, records, db, EncodeConfig()) == first
+    assert (db / "manifest.json").read_text() == stamp  # nothing rewritten

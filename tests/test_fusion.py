@@ -1,0 +1,161 @@
+"""Fusion: fused models with missing vectors, groups, popularity metrics, the report, and presets."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import eval.scoring
+from eval.dataset import load_dataset, prepare_dataset
+from eval.errors import InputError
+from eval.io import manifest, write_json
+from eval.popularity import gini, popularity_metrics
+from eval.preprocess import PrepareConfig
+from fusion.groups import item_popularity_groups, user_length_groups
+from fusion.model import FusedRecommender, FusionConfig, vectors_to_tensors
+from fusion.pipeline import load_preset, parse_override
+from fusion.report import evaluate_run
+from fusion.train import FuseConfig, train_fused
+from fusion.vectors import TextVectors
+from slmrec.sasrec import SASRec, SASRecConfig
+from slmrec.trainer import TrainConfig
+
+
+@pytest.fixture
+def run(synthetic, tmp_path):
+    """A prepared run with two small SASRec models (different seeds), each with its manifest."""
+    prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
+                                  negatives=[10]), tmp_path / "data")
+    ds = load_dataset(tmp_path / "data")
+    for name, seed in (("sasrec", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        SASRec(SASRecConfig(num_items=ds.num_items, hidden=16, layers=1, max_len=10)).save_pretrained(tmp_path / name)
+        write_json(tmp_path / name / "manifest.json", manifest("pretrain", inputs={}, config={}, seed=seed,
+                                                               counts={"parameters": 1, "train_seconds": 0.0}))
+    return tmp_path
+
+
+def vectors(ds, users, items, dim=8, seed=0) -> TextVectors:
+    rng = np.random.default_rng(seed)
+    return TextVectors(np.array(users), rng.normal(size=(len(users), dim)).astype(np.float32),
+                       np.array(items), rng.normal(size=(len(items), dim)).astype(np.float32), f"v{seed}")
+
+
+def test_groups_cover_every_user_once_in_length_order(run):
+    ds = load_dataset(run / "data")
+    groups = user_length_groups(ds)
+    assert len(groups) == 5
+    assert np.array_equal(np.sort(np.concatenate(groups)), np.arange(ds.num_users))
+    sizes = [len(g) for g in groups]
+    assert max(sizes) - min(sizes) <= 1
+    lengths = np.array([len(s) for s in ds.train_sequences()])
+    for a, b in zip(groups, groups[1:]):
+        assert lengths[a].max() <= lengths[b].min()
+    items = item_popularity_groups(ds)
+    assert np.array_equal(np.sort(np.concatenate(list(items.values()))), np.arange(1, ds.num_items + 1))
+
+
+def test_popularity_metrics_match_hand_computed_values():
+    popularity = np.array([0, 4, 2, 1, 0])        # items 1..4 seen 4, 2, 1, 0 times in training
+    top = np.array([[1, 2], [1, 3], [4, 0]])      # 3 users' top-2 lists; user 3 has only one item
+    targets = np.array([2, 9, 4])                 # user 1 hits at rank 2, user 2 misses, user 3 hits at rank 1
+    m = popularity_metrics(top, targets, popularity, num_users=4, tail_items=np.array([3, 4]), k=2)
+    shown = [1, 2, 1, 3, 4]
+    assert m["avg_popularity@2"] == pytest.approx(np.mean([4, 2, 4, 1, 0]))
+    assert m["long_tail_share@2"] == pytest.approx(2 / 5)
+    assert m["coverage@2"] == pytest.approx(4 / 4)
+    exposure = np.array([2, 1, 1, 1])             # times items 1..4 are shown
+    assert m["gini@2"] == pytest.approx(gini(exposure)) and gini(exposure) == pytest.approx(0.15)
+    assert len(shown) == exposure.sum()
+    disc = np.array([1.0, 1 / np.log2(3)])
+    p2, p4 = 2 / 4, 1 / 4                         # p(i) = max(pop, 1) / users
+    epc = ((disc[1] * (1 - p2)) + (disc[0] * (1 - p4))) / disc.sum() / 3
+    efd = ((disc[1] * -np.log2(p2)) + (disc[0] * -np.log2(p4))) / disc.sum() / 3
+    assert m["EPC@2"] == pytest.approx(epc) and m["EFD@2"] == pytest.approx(efd)
+    assert gini(np.array([3, 3, 3])) == 0.0 and gini(np.array([0, 0, 9])) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "text"])
+def test_user_without_rationale_and_item_without_text_are_scored(run, mode):
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(1, ds.num_users), items=range(2, ds.num_items + 1))  # user 0 and item 1: none
+    u_t, u_has = vectors_to_tensors(v.user_ids, v.user_vectors, ds.num_users, v.dim)
+    i_t, i_has = vectors_to_tensors(v.item_ids, v.item_vectors, ds.num_items + 1, v.dim)
+    backbone = SASRec.from_pretrained(run / "sasrec") if mode == "hybrid" else None
+    cfg = FusionConfig(mode=mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=v.dim,
+                       id_dim=16 if backbone else 0, max_len=10)
+    model = FusedRecommender(cfg, u_t, u_has, i_t, i_has, backbone).eval()
+    hist = torch.tensor([[0, 0, 3, 4], [0, 5, 6, 7]])
+    before = model.score(torch.tensor([0, 1]), hist, None)
+    assert torch.isfinite(before[:, 1:]).all()
+    with torch.no_grad():
+        model.missing_user += 1.0
+    after = model.score(torch.tensor([0, 1]), hist, None)
+    assert not torch.allclose(before[0], after[0])   # user 0 is scored through the learned missing vector
+    assert torch.allclose(before[1], after[1])       # user 1 has its own rationale vector
+
+
+def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(0, ds.num_users, 2), items=range(1, ds.num_items + 1))  # half the users lack one
+    fast = TrainConfig(epochs=2, batch_size=16)
+    metrics = train_fused(run, "hybrid", FuseConfig(mode="hybrid", backbone="sasrec", train=fast), v)
+    assert metrics["full ranking"]["users"] == ds.num_users
+    train_fused(run, "text", FuseConfig(mode="text", hidden=8, train=fast), v)
+    seen: list[tuple[str, torch.Tensor | None]] = []
+    real = eval.scoring.dot_scores
+
+    def recording(users, items, candidates):
+        seen.append(candidates)
+        return real(users, items, candidates)
+
+    monkeypatch.setattr(eval.scoring, "dot_scores", recording)
+    results = evaluate_run(run, run / "report")
+    names = ["fusion/hybrid", "fusion/text", "other", "sasrec"]
+    assert sorted(results["efficiency"]) == names
+    assert len(seen) % len(names) == 0 and seen, len(seen)
+    calls = len(seen) // len(names)
+    per_model = [seen[i * calls:(i + 1) * calls] for i in range(len(names))]
+    for other in per_model[1:]:
+        for a, b in zip(per_model[0], other):
+            assert (a is None and b is None) or torch.equal(a, b)
+    cands = np.load(run / "data" / "candidates_test_10.npy")  # truth in column 0, then the 10 negatives
+    first = next(c for c in per_model[0] if c is not None)
+    assert np.array_equal(first.numpy(), cands[:len(first)])
+    for name in names:
+        assert sum(g["users"] for g in results["user_groups"][name].values()) == ds.num_users
+    for f in ("metrics.json", "report.md", "user_groups.png", "item_groups.png", "popularity.png"):
+        assert (run / "report" / f).stat().st_size > 0
+    assert "fusion/hybrid" in (run / "report" / "report.md").read_text()
+
+
+def test_fused_model_reloads_and_scores_identically(run):
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    train_fused(run, "h", FuseConfig(mode="hybrid", backbone="sasrec", train=TrainConfig(epochs=1)), v)
+    a = FusedRecommender.from_pretrained(run / "fusion" / "h")
+    b = FusedRecommender.from_pretrained(run / "fusion" / "h")
+    hist = torch.tensor([[0, 1, 2, 3]])
+    assert torch.equal(a.score(torch.tensor([3]), hist, None), b.score(torch.tensor([3]), hist, None))
+    cfg = json.loads((run / "fusion" / "h" / "config.json").read_text())
+    assert cfg["backbone_path"] == "../../sasrec"   # the frozen backbone is referenced, not copied
+
+
+def test_presets_load_and_name_bad_settings(monkeypatch):
+    demo = load_preset("demo")
+    assert set(demo.fusion) == {"hybrid-student", "hybrid-sasrec", "text"}
+    assert demo.student_rationales.rationale.template == "slim_student_v1"   # nested defaults survive
+    assert demo.fusion["text"].train.weight_decay == 1e-4
+    with pytest.raises(InputError, match="demo.toml.teacher.train: unknown setting 'epochz'"):
+        load_preset("demo", ["teacher.train.epochz=2"])
+    for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(InputError, match="environment variable DATA"):
+        load_preset("paper")
+    for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
+        monkeypatch.setenv(var, f"/x/{var}")
+    paper = load_preset("paper", ["teacher.train.lr=1e-4"])
+    assert paper.teacher.model.base == "/x/LLAMA2_7B" and paper.teacher.train.lr == 1e-4
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")
+    with pytest.raises(InputError, match="unknown preset"):
+        load_preset("nope")

@@ -1,0 +1,145 @@
+"""`fusion run` end to end on tiny models: killed mid-stage, rerun, nothing finished is redone."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from eval.assets import smollm2_path
+from fusion.pipeline import Pipeline, load_preset
+from slim.records import read_records
+from tests.slim_fake_openai import FakeOpenAI
+
+USERS = 12  # teacher rationales: slow enough (fake server delay) to be killed in the middle
+
+PRESET = """
+[prepare]
+source = "{source}"
+rating_gt = 0.0
+user_core = 1
+item_core = 1
+negatives = [10]
+
+[sasrec]
+hidden = 16
+layers = 1
+[sasrec.train]
+epochs = 2
+max_len = 10
+
+[teacher.model]
+llama = {{ vocab_size = 300, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 4, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 128 }}
+layers = 4
+lora_r = 4
+[teacher.train]
+epochs = 1.0
+batch_size = 16
+max_len = 8
+evals_per_epoch = 1
+
+[student.student]
+layers = 2
+lora_r = 4
+[student.distill]
+blocks = 2
+[student.train]
+epochs = 1.0
+batch_size = 16
+max_len = 8
+evals_per_epoch = 1
+
+[rationales]
+users = {users}
+[rationales.client]
+base_url = "{url}"
+model = "fake-teacher"
+concurrency = 1
+max_tokens = 32
+
+[finetune]
+base_model = "{lm}"
+epochs = 1.0
+batch_size = 4
+max_length = 256
+
+[student_rationales]           # the fine-tuned tiny student writes noise: read its answers from the fake endpoint
+backend = "endpoint"
+base_url = "{url}"
+[student_rationales.rationale.client]
+model = "fake-student"
+max_tokens = 32
+
+[fusion.models.hybrid-student]
+mode = "hybrid"
+backbone = "student"
+[fusion.models.hybrid-student.train]
+epochs = 2
+[fusion.models.text]
+mode = "text"
+hidden = 8
+[fusion.models.text.train]
+epochs = 2
+"""
+
+
+def tiny_lm(folder: Path) -> Path:
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def stages(run: Path) -> list[dict]:
+    path = run / "pipeline.json"
+    return json.loads(path.read_text())["stages"] if path.exists() else []
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(synthetic, tmp_path):
+    run = tmp_path / "run"
+    with FakeOpenAI(delay_s=0.4) as server:
+        preset = tmp_path / "tiny.toml"
+        preset.write_text(PRESET.format(source=synthetic, url=server.base_url, users=USERS,
+                                        lm=tiny_lm(tmp_path / "lm")))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+        proc = subprocess.Popen([sys.executable, "-m", "fusion.cli", "run", "--run", str(run), "--preset", str(preset)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 600
+        while len(stages(run)) < 4 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert [s["stage"] for s in stages(run)][-1] == "slmrec student", proc.stderr.read().decode()[-2000:]
+        while len(server.requests) < 3 and time.time() < deadline:  # in the middle of the teacher rationales
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first = stages(run)
+        assert len(first) == 4
+        created = {d: json.loads((run / d / "manifest.json").read_text())["created"]
+                   for d in ("data", "sasrec", "teacher", "student")}
+        partial = len(read_records(run / "rationales" / "teacher" / "records.jsonl"))
+        assert 0 < partial < USERS
+
+        Pipeline(run, load_preset(str(preset))).run_all()
+        asked = sum(r["body"]["model"] == "fake-teacher" for r in server.requests)
+
+    second = stages(run)[4:]
+    status = {s["stage"]: s["status"] for s in second}
+    assert all(status[s] == "up to date" for s in ("prepare", "sasrec", "slmrec teacher", "slmrec student"))
+    assert status["teacher rationales"] == "ran" and status["report"] == "ran"
+    for d, stamp in created.items():
+        assert json.loads((run / d / "manifest.json").read_text())["created"] == stamp
+    lines = (run / "rationales" / "teacher" / "records.jsonl").read_text().splitlines()
+    users = [json.loads(line)["user"] for line in lines]
+    assert sorted(users) == sorted(set(users)) and len(users) == USERS
+    assert asked <= USERS + 1   # only the request in flight at the kill can be asked twice
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    assert set(report["efficiency"]) == {"sasrec", "teacher", "student", "fusion/hybrid-student", "fusion/text"}
+
+    Pipeline(run, load_preset(str(preset))).run_all()   # a third run has nothing left to do
+    assert {s["status"] for s in stages(run)[4 + len(second):]} == {"up to date"}
