@@ -23,7 +23,11 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] = MAIN_
 
 
 def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"  # metrics in [0, 1]; seconds, users/s, popularity
+    return str(v)
 
 
 def floor_of(metrics: dict[str, float]) -> dict[str, float]:

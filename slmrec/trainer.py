@@ -65,8 +65,11 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
     users_t = torch.as_tensor(users)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best, best_state, best_epoch, log = -1.0, None, 0, []
     t0 = time.perf_counter()
+    # the starting point is a candidate too: a head fitted on top of a trained backbone must not
+    # end up worse on validation than the backbone it started as
+    best = evaluate(model.eval(), ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)["MRR"]
+    best_state, best_epoch, log = copy.deepcopy(model.state_dict()), 0, [{"epoch": 0, "valid_MRR": best}]
     with Progress(transient=True) as bar:
         task = bar.add_task(desc, total=cfg.epochs)
         for epoch in range(1, cfg.epochs + 1):

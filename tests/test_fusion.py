@@ -159,3 +159,14 @@ def test_presets_load_and_name_bad_settings(monkeypatch):
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")
     with pytest.raises(InputError, match="unknown preset"):
         load_preset("nope")
+
+
+def test_fine_tuned_backbone_is_saved_with_the_fused_model(run):
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    train_fused(run, "ft", FuseConfig(mode="hybrid", backbone="sasrec", freeze_backbone=False,
+                                      train=TrainConfig(epochs=2, lr=1e-2)), v)
+    fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
+    original = SASRec.from_pretrained(run / "sasrec")
+    assert (run / "fusion" / "ft" / "backbone" / "config.json").exists()
+    assert not torch.equal(fused.backbone.item_vectors(), original.item_vectors())
