@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from eval.dataset import prepare_dataset
-from eval.evaluate import evaluate
 from eval.preprocess import PrepareConfig
 from slmrec.pretrain import PretrainConfig, pretrain
 from slmrec.trainer import TrainConfig

@@ -8,7 +8,6 @@ and the id mapping is a sort, not a Python set, so it is the same on every run.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -45,10 +45,12 @@ def prepare_cmd(
 def evaluate_cmd(
     run: Path = typer.Option(..., help="Run directory; scores every trained model in it."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default RUN/report)."),
+    analysis_protocol: str = typer.Option("full", help="Protocol of the group, popularity and efficiency "
+                                                       "analyses: full or a candidate size (e.g. 999)."),
 ) -> None:
     """Score every model of a run on the same fixed candidates and full ranking; write the report."""
     from .report import evaluate_run
-    evaluate_run(run, out or run / "report")
+    evaluate_run(run, out or run / "report", analysis_protocol)
 
 
 @app.command("train")

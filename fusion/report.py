@@ -133,7 +133,7 @@ def _by_group(results: dict, key: str, metric: str) -> dict[str, dict[str, float
 def markdown_report(results: dict, ds: SeqDataset) -> str:
     """The report as Markdown; the overall tables are also printed to the terminal."""
     ap = results["analysis_protocol"]
-    parts = [f"# Evaluation report", "", f"{ds.num_users} users, {ds.num_items} items; test split, "
+    parts = ["# Evaluation report", "", f"{ds.num_users} users, {ds.num_items} items; test split, "
              f"pessimistic ties. Analyses below use {protocol_label(ap)}."]
     for protocol, rows in results["overall"].items():
         floor = floor_of(next(iter(rows.values())))
