@@ -72,6 +72,7 @@ def train_fused(run: str | Path, name: str, cfg: FuseConfig, vectors: TextVector
         inputs["backbone"] = read_json(run / cfg.backbone / "manifest.json")["created"]
     if not force and is_up_to_date(out, inputs, cfg.to_dict()):
         return read_json(out / "metrics.json")
+    torch.manual_seed(cfg.train.seed)  # the new heads' initial weights are part of the seeded run
     model = build(ds, cfg, vectors, run)
     tc = TrainConfig(**{**cfg.train.to_dict(), "max_len": model.config.max_len})
     group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]

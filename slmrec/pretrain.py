@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from eval.dataset import load_dataset
 from eval.evaluate import evaluate, protocol_label, protocols_of
 from eval.io import atomic_dir, is_up_to_date, manifest, read_json, write_json
@@ -36,6 +38,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, cfg: PretrainConfig, for
     inputs = {"data": ds.fingerprint}
     if not force and is_up_to_date(out_dir, inputs, cfg.to_dict()):
         return read_json(out_dir / "metrics.json")
+    torch.manual_seed(cfg.train.seed)  # the initial weights too: same data and seed, same model
     model = SASRec(SASRecConfig(num_items=ds.num_items, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                                 max_len=cfg.train.max_len, dropout=cfg.dropout))
     log = fit(model, ds, cfg.train, desc="SASRec")
