@@ -1,7 +1,6 @@
 """Versioned prompt templates and safe rendering of untrusted item text into them.
 
-A template is a file `prompts/<name>.txt`; its stem (e.g. `slim_teacher_v1`) is the prompt version
-stored with every record, so changing a prompt means adding a new file, never editing an old one.
+A template's version (its file stem, see `prompts/`) is stored with every record.
 """
 from __future__ import annotations
 
@@ -10,11 +9,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from string import Template
+
 import pandas as pd
 
 from eval.errors import InputError
+from prompts import template_path
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 TEACHER = "slim_teacher_v2"
 STUDENT = "slim_student_v1"
 
@@ -36,11 +36,7 @@ class PromptTemplate:
 @lru_cache
 def load_template(name_or_path: str) -> PromptTemplate:
     """A template by version name (looked up in prompts/) or by file path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROMPTS_DIR / f"{name_or_path}.txt"
-    if not path.exists():
-        raise InputError(f"{path}: prompt template not found")
+    path = template_path(name_or_path)
     text = path.read_text()
     if "${history}" not in text:
         raise InputError(f"{path}: template has no ${{history}} placeholder")

@@ -27,11 +27,11 @@ from transformers.utils import logging as hf_logging
 from eval.dataset import SeqDataset, pad_left
 from eval.errors import InputError
 from eval.scoring import dot_scores
+from prompts import template_path
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 MODEL_TYPE = "slmrec-llm"
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 DEFAULT_PROMPT = "slmrec_v1"
 
 
@@ -104,12 +104,7 @@ def load_decoder(cfg: LLMRecConfig) -> LlamaModel:
 
 def prompt_ids(cfg: LLMRecConfig, vocab_size: int) -> list[int]:
     """Token ids of the instruction prompt (bytes modulo the vocabulary for a tokenizer-less random base)."""
-    path = Path(cfg.prompt)
-    if not path.suffix:
-        path = PROMPTS_DIR / f"{cfg.prompt}.txt"
-    if not path.exists():
-        raise InputError(f"{path}: prompt template not found")
-    text = path.read_text()
+    text = template_path(cfg.prompt).read_text()
     if cfg.llama is not None:
         return [b % vocab_size for b in text.encode()]
     from transformers import AutoTokenizer
