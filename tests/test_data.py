@@ -8,7 +8,7 @@ import pytest
 
 from eval.dataset import load_dataset, prepare_dataset
 from eval.errors import InputError
-from eval.io import file_hash
+from eval.io import atomic_dir, file_hash, write_json
 from eval.loaders import load_amazon, load_movielens, load_recbole
 from eval.preprocess import PrepareConfig, k_core
 from tests.conftest import write_atomic
@@ -181,3 +181,16 @@ def test_empty_after_filtering_keeps_previous_output(synthetic, tmp_path):
         prepare_dataset(cfg(synthetic, user_core=100), out)
     assert file_hash(out) == before and load_dataset(out).num_users == good.num_users
     _no_partial(tmp_path)
+
+
+def test_atomic_writes_get_the_modes_a_plain_write_would(tmp_path):
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    write_json(tmp_path / "a.json", {"a": 1})
+    with atomic_dir(tmp_path / "model") as tmp:
+        write_json(tmp / "config.json", {})
+    def mode(p):
+        return p.stat().st_mode & 0o777
+
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "model" / "config.json") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "model") == mode(tmp_path / "plain_dir")
