@@ -114,6 +114,9 @@ def load_preset(preset: str, overrides: list[str] = ()) -> PipelineConfig:
     data = _expand(data, path.stem)
     models = data.pop("fusion", {}).get("models", {})
     cfg = from_dict(PipelineConfig, data, path.name)
+    if cfg.sasrec.model != "sasrec":  # RUN/sasrec is what SLMRec and the presets' fused models read
+        raise InputError(f"{path.name}: sasrec.model must be 'sasrec'; train other backbones with "
+                         f"`slmrec pretrain --model {cfg.sasrec.model}`")
     cfg.fusion = {name: from_dict(FuseConfig, m, f"{path.name}: fusion.models.{name}") for name, m in models.items()}
     return cfg
 

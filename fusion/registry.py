@@ -14,6 +14,11 @@ def _sasrec(path: Path) -> Scorer:
     return SASRec.from_pretrained(path)
 
 
+def _gru4rec(path: Path) -> Scorer:
+    from slmrec.gru4rec import GRU4Rec
+    return GRU4Rec.from_pretrained(path)
+
+
 def _fusion(path: Path) -> Scorer:
     from .model import FusedRecommender
     return FusedRecommender.from_pretrained(path)
@@ -24,7 +29,8 @@ def _llmrec(path: Path) -> Scorer:
     return LLMRec.from_pretrained(path).eval()
 
 
-LOADERS: dict[str, Callable[[Path], Scorer]] = {"sasrec": _sasrec, "fusion": _fusion, "slmrec-llm": _llmrec}
+LOADERS: dict[str, Callable[[Path], Scorer]] = {"sasrec": _sasrec, "gru4rec": _gru4rec, "fusion": _fusion,
+                                                 "slmrec-llm": _llmrec}
 
 
 def register(model_type: str, loader: Callable[[Path], Scorer]) -> None:
@@ -45,7 +51,7 @@ def load_model(path: str | Path) -> Scorer:
 def max_len_of(path: str | Path) -> int:
     """The history length the model in `path` was trained with (evaluation feeds it the same).
 
-    Read from config.json (SASRec, fusion) or else from the training config in manifest.json (LLMRec)."""
+    Read from config.json (SASRec, GRU4Rec, fusion) or else from the training config in manifest.json (LLMRec)."""
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
     if "max_len" in cfg:

@@ -41,7 +41,7 @@ from eval.report import write_metrics_report
 from .distill import DistillConfig, Distiller, student_aux_layers
 from .llm import LLMRec, LLMRecConfig, checkpoint_state
 from .pretrain import test_metrics
-from .sasrec import ITEM_EMBEDDINGS, load_item_embeddings
+from .seqrec import ITEM_EMBEDDINGS, load_item_embeddings
 from .trainer import next_item_pairs
 
 POSITIONS = ("all", "last")

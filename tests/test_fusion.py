@@ -153,6 +153,8 @@ def test_presets_load_and_name_bad_settings(monkeypatch):
     assert demo.fusion["text"].train.weight_decay == 1e-4
     with pytest.raises(InputError, match="demo.toml.teacher.train: unknown setting 'epochz'"):
         load_preset("demo", ["teacher.train.epochz=2"])
+    with pytest.raises(InputError, match="slmrec pretrain --model gru4rec"):
+        load_preset("demo", ["sasrec.model=gru4rec"])
     for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(InputError, match="environment variable DATA"):

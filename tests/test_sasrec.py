@@ -1,14 +1,19 @@
-"""SASRec: masks, padding invariance, checkpoints, and that it learns."""
+"""The ID backbones (SASRec, GRU4Rec): masks, padding invariance, checkpoints, and that they learn."""
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from eval.dataset import prepare_dataset
+from eval.errors import InputError
 from eval.evaluate import evaluate
 from eval.preprocess import PrepareConfig
+from fusion.registry import load_model
+from slmrec.gru4rec import GRU4Rec, GRU4RecConfig
 from slmrec.pretrain import PretrainConfig, pretrain
-from slmrec.sasrec import SASRec, SASRecConfig, load_item_embeddings
+from slmrec.sasrec import SASRec, SASRecConfig
+from slmrec.seqrec import load_item_embeddings
 from slmrec.trainer import TrainConfig
 
 
@@ -17,51 +22,80 @@ def small(num_items=30, **kw):
     return SASRec(SASRecConfig(num_items=num_items, hidden=16, layers=2, heads=2, max_len=12, **kw)).eval()
 
 
-def test_padding_does_not_change_scores():
-    m = small()
+def small_gru(num_items=30, **kw):
+    torch.manual_seed(0)
+    return GRU4Rec(GRU4RecConfig(num_items=num_items, hidden=16, gru_hidden=24, layers=2, max_len=12, **kw)).eval()
+
+
+BACKBONES = pytest.mark.parametrize("make", [small, small_gru], ids=["sasrec", "gru4rec"])
+
+
+@BACKBONES
+def test_padding_does_not_change_scores(make):
+    m = make()
     h = torch.tensor([[0, 0, 3, 4, 5]])
     more = torch.tensor([[0, 0, 0, 0, 0, 0, 3, 4, 5]])
     users = torch.tensor([0])
     assert torch.allclose(m.score(users, h, None), m.score(users, more, None), atol=1e-5)
+    # in a batch with longer and empty histories, each row scores as it does alone
+    batch = torch.tensor([[0, 0, 0, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]])
+    alone = torch.cat([m.score(users, torch.tensor([[3, 4, 5]]), None),
+                       m.score(users, torch.tensor([[1, 2, 3, 4, 5, 6]]), None)])
+    both = m.score(torch.arange(3), batch, None)
+    assert torch.allclose(both[:2], alone, atol=1e-5) and torch.isfinite(both).all()
 
 
-def test_causal_mask_hides_the_future():
-    m = small()
+@BACKBONES
+def test_causal_mask_hides_the_future(make):
+    m = make()
     a = m.encode(torch.tensor([[1, 2, 3, 4]]))
     b = m.encode(torch.tensor([[1, 2, 3, 9]]))
     assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6) and not torch.allclose(a[:, 3], b[:, 3])
 
 
-def test_padding_item_embedding_is_zero_and_never_recommended():
-    m = small()
+@BACKBONES
+def test_padding_item_embedding_is_zero_and_never_recommended(make):
+    m = make()
     assert m.item_emb.weight[0].abs().sum() == 0
     loss = m.training_loss(torch.tensor([0]), torch.tensor([[0, 1, 2]]), torch.tensor([[0, 2, 3]]))
     assert torch.isfinite(loss)
 
 
-def test_checkpoint_round_trip_scores_identically(tmp_path):
-    m = small(dropout=0.1)
+@BACKBONES
+def test_checkpoint_round_trip_scores_identically(make, tmp_path):
+    m = make(dropout=0.1)
     m.save_pretrained(tmp_path / "ck")
-    back = SASRec.from_pretrained(tmp_path / "ck")
+    back = load_model(tmp_path / "ck")
+    assert type(back) is type(m)
     h = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
     assert torch.equal(m.score(torch.arange(2), h, None), back.score(torch.arange(2), h, None))
     emb = load_item_embeddings(tmp_path / "ck")
     assert emb.shape == (31, 16) and torch.equal(emb, m.item_emb.weight)
 
 
-def test_pretrain_learns_and_is_skipped_when_up_to_date(synthetic, tmp_path):
+@pytest.mark.parametrize("model", ["sasrec", "gru4rec"])
+def test_pretrain_learns_and_is_skipped_when_up_to_date(model, synthetic, tmp_path):
     ds = prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
                                        negatives=[10]), tmp_path / "data")
-    cfg = PretrainConfig(hidden=32, layers=1, heads=1, dropout=0.0,
+    cfg = PretrainConfig(model=model, hidden=32, layers=1, heads=1, gru_hidden=32, dropout=0.0,
                          train=TrainConfig(epochs=40, patience=40, batch_size=16, lr=5e-3, max_len=12))
-    metrics = pretrain(tmp_path / "data", tmp_path / "sasrec", cfg)
+    out = tmp_path / model
+    metrics = pretrain(tmp_path / "data", out, cfg)
     full = metrics["full ranking"]
     assert full["MRR"] > 3 * full["random_MRR"]
-    stamp = (tmp_path / "sasrec" / "model.safetensors").stat().st_mtime_ns
-    assert pretrain(tmp_path / "data", tmp_path / "sasrec", cfg) == metrics
-    assert (tmp_path / "sasrec" / "model.safetensors").stat().st_mtime_ns == stamp
-    reloaded = evaluate(SASRec.from_pretrained(tmp_path / "sasrec"), ds, "test", "full", max_len=12)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert pretrain(tmp_path / "data", out, cfg) == metrics
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    reloaded = evaluate(load_model(out), ds, "test", "full", max_len=12)
     assert reloaded["MRR"] == full["MRR"]
+
+
+def test_unknown_backbone_is_named(synthetic, tmp_path):
+    prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
+                                  negatives=[10]), tmp_path / "data")
+    with pytest.raises(InputError, match="model: unknown backbone 'bert4rec'"):
+        pretrain(tmp_path / "data", tmp_path / "x", PretrainConfig(model="bert4rec"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_same_seed_same_model_whatever_ran_before(synthetic, tmp_path):

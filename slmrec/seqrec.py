@@ -1,0 +1,92 @@
+"""What every ID-based sequential recommender shares: scoring, the loss, checkpoints.
+
+A subclass sets `model_type` and `config_class` and implements `encode` (left-padded histories ->
+one vector per position, in the item-embedding space); everything else is here, so SASRec and
+GRU4Rec are trained, scored, saved and exported the same way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eval.errors import InputError
+from eval.scoring import dot_scores
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+ITEM_EMBEDDINGS = "item_embeddings.safetensors"
+
+
+class SequentialRecommender(nn.Module):
+    model_type: ClassVar[str]
+    config_class: ClassVar[type]  # a dataclass with at least num_items and hidden (the item-embedding size)
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.config = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.hidden, padding_idx=0)  # row 0 = padding
+
+    def _init_item_table(self) -> None:
+        """Scaled normal init, padding row zero; called last in a subclass's __init__ (seeded order)."""
+        nn.init.normal_(self.item_emb.weight, std=self.config.hidden ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def encode(self, histories: torch.Tensor) -> torch.Tensor:
+        """Hidden state at every position [B, L, D] for left-padded histories [B, L]."""
+        raise NotImplementedError
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        return self.encode(histories)[:, -1]
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_emb.weight
+
+    def score(self, users: torch.Tensor, histories: torch.Tensor,
+              candidates: torch.Tensor | None) -> torch.Tensor:
+        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
+
+    def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over all items at every real position (targets 0 are ignored)."""
+        h = self.encode(inputs)
+        targets = targets[:, -h.shape[1]:]
+        keep = targets > 0
+        logits = h[keep] @ self.item_emb.weight.T
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, targets[keep])
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """config.json + weights, and the item table alone for SLMRec to project into its LLM."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG).write_text(json.dumps({"model_type": self.model_type, **asdict(self.config)}, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS)
+        save_file({"item_embeddings": self.item_emb.weight.detach().contiguous()}, path / ITEM_EMBEDDINGS)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "SequentialRecommender":
+        path = Path(path)
+        if not (path / CONFIG).exists():
+            raise InputError(f"{path}: no {CONFIG}; not a {cls.__name__} checkpoint")
+        raw = json.loads((path / CONFIG).read_text())
+        if raw.pop("model_type", None) != cls.model_type:
+            raise InputError(f"{path / CONFIG}: model_type is not {cls.model_type!r}")
+        model = cls(cls.config_class(**raw))
+        model.load_state_dict(load_file(path / WEIGHTS))
+        return model.eval()
+
+
+def load_item_embeddings(path: str | Path) -> torch.Tensor:
+    """The exported item table [num_items + 1, d] (row 0 = padding) from a model folder or file."""
+    path = Path(path)
+    file = path / ITEM_EMBEDDINGS if path.is_dir() else path
+    if not file.exists():
+        raise InputError(f"{file}: item embeddings not found (run `slmrec pretrain` first)")
+    return load_file(file)["item_embeddings"]
