@@ -90,9 +90,11 @@ def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str =
     r, n, _ = rank_users(model, ds, split, protocol, users=users, batch_size=batch_size, max_len=max_len,
                          progress=progress)
     seconds = time.perf_counter() - t0
-    floor = random_floor(n)
-    out = from_ranks(r)
-    out.update({f"random_{k}": v for k, v in floor.items()})
-    out["users"] = int(len(r))
-    out["users_per_s"] = float(len(r) / seconds) if seconds > 0 else float("inf")
-    return out
+    return {**metrics_of(r, n), "users_per_s": float(len(r) / seconds) if seconds > 0 else float("inf")}
+
+
+def metrics_of(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
+    """Metrics of 0-based ranks `r` beside the random floor for `n` candidates per user (no users: a count of 0)."""
+    if not len(r):
+        return {"users": 0}
+    return {**from_ranks(r), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r))}

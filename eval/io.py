@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+CONFIG = "config.json"           # a model folder: its config (with model_type) ...
+WEIGHTS = "model.safetensors"    # ... and its weights
 
 
 def _umask() -> int:

@@ -20,10 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eval.errors import InputError
+from eval.io import CONFIG, WEIGHTS
 from eval.scoring import CachedScorer, dot_scores
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 BACKBONE = "backbone"
 
 
@@ -130,7 +129,7 @@ class FusedRecommender(nn.Module):
         backbone = None
         if cfg.mode == "hybrid":
             src = path / BACKBONE if (path / BACKBONE).exists() else path / cfg.backbone_path
-            if not (src / "config.json").exists():
+            if not (src / CONFIG).exists():
                 raise InputError(f"{path / CONFIG}: backbone checkpoint {src} not found")
             backbone = load_model(src)
         model = cls(cfg, state["user_text"], state["user_has"], state["item_text"], state["item_has"], backbone)

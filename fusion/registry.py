@@ -7,16 +7,8 @@ from typing import Callable
 
 from eval.errors import InputError
 from eval.evaluate import Scorer
-
-
-def _sasrec(path: Path) -> Scorer:
-    from slmrec.sasrec import SASRec
-    return SASRec.from_pretrained(path)
-
-
-def _gru4rec(path: Path) -> Scorer:
-    from slmrec.gru4rec import GRU4Rec
-    return GRU4Rec.from_pretrained(path)
+from eval.io import CONFIG, MANIFEST
+from slmrec.pretrain import BACKBONES
 
 
 def _fusion(path: Path) -> Scorer:
@@ -29,8 +21,8 @@ def _llmrec(path: Path) -> Scorer:
     return LLMRec.from_pretrained(path).eval()
 
 
-LOADERS: dict[str, Callable[[Path], Scorer]] = {"sasrec": _sasrec, "gru4rec": _gru4rec, "fusion": _fusion,
-                                                 "slmrec-llm": _llmrec}
+LOADERS: dict[str, Callable[[Path], Scorer]] = {
+    **{kind: cls.from_pretrained for kind, cls in BACKBONES.items()}, "fusion": _fusion, "slmrec-llm": _llmrec}
 
 
 def register(model_type: str, loader: Callable[[Path], Scorer]) -> None:
@@ -39,7 +31,7 @@ def register(model_type: str, loader: Callable[[Path], Scorer]) -> None:
 
 def load_model(path: str | Path) -> Scorer:
     path = Path(path)
-    cfg = path / "config.json"
+    cfg = path / CONFIG
     if not cfg.exists():
         raise InputError(f"{path}: no config.json; not a model folder")
     kind = json.loads(cfg.read_text()).get("model_type")
@@ -53,10 +45,10 @@ def max_len_of(path: str | Path) -> int:
 
     Read from config.json (SASRec, GRU4Rec, fusion) or else from the training config in manifest.json (LLMRec)."""
     path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = json.loads((path / CONFIG).read_text())
     if "max_len" in cfg:
         return int(cfg["max_len"])
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST
     train = json.loads(manifest.read_text()).get("config", {}).get("train", {}) if manifest.exists() else {}
     if "max_len" not in train:
         raise InputError(f"{path}: no max_len in config.json or in the manifest's training config")

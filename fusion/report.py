@@ -15,9 +15,8 @@ import numpy as np
 
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
-from eval.evaluate import protocol_label, protocols_of, rank_users
+from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
 from eval.io import atomic_file, read_json, write_json
-from eval.metrics import from_ranks, random_floor
 from eval.popularity import popularity_metrics
 from eval.scoring import CachedScorer
 from eval.report import floor_of, markdown_table, print_table
@@ -50,12 +49,6 @@ def find_models(run: Path) -> dict[str, Path]:
     return found
 
 
-def _metrics(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
-    if not len(r):
-        return {"users": 0}
-    return {**from_ranks(r), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r))}
-
-
 def user_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
     """The 5 history-length groups, named by their length range."""
     lengths = np.array([len(s) for s in ds.train_sequences()])
@@ -75,10 +68,10 @@ def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
     users_per_s = len(r) / (time.perf_counter() - t0)
     tail = item_popularity_groups(ds)["tail"]
     return {
-        "overall": _metrics(r, n),
+        "overall": metrics_of(r, n),
         "users_per_s": users_per_s,
-        "user_groups": {k: _metrics(r[g], n[g]) for k, g in user_groups(ds).items()},
-        "item_groups": {k: _metrics(r[g], n[g]) for k, g in item_groups(ds).items()},
+        "user_groups": {k: metrics_of(r[g], n[g]) for k, g in user_groups(ds).items()},
+        "item_groups": {k: metrics_of(r[g], n[g]) for k, g in item_groups(ds).items()},
         "popularity": popularity_metrics(top, ds.target("test"), ds.item_popularity, ds.num_users, tail),
         "exposure@10": np.bincount(top[:, :10][top[:, :10] > 0], minlength=ds.num_items + 1).tolist(),
     }
@@ -116,7 +109,7 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
                 results["efficiency"][name] = _efficiency(path, model, a["users_per_s"])
             else:
                 r, n, _ = rank_users(model, ds, "test", protocol, max_len=max_len)
-                results["overall"].setdefault(protocol, {})[name] = _metrics(r, n)
+                results["overall"].setdefault(protocol, {})[name] = metrics_of(r, n)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", results)
     with atomic_file(out / "report.md") as f:

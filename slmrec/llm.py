@@ -26,11 +26,10 @@ from transformers.utils import logging as hf_logging
 
 from eval.dataset import SeqDataset, pad_left
 from eval.errors import InputError
+from eval.io import CONFIG, WEIGHTS
 from eval.scoring import dot_scores
 from prompts import template_path
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 MODEL_TYPE = "slmrec-llm"
 DEFAULT_PROMPT = "slmrec_v1"
 

@@ -35,7 +35,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import evaluate
-from eval.io import atomic_dir, file_hash, is_up_to_date, manifest, read_json, write_json
+from eval.io import WEIGHTS, atomic_dir, file_hash, is_up_to_date, manifest, read_json, write_json
 from eval.report import write_metrics_report
 
 from .distill import DistillConfig, Distiller, student_aux_layers
@@ -271,7 +271,7 @@ def distill(data_dir: str | Path, teacher_dir: str | Path | None, out_dir: str |
             raise InputError(f"{teacher_dir}: teacher scores {teacher.config.num_items} items, "
                              f"the data set has {ds.num_items}")
         items = teacher.item_emb
-        inputs["teacher"] = file_hash(Path(teacher_dir) / "model.safetensors")
+        inputs["teacher"] = file_hash(Path(teacher_dir) / WEIGHTS)
     elif cfg.distill.needs_teacher and cfg.distill.mode == "offline":
         raise InputError("offline distillation needs --teacher (a trained teacher folder)")
     else:

@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eval.errors import InputError
+from eval.io import CONFIG, WEIGHTS
 from eval.scoring import dot_scores
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 ITEM_EMBEDDINGS = "item_embeddings.safetensors"
 
 

@@ -66,9 +66,14 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     t0 = time.perf_counter()
+
+    def valid_mrr() -> float:
+        model.eval()
+        return evaluate(model, ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)["MRR"]
+
     # the starting point is a candidate too: a head fitted on top of a trained backbone must not
     # end up worse on validation than the backbone it started as
-    best = evaluate(model.eval(), ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)["MRR"]
+    best = valid_mrr()
     best_state, best_epoch, log = copy.deepcopy(model.state_dict()), 0, [{"epoch": 0, "valid_MRR": best}]
     with Progress(transient=True) as bar:
         task = bar.add_task(desc, total=cfg.epochs)
@@ -81,8 +86,7 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
                 loss.backward()
                 opt.step()
                 total, n = total + loss.item() * len(idx), n + len(idx)
-            model.eval()
-            mrr = evaluate(model, ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)["MRR"]
+            mrr = valid_mrr()
             log.append({"epoch": epoch, "loss": total / n, "valid_MRR": mrr})
             bar.update(task, advance=1, description=f"{desc} loss {total / n:.3f} valid MRR {mrr:.4f}")
             if mrr > best:
