@@ -1,13 +1,26 @@
-"""What every command-line tool of the project shares: bad input is one clear line, never a traceback."""
+"""What every command-line tool of the project shares.
+
+- Bad input is one clear line on stderr and exit code 1, never a traceback (`guarded`).
+- A stage's command is generated from its config dataclass (`stage_command`): one option per
+  setting, with the field's default and help, plus `--run`, `--preset`, `--set` and `--force`.
+  Settings apply in this order: the dataclass default, the preset's table, `--set`, the options.
+"""
 from __future__ import annotations
 
+import inspect
 import sys
-from typing import Callable
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from .config import Option, from_dict, options_of, parse_override, parse_value, set_dotted
 from .errors import InputError
+from .presets import expand, read_preset
+from .stage import Stage, run_stage
 
 err = Console(stderr=True)
 
@@ -18,6 +31,82 @@ def guarded(app: typer.Typer) -> Callable[[], None]:
         try:
             app()
         except InputError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(1)
     return main
+
+
+def _metavar(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return "LIST"
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(args[0], "VALUE")
+
+
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def _option_param(opt: Option) -> inspect.Parameter:
+    flag = "--" + opt.path.replace("_", "-")
+    shown = "none" if opt.default is None else ",".join(map(str, opt.default)) if isinstance(opt.default, list) \
+        else str(opt.default).lower() if isinstance(opt.default, bool) else str(opt.default)
+    if opt.hint is bool:
+        return _param(opt.path.replace(".", "__"), Optional[bool],
+                      typer.Option(None, f"{flag}/--no-{flag[2:]}", help=opt.help, show_default=shown))
+    return _param(opt.path.replace(".", "__"), Optional[str],
+                  typer.Option(None, flag, help=opt.help, show_default=shown, metavar=_metavar(opt.hint)))
+
+
+def settings_data(preset: str | None, overrides: list[str] = (), table: str = "") -> dict[str, Any]:
+    """The settings of a preset (or of one of its tables) with `--set key=value` overrides applied,
+    ${VAR} not yet expanded."""
+    data: Any = read_preset(preset) if preset else {}
+    for part in filter(None, table.split(".")):
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise InputError(f"{preset}: '{table}' is a setting, not a table")
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return data
+
+
+def settings(config_class: type, table: str, preset: str | None, overrides: list[str],
+             options: dict[str, Any]) -> Any:
+    """A stage's config from the preset's table, `--set key=value` (relative to the table) and options."""
+    data = settings_data(preset, overrides, table)
+    for path, value in options.items():
+        if value is not None:
+            set_dotted(data, path, value if isinstance(value, bool) else parse_value(value))
+    return from_dict(config_class, expand(data, table), table)
+
+
+def stage_command(app: typer.Typer, command: str, stage_class: type[Stage],
+                  show: Callable[[Stage], None], named: bool = False) -> None:
+    """Add `command` to `app`: run one stage of a run, with its config's settings as options.
+
+    `named` stages (fusion models) take `--name`, their folder and preset table under the stage's."""
+    opts = options_of(stage_class.config_class)
+    params = [_param("run", Path, typer.Option(..., help="Run directory (every stage's folder lives in it).")),
+              *([_param("name", str, typer.Option(..., help="Model name: its folder and preset table."))] if named
+                else []),
+              _param("preset", Optional[str], typer.Option(None, help="Take the settings of this preset's table "
+                                                                       "(demo, paper or a .toml file).")),
+              _param("set_", list[str], typer.Option([], "--set", help="Override a setting: key.path=value "
+                                                                        "(repeatable).")),
+              _param("force", bool, typer.Option(False, help="Rebuild even if the output is up to date.")),
+              *(_option_param(o) for o in opts)]
+
+    def run(**kw: Any) -> None:
+        name = kw.pop("name", None)
+        table = f"{stage_class.name}.{name}" if named else stage_class.name
+        cfg = settings(stage_class.config_class, table, kw.pop("preset"), kw.pop("set_"),
+                       {o.path: kw[o.path.replace(".", "__")] for o in opts})
+        stage = stage_class(kw["run"], cfg, folder=table.replace(".", "/") if named else None)
+        result = run_stage(stage, force=kw["force"])
+        typer.echo(f"{stage.out}: {result.status} ({result.seconds} s)")
+        show(stage)
+
+    run.__signature__ = inspect.Signature(params)  # typer reads the options from here
+    run.__doc__ = inspect.getdoc(stage_class)
+    app.command(command)(run)

@@ -19,9 +19,10 @@ import pandas as pd
 import torch
 
 from .errors import InputError
-from .io import MANIFEST, file_hash, manifest, read_json, write_json, atomic_dir
+from .io import MANIFEST, read_json
 from .loaders import load_source
 from .preprocess import PrepareConfig, attach_item_text, prepare, sample_candidates
+from .stage import Stage, run_stage
 
 SPLITS = ("train", "valid", "test")
 
@@ -87,9 +88,9 @@ class SeqDataset:
         return counts
 
     @property
-    def fingerprint(self) -> dict[str, str]:
-        """Content hashes of the data files: what a downstream stage's up-to-date check compares."""
-        return self.manifest["content_sha256"]
+    def fingerprint(self) -> str:
+        """Content hash of the data files (recorded by the data stage)."""
+        return self.manifest["outputs_sha256"]
 
     def item_texts(self) -> list[str]:
         """Item text by id (index 0 is the empty padding item)."""
@@ -121,43 +122,54 @@ def load_dataset(path: str | Path) -> SeqDataset:
     return ds
 
 
-def source_inputs(cfg: PrepareConfig) -> dict:
-    """What identifies the raw input, for the manifest and for skipping an up-to-date stage."""
+def source_path(cfg: PrepareConfig) -> Path:
+    """The raw source: an embedded data set's folder or the user's path."""
     from .assets import recbole_dataset
 
-    src = recbole_dataset(cfg.source) if cfg.source in ("ml-100k", "ml-1m") and not Path(cfg.source).exists() \
-        else Path(cfg.source)
-    files = {}
-    for path in (src, cfg.meta):
-        if path is not None:
-            if not Path(path).exists():
+    if cfg.source in ("ml-100k", "ml-1m") and not Path(cfg.source).exists():
+        return recbole_dataset(cfg.source)
+    return Path(cfg.source)
+
+
+class DataStage(Stage):
+    """Read raw data, filter, k-core, split leave-one-out and sample fixed candidates; writes RUN/data."""
+
+    name = "data"
+    config_class = PrepareConfig
+
+    def inputs(self) -> dict[str, Path]:
+        files = {"source": source_path(self.config)}
+        if self.config.meta is not None:
+            files["meta"] = Path(self.config.meta)
+        for path in files.values():
+            if not path.exists():
                 raise InputError(f"{path}: data source not found")
-            files[str(path)] = file_hash(path)
-    return files
+        return files
 
-
-def prepare_dataset(cfg: PrepareConfig, out: str | Path) -> SeqDataset:
-    """Read the raw source, apply the protocol and write the data folder atomically."""
-    raw_inter, raw_items = load_source(cfg.source, cfg.format, cfg.meta)
-    inter, users, items = prepare(cfg, raw_inter)
-    items = attach_item_text(items, raw_items)
-    with atomic_dir(out) as tmp:
-        inter.to_parquet(tmp / "interactions.parquet", index=False)
-        users.to_parquet(tmp / "users.parquet", index=False)
-        items.to_parquet(tmp / "items.parquet", index=False)
-        ds = SeqDataset(tmp, inter, users, items, {})
+    def build(self, out: Path) -> dict:
+        cfg = self.config
+        raw_inter, raw_items = load_source(cfg.source, cfg.format, cfg.meta)
+        inter, users, items = prepare(cfg, raw_inter)
+        items = attach_item_text(items, raw_items)
+        inter.to_parquet(out / "interactions.parquet", index=False)
+        users.to_parquet(out / "users.parquet", index=False)
+        items.to_parquet(out / "items.parquet", index=False)
+        ds = SeqDataset(out, inter, users, items, {})
         short: dict[str, int] = {}  # users with fewer never-seen items than the negatives asked for
         for split in ("valid", "test"):
             for n in cfg.negatives:
                 cand = sample_candidates(ds.sequences, ds.target(split), ds.num_items, n, cfg.seed, split)
-                np.save(tmp / f"candidates_{split}_{n}.npy", cand)
+                np.save(out / f"candidates_{split}_{n}.npy", cand)
                 short[f"{split}_{n}"] = int((cand[:, -1] == 0).sum())
         lengths = np.array([len(s) for s in ds.sequences])
-        counts = {"users": ds.num_users, "items": ds.num_items, "interactions": len(inter),
-                  "raw_interactions": len(raw_inter), "avg_length": round(float(lengths.mean()), 2),
-                  "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
-                  "users_with_short_candidate_lists": short}
-        content = {p.name: file_hash(p) for p in sorted(tmp.iterdir())}
-        write_json(tmp / MANIFEST, manifest("prepare", inputs=source_inputs(cfg), config=cfg.to_dict(),
-                                            seed=cfg.seed, counts=counts, extra={"content_sha256": content}))
-    return load_dataset(out)
+        return {"users": ds.num_users, "items": ds.num_items, "interactions": len(inter),
+                "raw_interactions": len(raw_inter), "avg_length": round(float(lengths.mean()), 2),
+                "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
+                "users_with_short_candidate_lists": short}
+
+
+def prepare_dataset(cfg: PrepareConfig, run: str | Path) -> SeqDataset:
+    """Run the data stage of `run` (unless up to date) and load the data set."""
+    stage = DataStage(run, cfg)
+    run_stage(stage)
+    return load_dataset(stage.out)

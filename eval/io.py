@@ -81,11 +81,12 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
-def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file under a directory (sorted, names included)."""
+def file_hash(path: str | Path, exclude: tuple[str, ...] = (), chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file under a directory (sorted, names included, top-level `exclude` left out)."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] not in exclude) \
+        if path.is_dir() else [path]
     for p in files:
         if path.is_dir():
             h.update(str(p.relative_to(path)).encode())
@@ -118,13 +119,3 @@ def manifest(stage: str, *, inputs: dict[str, Any], config: dict[str, Any], seed
         "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
         **(extra or {}),
     }
-
-
-def is_up_to_date(out_dir: str | Path, inputs: dict[str, Any], config: dict[str, Any]) -> bool:
-    """True when `out_dir` holds a finished artifact built from the same inputs and config."""
-    m = Path(out_dir) / MANIFEST
-    if not m.exists():
-        return False
-    old = read_json(m)
-    return old.get("inputs") == json.loads(json.dumps(inputs, default=str)) and \
-        old.get("config") == json.loads(json.dumps(config, default=str))

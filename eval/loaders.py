@@ -10,20 +10,51 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import reprlib
+import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pandas as pd
 
 from .errors import InputError
 
 ITEM_COLUMNS = ["item_id", "title", "categories", "brand", "year"]
+T = TypeVar("T")
 
 
 def _require(path: Path) -> Path:
     if not path.exists():
         raise InputError(f"{path}: file not found")
     return path
+
+
+def _bad(path: Path, line: int, name: str, problem: str, value: object) -> InputError:
+    """The one shape of a bad-value error; the value shortened, and null spelled as in the JSON file."""
+    shown = "null" if value is None else reprlib.repr(value)
+    return InputError(f"{path}:{line}: field '{name}' {problem}: {shown}")
+
+
+def _number(value: object, path: Path, line: int, name: str) -> float:
+    """A finite number, or a string of one. Null, NaN, inf and bools are refused: they would not fail
+    later, they would sort or filter silently wrong (a null timestamp becomes the user's test item)."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+    raise _bad(path, line, name, "is not a number", value)
+
+
+def _id(value: object, path: Path, line: int, name: str) -> str:
+    """A user or item id: a non-empty string or an integer, never null, a float or a list."""
+    if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip()):
+        return str(value)
+    raise _bad(path, line, name, "is not an id (a non-empty string or an integer)", value)
 
 
 def _empty_items() -> pd.DataFrame:
@@ -64,11 +95,8 @@ def load_recbole(folder: str | Path, name: str | None = None) -> tuple[pd.DataFr
     _need(inter, ipath, "user_id", "item_id", "timestamp")
     if "rating" not in inter.columns:
         inter["rating"] = "1"
-    for col in ("rating", "timestamp"):
-        bad = pd.to_numeric(inter[col], errors="coerce").isna()
-        if bad.any():
-            line = int(bad.to_numpy().argmax()) + 2
-            raise InputError(f"{ipath}:{line}: field '{col}' is not a number: {inter[col][bad].iloc[0]!r}")
+    for col, check in (("user_id", _id), ("item_id", _id), ("rating", _number), ("timestamp", _number)):
+        inter[col] = [check(v, ipath, n, col) for n, v in enumerate(inter[col].tolist(), 2)]  # line 1: header
     items = _empty_items()
     mpath = folder / f"{name}.item"
     if mpath.exists():
@@ -129,10 +157,8 @@ def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             parts = line.strip().split(sep)
             if len(parts) < 4:
                 raise InputError(f"{path}:{n}: expected 4 fields (user, item, rating, timestamp)")
-            try:
-                rows.append((parts[0], parts[1], float(parts[2]), float(parts[3])))
-            except ValueError:
-                raise InputError(f"{path}:{n}: rating or timestamp is not a number") from None
+            rows.append((_id(parts[0], path, n, "user_id"), _id(parts[1], path, n, "item_id"),
+                         _number(parts[2], path, n, "rating"), _number(parts[3], path, n, "timestamp")))
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
     return _finish(inter, items)
 
@@ -140,24 +166,36 @@ def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # --- Amazon reviews (2018 and 2023) --------------------------------------------------------------
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file, gzipped when named `.gz`. Lines are decoded one
+    by one (not in the reader's chunks), so a byte that is not UTF-8 is reported on its own line."""
     opener: Callable = gzip.open if path.suffix == ".gz" else open
-    with opener(_require(path), "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object")
-            yield n, obj
+    try:
+        with opener(_require(path), "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}:{n}: expected a JSON object")
+                yield n, obj
+    except gzip.BadGzipFile as e:
+        raise InputError(f"{path}: not a gzip file ({e})") from None
+    except (EOFError, zlib.error) as e:
+        raise InputError(f"{path}: truncated or corrupt gzip file ({e})") from None
 
 
-def _field(obj: dict, path: Path, n: int, *names: str) -> object:
+def _field(obj: dict, path: Path, n: int, check: Callable[[object, Path, int, str], T], *names: str) -> T:
+    """The first of `names` present in the object, checked where it is read so the error has its line."""
     for name in names:
         if name in obj:
-            return obj[name]
+            return check(obj[name], path, n, name)
     raise InputError(f"{path}:{n}: missing field " + " or ".join(f"'{x}'" for x in names))
 
 
@@ -170,32 +208,36 @@ def _text(value: object) -> str:
 
 def load_amazon(reviews: str | Path, meta: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Amazon reviews: 2018 (`reviewerID`, `asin`, `overall`, `unixReviewTime`; 5-core files too) or
-    2023 (`user_id`, `parent_asin`, `rating`, `timestamp` in ms), with optional metadata."""
+    2023 (`user_id`, `parent_asin`, `rating`, `timestamp` in ms), and the metadata file.
+
+    The metadata is required: reviews carry no titles, and without them every item would reach the
+    rationale prompts as a bare id. It is asked for after the reviews are read, so a bad reviews file
+    is reported first."""
     reviews = Path(reviews)
     rows = []
     for n, obj in _json_lines(reviews):
         rows.append((
-            _field(obj, reviews, n, "reviewerID", "user_id"),
-            _field(obj, reviews, n, "parent_asin", "asin"),
-            _field(obj, reviews, n, "overall", "rating"),
-            _field(obj, reviews, n, "unixReviewTime", "timestamp"),
+            _field(obj, reviews, n, _id, "reviewerID", "user_id"),
+            _field(obj, reviews, n, _id, "parent_asin", "asin"),
+            _field(obj, reviews, n, _number, "overall", "rating"),
+            _field(obj, reviews, n, _number, "unixReviewTime", "timestamp"),
         ))
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    items = _empty_items()
-    if meta is not None:
-        meta = Path(meta)
-        rows = []
-        for n, obj in _json_lines(meta):
-            details = obj.get("details") if isinstance(obj.get("details"), dict) else {}
-            rows.append((
-                str(_field(obj, meta, n, "parent_asin", "asin")),
-                _text(obj.get("title", "")),
-                _text(obj.get("categories") or obj.get("category") or obj.get("main_category") or ""),
-                _text(obj.get("brand") or obj.get("store") or details.get("Brand") or ""),
-                "",
-            ))
-        items = pd.DataFrame(rows, columns=ITEM_COLUMNS)
-    return _finish(inter, items)
+    if meta is None:
+        raise InputError(f"{reviews}: Amazon reviews have no item titles; pass the metadata file "
+                         f"(meta_*.json.gz or meta_*.jsonl.gz) with --meta (prepare.meta)")
+    meta = Path(meta)
+    rows = []
+    for n, obj in _json_lines(meta):
+        details = obj.get("details") if isinstance(obj.get("details"), dict) else {}
+        rows.append((
+            _field(obj, meta, n, _id, "parent_asin", "asin"),
+            _text(obj.get("title", "")),
+            _text(obj.get("categories") or obj.get("category") or obj.get("main_category") or ""),
+            _text(obj.get("brand") or obj.get("store") or details.get("Brand") or ""),
+            "",
+        ))
+    return _finish(inter, pd.DataFrame(rows, columns=ITEM_COLUMNS))
 
 
 def load_source(source: str, fmt: str = "auto", meta: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -7,28 +7,31 @@ and the id mapping is a sort, not a Python set, so it is the same on every run.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from .config import setting
 from .errors import InputError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareConfig:
-    source: str = "ml-100k"           # embedded name or a path
-    format: str = "auto"              # recbole | movielens | amazon | auto
-    meta: str | None = None           # Amazon metadata file, if any
-    rating_gt: float | None = 3.0     # keep rating > this; None keeps every interaction
-    user_core: int = 5                # iterative k-core for users ...
-    item_core: int = 5                # ... and items
-    dedup: bool = True                # keep only the first interaction of each user-item pair
-    negatives: list[int] = field(default_factory=lambda: [100, 999])
-    seed: int = 42
+    source: str = setting("ml-100k", "Embedded data set (ml-100k, ml-1m) or a path to your own.")
+    format: str = setting("auto", "recbole | movielens | amazon | auto.")
+    meta: str | None = setting(None, "Amazon metadata file (meta_*.json[l].gz): item titles, categories, brands.")
+    rating_gt: float | None = setting(3.0, "Keep ratings above this (SLMRec: > 3); none keeps every interaction "
+                                           "(the SASRec paper's protocol).")
+    user_core: int = setting(5, "Iterative k-core: least interactions per user ...")
+    item_core: int = setting(5, "... and per item.")
+    dedup: bool = setting(True, "Keep only the first interaction of each user-item pair.")
+    negatives: list[int] = setting(help="Sizes of the fixed negative candidate lists.", factory=lambda: [100, 999])
+    seed: int = setting(42, "Seed of the candidate lists.")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.negatives):
+            raise InputError(f"negatives: sizes must be positive, got {self.negatives}")
 
 
 def _natural_key(ids: pd.Index) -> np.ndarray:
@@ -90,9 +93,14 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     return out.reset_index(drop=True), users, items
 
 
+def item_title(row: pd.Series) -> str:
+    """The title, or `item <raw id>` for an item without metadata, so no item is ever shown blank."""
+    return row["title"] or f"item {row['raw_id']}"
+
+
 def item_text(row: pd.Series) -> str:
     """One line of item text for the rationale and text stages."""
-    parts = [row["title"] or f"item {row['raw_id']}"]
+    parts = [item_title(row)]
     if row.get("year"):
         parts[0] += f" ({row['year']})"
     if row.get("categories"):

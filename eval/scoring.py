@@ -12,7 +12,21 @@ def dot_scores(users: torch.Tensor, items: torch.Tensor, candidates: torch.Tenso
     return torch.einsum("bd,bcd->bc", users, items[candidates.to(users.device)])
 
 
-class CachedScorer:
+class DotScorer:
+    """The Scorer interface of `eval.evaluate` for any model that has user and item vectors:
+    a score is the dot product of the two (SASRec, GRU4Rec, the LLM recommenders, fused models)."""
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_vectors(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, users: torch.Tensor, histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
+
+
+class CachedScorer(DotScorer):
     """A frozen dot-product model whose user vectors are computed once per (user, history).
 
     Evaluating one model under several protocols, or training a fusion head on a frozen backbone,
@@ -40,6 +54,3 @@ class CachedScorer:
         if self._items is None:
             self._items = self.model.item_vectors().detach().float()
         return self._items
-
-    def score(self, users: torch.Tensor, histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)

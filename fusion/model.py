@@ -11,29 +11,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from eval.errors import InputError
 from eval.io import CONFIG, WEIGHTS
-from eval.scoring import CachedScorer, dot_scores
+from eval.registry import load_model, load_state, model_config, read_weights, register_model
+from eval.scoring import CachedScorer, DotScorer
 
 BACKBONE = "backbone"
 
 
-class Backbone(Protocol):
-    """What fusion needs from a recommender: user vectors for histories and its item table."""
-
-    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor: ...
-    def item_vectors(self) -> torch.Tensor: ...
-
-
-@dataclass
+@dataclass(frozen=True)
 class FusionConfig:
     mode: str                    # "hybrid" | "text"
     num_users: int
@@ -50,7 +43,10 @@ class FusionConfig:
             raise InputError(f"fusion mode must be 'hybrid' or 'text', not {self.mode!r}")
 
 
-class FusedRecommender(nn.Module):
+@register_model
+class FusedRecommender(DotScorer, nn.Module):
+    model_type = "fusion"
+
     def __init__(self, cfg: FusionConfig, user_text: torch.Tensor, user_has: torch.Tensor,
                  item_text: torch.Tensor, item_has: torch.Tensor, backbone: nn.Module | None = None):
         super().__init__()
@@ -98,10 +94,6 @@ class FusedRecommender(nn.Module):
         ids = (self.frozen or self.backbone).item_vectors()
         return self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
 
-    def score(self, users: torch.Tensor, histories: torch.Tensor,
-              candidates: torch.Tensor | None) -> torch.Tensor:
-        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
-
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over all items for the last target of each row (one per user)."""
         logits = self.user_vectors(users, inputs) @ self.item_vectors().T
@@ -113,7 +105,7 @@ class FusedRecommender(nn.Module):
         """Config + fusion weights; a fine-tuned backbone is saved beside them, a frozen one referenced."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG).write_text(json.dumps({"model_type": "fusion", **asdict(self.config)}, indent=2))
+        (path / CONFIG).write_text(json.dumps({"model_type": self.model_type, **asdict(self.config)}, indent=2))
         own = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("backbone.")}
         save_file(own, path / WEIGHTS)
         if self.backbone is not None and not self.config.freeze_backbone:
@@ -121,21 +113,21 @@ class FusedRecommender(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "FusedRecommender":
-        from .registry import load_model
-
         path = Path(path)
-        cfg = FusionConfig(**{k: v for k, v in json.loads((path / CONFIG).read_text()).items() if k != "model_type"})
-        state = load_file(path / WEIGHTS)
+        cfg = model_config(path, FusionConfig, cls.model_type)
+        state = read_weights(path / WEIGHTS)
+        buffers = ("user_text", "user_has", "item_text", "item_has")
+        if any(b not in state for b in buffers):
+            raise InputError(f"{path / WEIGHTS}: missing the text tables ({', '.join(buffers)})")
         backbone = None
         if cfg.mode == "hybrid":
             src = path / BACKBONE if (path / BACKBONE).exists() else path / cfg.backbone_path
             if not (src / CONFIG).exists():
                 raise InputError(f"{path / CONFIG}: backbone checkpoint {src} not found")
             backbone = load_model(src)
-        model = cls(cfg, state["user_text"], state["user_has"], state["item_text"], state["item_has"], backbone)
-        missing = set(model.load_state_dict(state, strict=False).missing_keys)
-        if any(not k.startswith("backbone.") for k in missing):
-            raise InputError(f"{path / WEIGHTS}: checkpoint does not match its config (missing {sorted(missing)[:3]})")
+        model = cls(cfg, *(state[b] for b in buffers), backbone)
+        own = {k for k in model.state_dict() if not k.startswith("backbone.")}
+        load_state(model, state, path / WEIGHTS, required=own)
         return model.eval()
 
 

@@ -6,23 +6,25 @@ bias of the top 10 (SLIM Fig. 6) and efficiency. Writes metrics.json, report.md 
 """
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 
+from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
-from eval.io import atomic_file, read_json, write_json
+from eval.io import MANIFEST, read_json, write_json
 from eval.popularity import popularity_metrics
+from eval.registry import MODELS, load_model, max_len_of, model_type
 from eval.scoring import CachedScorer
-from eval.report import floor_of, markdown_table, print_table
+from eval.stage import Stage
+from eval.tables import floor_of, markdown_table, print_table
 
 from .groups import item_popularity_groups, user_length_groups, users_by_test_item
-from .registry import LOADERS, load_model, max_len_of
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,18 +35,23 @@ EFF_COLUMNS = ["parameters", "trainable_parameters", "train_seconds", "users_per
 RARE = 5  # "items seen at most k times in training"
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    analysis_protocol: str = setting("full", "Protocol of the group, popularity and efficiency analyses: full "
+                                             "or a candidate size (e.g. 999).")
+
+
 def find_models(run: Path) -> dict[str, Path]:
-    """Finished model folders of a run (config.json with a known model_type, and a manifest), by name."""
+    """Finished model folders of a run (a stage's manifest and a registered model_type), by name.
+
+    Other model folders (a merged LLM served for generation) are not recommenders and are passed over;
+    a model folder whose config.json is unreadable is an error, not a silent omission."""
     found = {}
     for cfg in sorted(run.glob("**/config.json")):
         rel = cfg.parent.relative_to(run)
-        if any(part.startswith(".") for part in rel.parts) or not (cfg.parent / "manifest.json").exists():
+        if any(part.startswith(".") for part in rel.parts) or not (cfg.parent / MANIFEST).exists():
             continue
-        try:
-            kind = json.loads(cfg.read_text()).get("model_type")
-        except json.JSONDecodeError:
-            continue
-        if kind in LOADERS:
+        if model_type(cfg.parent) in MODELS:
             found[str(rel)] = cfg.parent
     return found
 
@@ -85,6 +92,24 @@ def _efficiency(path: Path, model: CachedScorer, users_per_s: float) -> dict[str
             "train_seconds": counts.get("train_seconds"), "users_per_s": round(users_per_s, 1)}
 
 
+class ReportStage(Stage):
+    """Score every model of the run on the same fixed candidates and full ranking; writes RUN/report
+    (metrics.json, report.md, PNG plots)."""
+
+    name = "report"
+    config_class = ReportConfig
+
+    def inputs(self) -> dict[str, Path]:
+        models = find_models(self.run)
+        if not models:
+            raise InputError(f"{self.run}: no trained models found")
+        return {"data": self.run / "data", **models}
+
+    def build(self, out: Path) -> dict:
+        results = evaluate_run(self.run, out, self.config.analysis_protocol)
+        return {"models": len(results["efficiency"])}
+
+
 def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "full") -> dict:
     """Score every model of `run`; write metrics.json, report.md and plots to `out`; return the results."""
     run, out = Path(run), Path(out)
@@ -112,8 +137,7 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
                 results["overall"].setdefault(protocol, {})[name] = metrics_of(r, n)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", results)
-    with atomic_file(out / "report.md") as f:
-        f.write(markdown_report(results, ds))
+    (out / "report.md").write_text(markdown_report(results, ds))
     plot(results, ds, out)
     return results
 

@@ -1,37 +1,37 @@
-"""`fusion train`: fit a fused model on top of a trained backbone and the text vectors of a run."""
+"""The fused-model stage (`fusion train`): a fused model on a trained backbone and the run's text vectors."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset, pad_left
-from eval.errors import InputError
-from eval.io import atomic_dir, is_up_to_date, manifest, read_json, write_json
+from eval.io import write_json
+from eval.registry import load_model, max_len_of
+from eval.stage import Stage
+from slim.encode import VectorsStage
 from slmrec.pretrain import test_metrics
 from slmrec.trainer import TrainConfig, fit
 
 from .groups import user_length_groups
 from .model import FusedRecommender, FusionConfig, vectors_to_tensors
-from .registry import load_model, max_len_of
-from .vectors import TextVectors
+from .vectors import TextVectors, load_vectors
 
 
-@dataclass
-class FuseConfig:
-    mode: str = "hybrid"              # hybrid | text
-    backbone: str = "sasrec"          # backbone folder inside the run (hybrid only)
-    freeze_backbone: bool = True
-    hidden: int = 64                  # text-only model size
-    user_group: int | None = None     # train and select on one of 5 history-length groups only
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=10, lr=1e-3,
-                                                                   weight_decay=1e-4))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+@dataclass(frozen=True)
+class FusionTrainConfig:
+    mode: str = setting("hybrid", "hybrid (text + ID backbone) | text (ID-agnostic text matching).")
+    backbone: str = setting("sasrec", "Backbone model folder of the run (hybrid): sasrec, gru4rec or "
+                                      "slmrec-student.")
+    freeze_backbone: bool = setting(True, "Keep the backbone frozen (else it is fine-tuned and saved with the model).")
+    hidden: int = setting(64, "Size of the text-only model's vectors.")
+    user_group: int | None = setting(None, "Train and select on one of the 5 history-length groups "
+                                           "(0 = shortest; none: all users).")
+    train: TrainConfig = setting(factory=lambda: TrainConfig(epochs=100, patience=10, lr=1e-3, weight_decay=1e-4))
 
 
 def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = None
@@ -48,47 +48,52 @@ def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = Non
     return users, pad_left(hist, max_len), targets
 
 
-def build(ds: SeqDataset, cfg: FuseConfig, vectors: TextVectors, run: Path) -> FusedRecommender:
+def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone_dir: Path | None,
+          out: Path) -> FusedRecommender:
+    """A fresh fused model; a frozen backbone is referenced from `out` by relative path."""
     users, has_u = vectors_to_tensors(vectors.user_ids, vectors.user_vectors, ds.num_users, vectors.dim)
     items, has_i = vectors_to_tensors(vectors.item_ids, vectors.item_vectors, ds.num_items + 1, vectors.dim)
-    backbone, id_dim, max_len = None, 0, cfg.train.max_len
-    if cfg.mode == "hybrid":
-        backbone = load_model(run / cfg.backbone)
-        id_dim, max_len = backbone.item_vectors().shape[1], max_len_of(run / cfg.backbone)
+    backbone, id_dim, max_len, rel = None, 0, cfg.train.max_len, ""
+    if backbone_dir is not None:
+        backbone = load_model(backbone_dir)
+        id_dim, max_len = backbone.item_vectors().shape[1], max_len_of(backbone_dir)
+        rel = os.path.relpath(backbone_dir, out) if cfg.freeze_backbone else ""
     fc = FusionConfig(mode=cfg.mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=vectors.dim,
-                      id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone)
+                      id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone,
+                      backbone_path=rel)
     return FusedRecommender(fc, users, has_u, items, has_i, backbone)
 
 
-def train_fused(run: str | Path, name: str, cfg: FuseConfig, vectors: TextVectors, force: bool = False) -> dict:
-    """Train `RUN/fusion/NAME` unless it is up to date; return its test metrics."""
-    run = Path(run)
-    out = run / "fusion" / name
-    ds = load_dataset(run / "data")
-    inputs = {"data": ds.fingerprint, "vectors": vectors.fingerprint}
-    if cfg.mode == "hybrid":
-        if not (run / cfg.backbone / "manifest.json").exists():
-            raise InputError(f"{run / cfg.backbone}: backbone not trained yet")
-        inputs["backbone"] = read_json(run / cfg.backbone / "manifest.json")["created"]
-    if not force and is_up_to_date(out, inputs, cfg.to_dict()):
-        return read_json(out / "metrics.json")
-    torch.manual_seed(cfg.train.seed)  # the new heads' initial weights are part of the seeded run
-    model = build(ds, cfg, vectors, run)
-    tc = TrainConfig(**{**cfg.train.to_dict(), "max_len": model.config.max_len})
-    group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
-    log = fit(model, ds, tc, desc=f"fusion {name}", examples=fusion_examples(ds, tc.max_len, group),
-              valid_users=group)
-    metrics = test_metrics(model, ds, tc.max_len)
-    with atomic_dir(out) as tmp:
-        if model.backbone is not None and cfg.freeze_backbone:
-            model.config.backbone_path = os.path.relpath(run / cfg.backbone, out)
-        model.save_pretrained(tmp)
-        write_json(tmp / "train_log.json", log)
-        write_json(tmp / "metrics.json", metrics)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        write_json(tmp / "manifest.json", manifest(
-            "fusion-train", inputs=inputs, config=cfg.to_dict(), seed=tc.seed,
-            counts={"parameters": sum(p.numel() for p in model.parameters()), "trainable_parameters": trainable,
-                    "users_with_rationale": int(model.user_has.sum()), "items_with_text": int(model.item_has.sum()),
-                    "best_epoch": log["best_epoch"], "train_seconds": round(log["train_seconds"], 1)}))
-    return metrics
+class FusionStage(Stage):
+    """SLIM's fusion of rationale and item-text vectors with an ID backbone, or text matching alone;
+    writes RUN/fusion/<name> (one stage per fusion.<name> table of the preset)."""
+
+    name = "fusion"
+    config_class = FusionTrainConfig
+
+    @property
+    def backbone_dir(self) -> Path | None:
+        return self.run / self.config.backbone if self.config.mode == "hybrid" else None
+
+    def inputs(self) -> dict[str, Path]:
+        files = {"data": self.run / "data", "vectors": self.run / VectorsStage.name}
+        if self.backbone_dir is not None:
+            files["backbone"] = self.backbone_dir
+        return files
+
+    def build(self, out: Path) -> dict:
+        cfg = self.config
+        ds = load_dataset(self.run / "data")
+        torch.manual_seed(cfg.train.seed)  # the new heads' initial weights are part of the seeded run
+        model = build(ds, cfg, load_vectors(self.run / VectorsStage.name), self.backbone_dir, self.out)
+        tc = replace(cfg.train, max_len=model.config.max_len)
+        group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
+        log = fit(model, ds, tc, desc=f"fusion {self.folder}", examples=fusion_examples(ds, tc.max_len, group),
+                  valid_users=group)
+        model.save_pretrained(out)
+        write_json(out / "train_log.json", log)
+        write_json(out / "metrics.json", test_metrics(model, ds, tc.max_len))
+        return {"parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "users_with_rationale": int(model.user_has.sum()), "items_with_text": int(model.item_has.sum()),
+                "best_epoch": log["best_epoch"], "train_seconds": round(log["train_seconds"], 1)}

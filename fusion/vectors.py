@@ -10,23 +10,23 @@ import numpy as np
 from slim.encode import ITEMS_TABLE, USERS_TABLE, read_vectors
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextVectors:
     user_ids: np.ndarray        # user ids (0..U-1) that have a rationale vector
     user_vectors: np.ndarray    # [len(user_ids), dim]
     item_ids: np.ndarray        # item ids (1..I) that have a text vector
     item_vectors: np.ndarray    # [len(item_ids), dim]
-    fingerprint: str            # changes whenever any vector changes (for up-to-date checks)
+    fingerprint: str            # changes whenever any vector changes
 
     @property
     def dim(self) -> int:
         return int(self.item_vectors.shape[1] if len(self.item_vectors) else self.user_vectors.shape[1])
 
 
-def load_vectors(db_path: str | Path, users_table: str = USERS_TABLE, items_table: str = ITEMS_TABLE) -> TextVectors:
-    """Rationale and item-text vectors from the LanceDB tables `slim encode` wrote."""
-    user_ids, user_vectors = read_vectors(db_path, users_table)
-    item_ids, item_vectors = read_vectors(db_path, items_table)
+def load_vectors(db_path: str | Path) -> TextVectors:
+    """Rationale and item-text vectors from the LanceDB tables the vectors stage wrote."""
+    user_ids, user_vectors = read_vectors(db_path, USERS_TABLE)
+    item_ids, item_vectors = read_vectors(db_path, ITEMS_TABLE)
     h = hashlib.sha256()
     for a in (user_ids, user_vectors, item_ids, item_vectors):
         h.update(np.ascontiguousarray(a).tobytes())

@@ -1,10 +1,10 @@
 """SLIM: teacher chain-of-thought rationales, LoRA distillation into a small student, rationale vectors.
 
-Stages, each a plain function with a config dataclass (the `slim` CLI wraps them):
-  rationales.generate_rationales(data, out, RationaleConfig)        -> out/records.jsonl + manifest.json
-  finetune.finetune_student(data, records, out, FinetuneConfig)     -> LoRA adapter folder
-  student.generate_student(data, out, StudentConfig)                -> out/records.jsonl (every user)
-  encode.encode(data, records, db, EncodeConfig)                    -> LanceDB tables; encode.read_vectors
-  serve.Server(model_path, adapter) as a context manager            -> .base_url, .model_name
+Stages (each a `Stage` of `eval.stage`, a folder of the run, a table of the presets, a command):
+  slim-teacher-rationales  rationales.TeacherRationalesStage  `slim generate-rationales`  records.jsonl
+  slim-student             finetune.SlimStudentStage          `slim finetune-student`     LoRA adapter
+  slim-student-rationales  student.StudentRationalesStage     `slim generate`             records.jsonl
+  vectors                  encode.VectorsStage                `slim encode`               LanceDB tables
+Serving: serve.Server(model_path, adapter) as a context manager -> .base_url, .model_name (`slim serve`).
 Modules import their heavy dependencies lazily, so `import slim` stays cheap.
 """

@@ -11,29 +11,31 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
+
+from eval.config import setting
+from eval.errors import InputError
 
 LOCAL_KEY = "EMPTY"  # local servers accept any key
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientConfig:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"  # name of the variable, never the key itself
-    temperature: float = 0.7
-    max_tokens: int = 200
-    frequency_penalty: float | None = None  # transformers serve maps it to repetition_penalty = 1 + value
-    concurrency: int = 4
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    price_prompt_per_1m: float = 0.0      # USD per million prompt tokens (cost estimate only)
-    price_completion_per_1m: float = 0.0  # USD per million completion tokens
-    seed: int | None = 42
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    base_url: str = setting("http://127.0.0.1:8000/v1", "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1.")
+    model: str = setting("", "Model name in requests (empty: the one model the endpoint serves).")
+    api_key_env: str = setting("OPENAI_API_KEY", "Name of the environment variable holding the API key "
+                                                 "(the key itself is never written).")
+    temperature: float = setting(0.7, "Sampling temperature (0: greedy).")
+    max_tokens: int = setting(200, "Most completion tokens per answer.")
+    frequency_penalty: float | None = setting(None, "Repetition penalty, OpenAI semantics (transformers serve "
+                                                    "maps it to repetition_penalty = 1 + value).")
+    concurrency: int = setting(4, "Requests in flight.")
+    timeout_s: float = setting(120.0, "Per-request timeout (s).")
+    max_retries: int = setting(5, "Retries on 429, 5xx, timeouts and dropped connections (exponential backoff).")
+    price_prompt_per_1m: float = setting(0.0, "USD per million prompt tokens (cost estimate only).")
+    price_completion_per_1m: float = setting(0.0, "USD per million completion tokens (cost estimate only).")
+    seed: int | None = setting(42, "Sampling seed sent with each request.")
 
 
 @dataclass
@@ -85,14 +87,26 @@ class ChatClient:
         from openai import OpenAI
 
         self.cfg = cfg
-        self.model_name = cfg.model
         self._client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or LOCAL_KEY,
                               timeout=cfg.timeout_s, max_retries=cfg.max_retries)
+        self.model_name = cfg.model or self.served_model()
+
+    def served_model(self) -> str:
+        """The endpoint's one served model (`GET /models`), for a client configured without a model name."""
+        try:
+            names = [m.id for m in self._client.models.list()]
+        except Exception as e:  # noqa: BLE001 - any failure here is one line for the user
+            raise InputError(f"{self.cfg.base_url}: cannot list the served models to pick one "
+                             f"({type(e).__name__}); set client.model") from None
+        if len(names) != 1:
+            raise InputError(f"{self.cfg.base_url} serves {len(names)} models ({', '.join(names[:5])}); "
+                             f"set client.model to one of them")
+        return names[0]
 
     def complete(self, prompt: str, max_tokens: int | None = None) -> Completion:
         t0 = time.perf_counter()
         r = self._client.chat.completions.create(
-            model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
+            model=self.model_name, messages=[{"role": "user", "content": prompt}],
             temperature=self.cfg.temperature, max_tokens=max_tokens or self.cfg.max_tokens, seed=self.cfg.seed,
             frequency_penalty=self.cfg.frequency_penalty)
         choice = r.choices[0]

@@ -6,7 +6,7 @@ Tables (one row per id): id, text, text_sha256, vector (float32, L2-normalised),
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +14,27 @@ import numpy as np
 import pyarrow as pa
 
 from eval.assets import minilm_path
+from eval.config import setting
 from eval.dataset import load_dataset
 from eval.errors import InputError
-from eval.io import file_hash, is_up_to_date, manifest, read_json, write_json
+from eval.stage import Stage
 
-from .records import rationale_text, read_records
+from .records import RECORDS, rationale_text, read_records
+from .student import StudentRationalesStage
 
 USERS_TABLE, ITEMS_TABLE = "user_rationales", "item_texts"
 ITEM_VERSION = "item_text"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncodeConfig:
-    model: str | None = None             # sentence-transformers folder; default all-MiniLM-L6-v2
-    batch_size: int = 64
-    prompt_version: str | None = None    # encode only records of this prompt version (default: any)
-    record_model: str | None = None      # ... and of this generating model (default: any; last per user wins)
-    users_table: str = USERS_TABLE
-    items_table: str = ITEMS_TABLE
-    ann_index: bool = False              # build an IVF-PQ index (large catalogs; needs >= 256 rows)
-    device: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    model: str | None = setting(None, "sentence-transformers folder (none: all-MiniLM-L6-v2).")
+    batch_size: int = setting(64, "Texts per encoding batch.")
+    prompt_version: str | None = setting(None, "Encode only records of this prompt version (none: any).")
+    record_model: str | None = setting(None, "... and of this generating model (none: any; the last record "
+                                             "of a user wins).")
+    ann_index: bool = setting(False, "Build an IVF-PQ index (large catalogs; needs >= 256 rows).")
+    device: str | None = setting(None, "Encoder device (none: automatic).")
 
 
 def sha256(text: str) -> str:
@@ -96,34 +94,41 @@ def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarra
     return ids, t["vector"].combine_chunks().flatten().to_numpy().reshape(len(ids), dim).astype(np.float32)
 
 
-def encode(data_dir: str | Path, records: str | Path, db_path: str | Path, cfg: EncodeConfig,
-           force: bool = False) -> dict[str, Any]:
-    """Encode users' rationales and every item's text into two LanceDB tables under `db_path`."""
-    import lancedb
-    from sentence_transformers import SentenceTransformer
+class VectorsStage(Stage):
+    """Encode the SLIM student's rationales and every item's text into LanceDB (tables
+    user_rationales, item_texts), re-encoding only changed rows; writes RUN/vectors in place."""
 
-    model_path = str(cfg.model or minilm_path())
-    ds = load_dataset(data_dir)
-    inputs = {"data": ds.fingerprint, "records": file_hash(records) if Path(records).exists() else None,
-              "encoder": model_path}
-    if not force and is_up_to_date(db_path, inputs, cfg.to_dict()):
-        return read_json(Path(db_path) / "manifest.json")["counts"]
-    recs = read_records(records, cfg.prompt_version, cfg.record_model)
-    users = sorted(u for u, r in recs.items() if rationale_text(r))
-    if not users:
-        raise InputError(f"{records}: no rationale text to encode")
-    encoder = SentenceTransformer(model_path, device=cfg.device)
-    db = lancedb.connect(str(db_path))
-    items = ds.items.sort_values("item")
-    counts = {
-        cfg.users_table: upsert_texts(db, cfg.users_table, users, [rationale_text(recs[u]) for u in users],
+    name = "vectors"
+    config_class = EncodeConfig
+    in_place = True
+    def inputs(self) -> dict[str, Path]:
+        return {"data": self.run / "data", "records": self.run / StudentRationalesStage.name}
+
+    def build(self, out: Path) -> dict[str, Any]:
+        import lancedb
+        from sentence_transformers import SentenceTransformer
+
+        cfg = self.config
+        model_path = str(cfg.model or minilm_path())
+        ds = load_dataset(self.run / "data")
+        records = self.run / StudentRationalesStage.name / RECORDS
+        recs = read_records(records, cfg.prompt_version, cfg.record_model)
+        users = sorted(u for u, r in recs.items() if rationale_text(r))
+        if not users:
+            raise InputError(f"{records}: no rationale text to encode")
+        encoder = SentenceTransformer(model_path, device=cfg.device)
+        db = lancedb.connect(str(out))
+        items = ds.items.sort_values("item")
+        counts = {
+            USERS_TABLE: upsert_texts(db, USERS_TABLE, users, [rationale_text(recs[u]) for u in users],
                                       [recs[u]["prompt_version"] for u in users], encoder, model_path,
                                       cfg.batch_size, cfg.ann_index),
-        cfg.items_table: upsert_texts(db, cfg.items_table, items["item"].astype(int).tolist(),
+            ITEMS_TABLE: upsert_texts(db, ITEMS_TABLE, items["item"].astype(int).tolist(),
                                       items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
                                       model_path, cfg.batch_size, cfg.ann_index),
-    }
-    counts["dim"] = encoder.get_embedding_dimension()
-    write_json(Path(db_path) / "manifest.json", manifest("encode", inputs=inputs, config=cfg.to_dict(), seed=None,
-                                                         counts=counts))
-    return counts
+        }
+        return {**counts, "dim": encoder.get_embedding_dimension()}
+
+    def digest(self, out: Path, counts: dict[str, Any]) -> str:
+        """The tables' content (ids, text hashes, encoder), not LanceDB's files, which change on every write."""
+        return sha256(counts[USERS_TABLE]["content_sha256"] + counts[ITEMS_TABLE]["content_sha256"])

@@ -54,7 +54,9 @@ def clean_field(value: object, max_chars: int) -> str:
 
 def item_line(row: pd.Series, max_chars: int = 160) -> str:
     """`- title (year); categories; brand`, each field cleaned and the whole line capped."""
-    title = clean_field(row["title"], max_chars)
+    from eval.preprocess import item_title  # the data set's own fallback for items without a title
+
+    title = clean_field(item_title(row), max_chars)
     year = clean_field(row.get("year"), 8)
     parts = [f"{title} ({year})" if year else title]
     parts += [clean_field(row.get(col), max_chars) for col in ("categories", "brand")]

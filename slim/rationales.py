@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +15,34 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.assets import smollm2_path
+from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
-from eval.io import file_hash, manifest, write_json
+from eval.io import file_hash
+from eval.stage import Stage
+from prompts import template_path
 
 from .client import ClientConfig, Completion, Generator, Usage
 from .prompts import TEACHER, PromptBuilder, load_template
-from .records import RecordLog, parse_steps
+from .records import RECORDS, RecordLog, parse_steps
 
-RECORDS = "records.jsonl"
+EMBEDDED = "embedded"  # `serve = "embedded"`: serve the embedded SmolLM2-135M-Instruct
 
 
-@dataclass
-class RationaleConfig:
-    template: str = TEACHER               # prompt version in prompts/, or a template file
-    users: int | None = None              # seeded sample size; None = every user
-    seed: int = 42
-    history_tokens: int = 128             # token budget of the rendered history (most recent items kept)
-    tokenizer: str | None = None          # counts history tokens; default: the SmolLM2 tokenizer
-    client: ClientConfig = field(default_factory=ClientConfig)
-    serve: str | None = None              # model folder to serve locally for the run (instead of client.base_url)
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What every rationale-writing run shares (teacher and student)."""
+    template: str = setting(TEACHER, "Prompt version in prompts/, or a template file.")
+    users: int | None = setting(None, "Seeded sample of this many users (none: every user).")
+    seed: int = setting(42, "Seed of the user sample.")
+    history_tokens: int = setting(128, "Token budget of a rendered history (most recent items kept).")
+    tokenizer: str | None = setting(None, "Tokenizer that counts history tokens (none: SmolLM2's).")
+    client: ClientConfig = setting(factory=ClientConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class RationaleConfig(GenerationConfig):
+    serve: str | None = setting(None, "Model folder to serve locally for the run ('embedded': SmolLM2-135M-"
+                                      "Instruct); none: use client.base_url.")
 
 
 def sample_users(num_users: int, n: int | None, seed: int) -> list[int]:
@@ -46,7 +52,7 @@ def sample_users(num_users: int, n: int | None, seed: int) -> list[int]:
     return sorted(int(u) for u in np.random.default_rng(seed).choice(num_users, n, replace=False))
 
 
-def user_prompts(ds: SeqDataset, users: list[int], cfg: RationaleConfig) -> dict[int, str]:
+def user_prompts(ds: SeqDataset, users: list[int], cfg: GenerationConfig) -> dict[int, str]:
     """The rendered prompt of each user, from the history a rationale may see (no target leakage)."""
     build = PromptBuilder(ds.items, cfg.template, cfg.history_tokens, cfg.tokenizer or smollm2_path())
     return {u: build(ds.rationale_history(u).tolist()) for u in users}
@@ -61,8 +67,8 @@ def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: RationaleConfig, gen: Generator,
-                   model_label: str | None = None, stage: str = "generate-rationales") -> dict[str, Any]:
+def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationConfig, gen: Generator,
+                   model_label: str | None = None, stage: str = "rationales") -> dict[str, Any]:
     """Write one record per sampled user not already in `out_dir/records.jsonl`; return the summary."""
     ds = load_dataset(data_dir)
     out_dir = Path(out_dir)
@@ -90,20 +96,40 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: RationaleConf
                 bar.set_postfix(tok_s=f"{usage.completion_tokens / (time.perf_counter() - t0):.1f}")
         done = sum(1 for u in users if (u, version, model) in log.keys)
     seconds = time.perf_counter() - t0
-    summary = {"users": len(users), "done_before": len(users) - len(todo), "written": usage.requests,
-               "malformed": malformed, "failed": usage.failures, "complete": done, **usage.to_dict(),
-               "seconds": round(seconds, 1),
-               "completion_tokens_per_s": round(usage.completion_tokens / seconds, 2) if seconds else 0.0,
-               "est_cost_usd": round(usage.cost(cfg.client.price_prompt_per_1m, cfg.client.price_completion_per_1m), 6)}
-    write_json(out_dir / "manifest.json", manifest(
-        stage, inputs={"data": ds.fingerprint, "template": file_hash(template.path)},
-        config={**cfg.to_dict(), "model": model, "prompt_version": version}, seed=cfg.seed, counts=summary))
-    return summary
+    return {"users": len(users), "done_before": len(users) - len(todo), "written": usage.requests,
+            "malformed": malformed, "failed": usage.failures, "complete": done, **usage.to_dict(),
+            "seconds": round(seconds, 1),
+            "completion_tokens_per_s": round(usage.completion_tokens / seconds, 2) if seconds else 0.0,
+            "est_cost_usd": round(usage.cost(cfg.client.price_prompt_per_1m, cfg.client.price_completion_per_1m), 6),
+            "model": model, "prompt_version": version}
 
 
-def generate_rationales(data_dir: str | Path, out_dir: str | Path, cfg: RationaleConfig) -> dict[str, Any]:
-    """Teacher rationales for a seeded sample of users through an OpenAI-compatible endpoint."""
-    from .serve import endpoint
+class RationaleStage(Stage):
+    """What the teacher's and the student's rationale stages share: append-only records that resume,
+    fingerprinted by the records file; users whose request failed are what is missing."""
 
-    with endpoint(cfg.client, cfg.serve, log_path=Path(out_dir) / "server.log") as client:
-        return run_generation(data_dir, out_dir, cfg, client)
+    in_place = True
+
+    def inputs(self) -> dict[str, Path]:
+        return {"data": self.run / "data", "template": template_path(self.config.template)}
+
+    def digest(self, out: Path, counts: dict[str, Any]) -> str:
+        return file_hash(out / RECORDS)
+
+    def missing(self, counts: dict[str, Any]) -> int:
+        return counts["users"] - counts["complete"]
+
+
+class TeacherRationalesStage(RationaleStage):
+    """Teacher chain-of-thought rationales (3 steps) for a seeded sample of users, through an
+    OpenAI-compatible endpoint or a model served for the run; writes RUN/slim-teacher-rationales."""
+
+    name = "slim-teacher-rationales"
+    config_class = RationaleConfig
+
+    def build(self, out: Path) -> dict[str, Any]:
+        from .serve import endpoint
+
+        serve = str(smollm2_path()) if self.config.serve == EMBEDDED else self.config.serve
+        with endpoint(self.config.client, serve, log_path=out / "server.log") as client:
+            return run_generation(self.run / "data", out, self.config, client, stage=self.name)

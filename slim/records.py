@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from eval.errors import InputError
 
+RECORDS = "records.jsonl"  # the file of records in a rationale stage's folder
 STEPS = ("step1", "step2", "step3")
 _LABEL = re.compile(r"^[#*\s-]*step\s*([123])\s*\**\s*[:.)-]?\s*\**\s*", re.I | re.M)
 _PLACEHOLDER = re.compile(r"^<[^<>]*>$")

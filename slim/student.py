@@ -1,59 +1,69 @@
 """The fine-tuned student writes a rationale for every user: through a served endpoint or in-process.
 
-Both backends write the teacher's record format, keyed by a label naming the adapter and its hash,
-so a retrained adapter gets fresh records and the two backends resume each other's runs.
+Both backends write the teacher's record format, keyed by a label naming the adapter and its
+fingerprint, so a retrained adapter gets fresh records and the two backends resume each other's runs.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from eval.config import setting
 from eval.errors import InputError
-from eval.io import file_hash
+from eval.stage import fingerprint
 
 from .client import ClientConfig
+from .finetune import SlimStudentStage
 from .prompts import STUDENT
-from .rationales import RationaleConfig, run_generation
+from .rationales import GenerationConfig, RationaleStage, run_generation
+
+BACKENDS = ("local", "endpoint")
 
 
-def _student_defaults() -> RationaleConfig:
-    return RationaleConfig(template=STUDENT, client=ClientConfig(max_tokens=96, temperature=0.0, timeout_s=900.0))
+@dataclass(frozen=True)
+class StudentRationalesConfig(GenerationConfig):
+    template: str = setting(STUDENT, "Prompt version in prompts/, or a template file (the fine-tuning one).")
+    client: ClientConfig = setting(factory=lambda: ClientConfig(base_url="", max_tokens=96, temperature=0.0,
+                                                                timeout_s=900.0))
+    backend: str = setting("local", "local (batched model.generate in-process) | endpoint (OpenAI-compatible "
+                                    "server: client.base_url, or the adapter served for the run when empty).")
+    base_model: str | None = setting(None, "Base model folder (none: the one the adapter was trained on).")
+    batch_size: int = setting(16, "Users per batch (local backend).")
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown generation backend '{self.backend}' (choose {' or '.join(BACKENDS)})")
 
 
-@dataclass
-class StudentConfig:
-    adapter: str = ""
-    base_model: str | None = None    # default: the base the adapter was trained on
-    backend: str = "local"           # local (batched model.generate) | endpoint (OpenAI-compatible server)
-    base_url: str | None = None      # endpoint already serving the student; None: start `slim serve` for the run
-    batch_size: int = 16             # local backend
-    rationale: RationaleConfig = field(default_factory=_student_defaults)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def student_label(adapter: Path) -> str:
+    return f"student:{adapter.name}:{fingerprint(adapter)[:12]}"
 
 
-def student_label(adapter: str | Path) -> str:
-    return f"student:{Path(adapter).name}:{file_hash(adapter)[:12]}"
+class StudentRationalesStage(RationaleStage):
+    """The SLIM student's rationales for every user (or a seeded sample), in the teacher's record
+    format; writes RUN/slim-student-rationales, append-only: a rerun resumes."""
 
+    name = "slim-student-rationales"
+    config_class = StudentRationalesConfig
 
-def generate_student(data_dir: str | Path, out_dir: str | Path, cfg: StudentConfig) -> dict[str, Any]:
-    """Student rationales for every user (or `cfg.rationale.users`), resumable, same records as the teacher."""
-    from .local import LocalGenerator
-    from .serve import endpoint
+    @property
+    def adapter(self) -> Path:
+        return self.run / SlimStudentStage.name
 
-    if not (Path(cfg.adapter) / "adapter_config.json").exists():
-        raise InputError(f"{cfg.adapter}: not a LoRA adapter folder (run slim finetune-student)")
-    label, client = student_label(cfg.adapter), cfg.rationale.client
-    if cfg.backend == "local":
-        gen = LocalGenerator(cfg.base_model, cfg.adapter, cfg.batch_size, client.max_tokens, client.temperature,
-                             cfg.rationale.seed)
-        return run_generation(data_dir, out_dir, cfg.rationale, gen, label, stage="generate")
-    if cfg.backend != "endpoint":
-        raise InputError(f"unknown generation backend '{cfg.backend}' (choose local or endpoint)")
-    own = cfg.base_url is None  # no endpoint given: serve base + adapter for the run
-    client = replace(client, base_url=cfg.base_url or client.base_url)
-    with endpoint(client, cfg.base_model if own else None, cfg.adapter if own else None,
-                  Path(out_dir) / "server.log") as chat:
-        return run_generation(data_dir, out_dir, cfg.rationale, chat, label, stage="generate")
+    def inputs(self) -> dict[str, Path]:
+        return {**super().inputs(), "adapter": self.adapter}
+
+    def build(self, out: Path) -> dict[str, Any]:
+        from .local import LocalGenerator
+        from .serve import endpoint
+
+        cfg, label = self.config, student_label(self.adapter)
+        if cfg.backend == "local":
+            gen = LocalGenerator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
+                                 cfg.client.temperature, cfg.seed)
+            return run_generation(self.run / "data", out, cfg, gen, label, stage=self.name)
+        own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run
+        with endpoint(cfg.client, cfg.base_model if own else None, self.adapter if own else None,
+                      out / "server.log") as chat:
+            return run_generation(self.run / "data", out, cfg, chat, label, stage=self.name)

@@ -1,45 +1,43 @@
-"""`slmrec`: ID-backbone (SASRec, GRU4Rec) pre-training, LLM teacher training and distillation."""
+"""`slmrec`: ID-backbone pre-training, LLM teacher training and layer-wise distillation."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from eval.cli import guarded
-from eval.report import floor_of, print_table
+from eval.cli import guarded, settings, stage_command
+from eval.io import read_json
+from eval.tables import floor_of, print_table
 
-from .llm_cli import register
-from .pretrain import PretrainConfig, pretrain
-from .trainer import TrainConfig
+from .llm_train import SLMRecStudentConfig, StudentStage, TeacherStage, distill_ablation
+from .pretrain import BackboneStage
 
-app = typer.Typer(help="SLMRec: SASRec pre-training, LLM teacher training, layer-wise distillation.",
+app = typer.Typer(help="SLMRec: ID-backbone pre-training, LLM teacher training, layer-wise distillation.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-@app.command("pretrain")
-def pretrain_cmd(
-    run: Path = typer.Option(..., help="Run directory (reads RUN/data, writes RUN/<model>)."),
-    model: str = typer.Option("sasrec", help="Backbone: sasrec | gru4rec."),
-    hidden: int = typer.Option(64, help="Item-embedding size."),
-    layers: int = 2,
-    heads: int = typer.Option(2, help="Attention heads (SASRec)."),
-    gru_hidden: int = typer.Option(128, help="GRU state size (GRU4Rec)."),
-    dropout: float = 0.2,
-    max_len: int = typer.Option(50, help="Most recent items a history keeps."),
-    epochs: int = 200, batch_size: int = 128, lr: float = 1e-3,
-    patience: int = typer.Option(10, help="Epochs without better validation MRR before stopping."),
-    seed: int = 42,
-    force: bool = typer.Option(False, help="Retrain even if the output is up to date."),
+def show_metrics(folder: Path) -> None:
+    """The test metrics a model stage wrote, one table per protocol."""
+    for protocol, m in read_json(folder / "metrics.json").items():
+        print_table(f"{folder.name} test: {protocol}", {folder.name: m}, floor=floor_of(m))
+
+
+for command, stage in (("pretrain", BackboneStage), ("train-teacher", TeacherStage), ("distill", StudentStage)):
+    stage_command(app, command, stage, lambda s: show_metrics(s.out))
+
+
+@app.command("distill-ablation")
+def ablation_cmd(
+    run: Path = typer.Option(..., help="Run directory (reads RUN/data and RUN/slmrec-teacher)."),
+    preset: Optional[str] = typer.Option(None, help="Take the slmrec-student settings of this preset."),
+    set_: list[str] = typer.Option([], "--set", help="Override a slmrec-student setting: key.path=value."),
+    force: bool = typer.Option(False, help="Retrain variants even if up to date."),
 ) -> None:
-    """Train an ID backbone (cross-entropy over all items) and export its item embeddings for SLMRec."""
-    cfg = PretrainConfig(model=model, hidden=hidden, layers=layers, heads=heads, gru_hidden=gru_hidden,
-                         dropout=dropout,
-                         train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                                           max_len=max_len, seed=seed))
-    metrics = pretrain(run / "data", run / model, cfg, force=force)
-    for protocol, m in metrics.items():
-        print_table(f"{model} test: {protocol}", {model: m}, floor=floor_of(m))
+    """SLMRec's Table 4: the student with no feature loss, then + cos, + norm, + multi-supervision;
+    writes RUN/ablation/<variant> and RUN/ablation/report.md."""
+    cfg = settings(SLMRecStudentConfig, StudentStage.name, preset, set_, {})
+    distill_ablation(run, cfg, force)
 
 
-register(app)
 main = guarded(app)

@@ -10,12 +10,13 @@ refuses to run without one, and each term is reported separately in the training
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.config import setting
 from eval.errors import InputError
 
 from .llm import LLMRec
@@ -23,13 +24,14 @@ from .llm import LLMRec
 MODES = ("offline", "online")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
-    blocks: int = 4
-    lambda_cos: float = 1.0   # 1 - cos(student, teacher) per block
-    lambda_norm: float = 0.1  # ||student - teacher||_2 per block
-    lambda_ms: float = 1.0    # cross-entropy of the extra heads on the student's intermediate blocks
-    mode: str = "offline"     # offline: trained teacher, frozen; online: teacher trained alongside
+    blocks: int = setting(4, "Blocks B: hidden states aligned after every N_teacher/B and N_student/B layers.")
+    lambda_cos: float = setting(1.0, "Weight of 1 - cos(student, teacher) per block (0 = off).")
+    lambda_norm: float = setting(0.1, "Weight of ||student - teacher||_2 per block (0 = off).")
+    lambda_ms: float = setting(1.0, "Weight of the extra heads' cross-entropy on the student's intermediate "
+                                    "blocks (0 = off).")
+    mode: str = setting("offline", "offline: a trained teacher, frozen; online: a teacher trained alongside.")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -51,9 +53,6 @@ class DistillConfig:
     @property
     def needs_teacher(self) -> bool:
         return self.mode == "online" or self.lambda_cos > 0 or self.lambda_norm > 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def block_pairs(teacher_layers: int, student_layers: int, blocks: int) -> list[tuple[int, int]]:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from eval.registry import register_model
+
 from .seqrec import SequentialRecommender
 
 
@@ -31,6 +33,7 @@ def _shift(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand_as(x))
 
 
+@register_model
 class GRU4Rec(SequentialRecommender):
     model_type = "gru4rec"
     config_class = GRU4RecConfig

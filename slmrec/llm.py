@@ -13,47 +13,45 @@ shared prefix) as in inference.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaModel
-from transformers.utils import logging as hf_logging
 
-from eval.dataset import SeqDataset, pad_left
+from eval.config import setting
 from eval.errors import InputError
 from eval.io import CONFIG, WEIGHTS
-from eval.scoring import dot_scores
+from eval.registry import load_state, model_config, read_weights, register_model
+from eval.scoring import DotScorer
 from prompts import template_path
 
-MODEL_TYPE = "slmrec-llm"
 DEFAULT_PROMPT = "slmrec_v1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMRecConfig:
-    base: str | None = None           # HF folder or .gguf file; None = the embedded SmolLM2
-    llama: dict | None = None         # LlamaConfig fields for a randomly initialised base (tests, bench)
-    layers: int | None = None         # decoder layers kept (None = all)
-    layer_stride: int = 1             # keep layers 0, s, 2s, ... ("every n-th layer")
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    prompt: str = DEFAULT_PROMPT      # template name in prompts/ or a file path
-    prompt_ids: list[int] | None = None  # filled at build time, so reloading needs no tokenizer
-    aux_heads: list[int] = field(default_factory=list)  # layers with an extra supervision head
-    dtype: str = "float32"            # of the frozen base; adapters and heads stay float32
-    seed: int = 0
-    num_items: int = 0                # set from the item embeddings when 0
-    item_dim: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    base: str | None = setting(None, "Base LLaMA-family model: HF folder or .gguf file (none: the embedded "
+                                     "SmolLM2-135M).")
+    llama: dict | None = setting(None, "LlamaConfig fields of a randomly initialised base (tests, benchmarks).",
+                                 cli=False)
+    layers: int | None = setting(None, "Decoder layers kept (none: all).")
+    layer_stride: int = setting(1, "Keep base layers 0, s, 2s, ... instead of the first ones.")
+    lora_r: int = setting(16, "LoRA rank.")
+    lora_alpha: int = setting(32, "LoRA alpha.")
+    lora_dropout: float = setting(0.05, "LoRA dropout.")
+    lora_targets: list[str] = setting(help="Modules that get LoRA adapters.",
+                                      factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    prompt: str = setting(DEFAULT_PROMPT, "Prompt template name in prompts/ or a file.")
+    dtype: str = setting("float32", "dtype of the frozen base (bfloat16 on GPU); adapters and heads stay float32.")
+    seed: int = setting(0, "Seed of the adapters' and projections' initial weights.")
+    # derived when the model is built (kept so a checkpoint reloads without a tokenizer or the data)
+    prompt_ids: list[int] | None = setting(None, cli=False)
+    aux_heads: list[int] = setting(factory=list, cli=False)  # layers with an extra supervision head
+    num_items: int = setting(0, cli=False)
+    item_dim: int = setting(0, cli=False)
 
 
 def layer_ids(total: int, keep: int | None, stride: int) -> list[int]:
@@ -76,8 +74,11 @@ def _base_location(cfg: LLMRecConfig) -> tuple[Path, dict]:
     return path, {}
 
 
-def load_decoder(cfg: LLMRecConfig) -> LlamaModel:
+def load_decoder(cfg: LLMRecConfig) -> "LlamaModel":
     """The base decoder with only the kept layers (renumbered so the KV cache indexes them)."""
+    from transformers import LlamaConfig, LlamaModel
+    from transformers.utils import logging as hf_logging
+
     if cfg.llama is not None:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)  # a random base is rebuilt bit-identically from its config
@@ -112,19 +113,24 @@ def prompt_ids(cfg: LLMRecConfig, vocab_size: int) -> list[int]:
     return AutoTokenizer.from_pretrained(folder, **kw)(text).input_ids
 
 
-class LLMRec(nn.Module):
+@register_model
+class LLMRec(DotScorer, nn.Module):
     """Teacher or student: user vectors from an LLM over projected item embeddings."""
 
+    model_type = "slmrec-llm"
+
     def __init__(self, cfg: LLMRecConfig, item_embeddings: torch.Tensor):
+        from peft import LoraConfig, get_peft_model
+
         super().__init__()
         if not cfg.num_items and not cfg.item_dim:
-            cfg.num_items, cfg.item_dim = item_embeddings.shape[0] - 1, item_embeddings.shape[1]
+            cfg = replace(cfg, num_items=item_embeddings.shape[0] - 1, item_dim=item_embeddings.shape[1])
         if item_embeddings.shape != (cfg.num_items + 1, cfg.item_dim):
             raise InputError(f"item embeddings have shape {list(item_embeddings.shape)}, "
                              f"expected [{cfg.num_items + 1}, {cfg.item_dim}]")
         decoder = load_decoder(cfg)
         if cfg.prompt_ids is None:
-            cfg.prompt_ids = prompt_ids(cfg, decoder.config.vocab_size)
+            cfg = replace(cfg, prompt_ids=prompt_ids(cfg, decoder.config.vocab_size))
         self.config = cfg
         hidden = decoder.config.hidden_size
         bad = [k for k in cfg.aux_heads if not 1 <= k < decoder.config.num_hidden_layers]
@@ -202,22 +208,6 @@ class LLMRec(nn.Module):
         """The frozen item table [num_items + 1, item_dim] scores are computed against (row 0 = padding)."""
         return self.item_emb
 
-    @torch.no_grad()
-    def score(self, users: torch.Tensor, histories: torch.Tensor,
-              candidates: torch.Tensor | None) -> torch.Tensor:
-        return dot_scores(self.user_vectors(users, histories), self.item_emb, candidates)
-
-    @torch.no_grad()
-    def all_user_vectors(self, ds: SeqDataset, split: str, max_len: int, batch_size: int = 64) -> "UserVectors":
-        """Every user's vector for a split, computed once (all candidate protocols then reuse it)."""
-        was_training = self.training
-        self.eval()
-        users = torch.arange(ds.num_users)
-        out = [self.user_vectors(u, pad_left([ds.history(int(x), split) for x in u], max_len).to(self.item_emb.device))
-               for u in users.split(batch_size)]
-        self.train(was_training)
-        return UserVectors(torch.cat(out).cpu(), self.item_emb.cpu(), users)
-
     # --- checkpoints ---
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -227,26 +217,17 @@ class LLMRec(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG).write_text(json.dumps({"model_type": MODEL_TYPE, **self.config.to_dict()}, indent=2))
+        (path / CONFIG).write_text(json.dumps({"model_type": self.model_type, **asdict(self.config)}, indent=2))
         save_file(self.checkpoint_state(), path / WEIGHTS)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LLMRec":
-        path = Path(path)
-        if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
-            raise InputError(f"{path}: not an SLMRec LLM checkpoint (needs {CONFIG} and {WEIGHTS})")
-        raw = json.loads((path / CONFIG).read_text())
-        if raw.pop("model_type", None) != MODEL_TYPE:
-            raise InputError(f"{path / CONFIG}: model_type is not '{MODEL_TYPE}'")
-        try:
-            cfg = LLMRecConfig(**raw)
-        except TypeError as e:
-            raise InputError(f"{path / CONFIG}: {e}") from None
-        state = load_file(path / WEIGHTS)
+        cfg = model_config(path, LLMRecConfig, cls.model_type)
+        state = read_weights(Path(path) / WEIGHTS)
         if "item_emb" not in state:
-            raise InputError(f"{path / WEIGHTS}: no item_emb tensor")
+            raise InputError(f"{Path(path) / WEIGHTS}: no item_emb tensor")
         model = cls(cfg, state["item_emb"])
-        load_checkpoint_state(model, state, path / WEIGHTS)
+        load_state(model, state, Path(path) / WEIGHTS, required=set(checkpoint_state(model)))
         return model.eval()
 
 
@@ -255,34 +236,3 @@ def checkpoint_state(module: nn.Module) -> dict[str, torch.Tensor]:
     keep = {n for n, p in module.named_parameters() if p.requires_grad}
     keep |= {n for n, _ in module.named_buffers()}
     return {k: v.detach().contiguous() for k, v in module.state_dict().items() if k in keep}
-
-
-def load_checkpoint_state(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load what `checkpoint_state` saved; any mismatch is one line naming the file and the tensor."""
-    expected = checkpoint_state(module)
-    full = module.state_dict()
-    for name, tensor in state.items():
-        if name not in full:
-            raise InputError(f"{source}: unexpected tensor '{name}' (checkpoint does not match its config)")
-        if tensor.shape != full[name].shape:
-            raise InputError(f"{source}: tensor '{name}' has shape {list(tensor.shape)}, expected "
-                             f"{list(full[name].shape)} (checkpoint does not match its config)")
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise InputError(f"{source}: missing {len(missing)} tensors, e.g. '{missing[0]}'")
-    module.load_state_dict(state, strict=False)
-
-
-class UserVectors:
-    """Precomputed user vectors as a Scorer: what evaluation and fusion use after one encoding pass."""
-
-    def __init__(self, vectors: torch.Tensor, items: torch.Tensor, users: torch.Tensor):
-        self.vectors, self.items = vectors, items
-        self.row = {int(u): i for i, u in enumerate(users)}
-
-    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor | None = None) -> torch.Tensor:
-        return self.vectors[[self.row[int(u)] for u in users]]
-
-    def score(self, users: torch.Tensor, histories: torch.Tensor,
-              candidates: torch.Tensor | None) -> torch.Tensor:
-        return dot_scores(self.user_vectors(users), self.items, candidates)

@@ -1,4 +1,4 @@
-"""The `train-teacher` and `distill` stages: HF Trainer loops with validation-MRR model selection.
+"""The `slmrec-teacher` and `slmrec-student` stages: HF Trainer loops with validation-MRR model selection.
 
 The Trainer gives resumable checkpoints and multi-GPU training unchanged under `accelerate launch`
 or `torchrun`. Its checkpoints hold only the trainable tensors (adapters, projections, heads) and the
@@ -6,10 +6,11 @@ item table, never the frozen base. Model selection and test metrics go through t
 (`eval.evaluate`) on the data set's fixed candidates.
 
 Several GPUs (data parallel; only the main process writes files; --batch-size is per device):
-  accelerate launch --num_processes 4 $(which slmrec) train-teacher --run RUN --base /models/llama-2-7b --bf16
-  torchrun --nproc_per_node 4 $(which slmrec) distill --run RUN --layers 4 --bf16
+  accelerate launch --num_processes 4 $(which slmrec) train-teacher --run RUN --model.base /models/llama-2-7b \
+      --model.dtype bfloat16 --train.bf16
+  torchrun --nproc_per_node 4 $(which slmrec) distill --run RUN --student.dtype bfloat16 --train.bf16
 
-Output folder of a stage (`<run>/teacher`, `<run>/student`, `<run>/ablation/<variant>`):
+Output folder of a stage (`RUN/slmrec-teacher`, `RUN/slmrec-student`, `RUN/ablation/<variant>`):
   config.json, model.safetensors   the model (LLMRec.from_pretrained)
   teacher/                         online KD only: the teacher trained alongside
   metrics.json                     test metrics by protocol (same layout as SASRec's)
@@ -17,12 +18,11 @@ Output folder of a stage (`<run>/teacher`, `<run>/student`, `<run>/ablation/<var
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,60 +32,57 @@ from accelerate import PartialState
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from eval.config import config_dict, setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import evaluate
-from eval.io import WEIGHTS, atomic_dir, file_hash, is_up_to_date, manifest, read_json, write_json
-from eval.report import write_metrics_report
+from eval.io import read_json, write_json
+from eval.scoring import CachedScorer
+from eval.stage import Stage, fingerprint, run_stage
+from eval.tables import write_metrics_report
 
 from .distill import DistillConfig, Distiller, student_aux_layers
 from .llm import LLMRec, LLMRecConfig, checkpoint_state
-from .pretrain import test_metrics
-from .seqrec import ITEM_EMBEDDINGS, load_item_embeddings
+from .pretrain import BackboneStage, test_metrics
+from .seqrec import load_item_embeddings
 from .trainer import next_item_pairs
 
 POSITIONS = ("all", "last")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMTrainConfig:
-    epochs: float = 1.0
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_len: int = 20              # most recent items of a history (prompt + 20 items keeps CPU runs short)
-    positions: str = "all"         # train every prefix ("all") or only the last item (E4SRec: "last")
-    evals_per_epoch: int = 2       # validation MRR checks (and checkpoints) per epoch
-    valid_users: int | None = None # validate on this many users (None = all) to save time
-    select_protocol: str = "full"
-    eval_batch_size: int = 64
-    bf16: bool = False             # mixed precision on GPU
-    seed: int = 42
+    epochs: float = setting(1.0, "Training epochs (fractions allowed).")
+    batch_size: int = setting(32, "Per-device training batch size.")
+    lr: float = setting(2e-3, "Peak learning rate (cosine schedule).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_ratio: float = setting(0.05, "Share of the steps spent warming up the learning rate.")
+    max_len: int = setting(20, "Most recent history items the model reads.")
+    positions: str = setting("all", "Train on every prefix ('all') or the last item only ('last', E4SRec).")
+    evals_per_epoch: int = setting(2, "Validation-MRR checks (and checkpoints) per epoch.")
+    valid_users: int | None = setting(None, "Validate on a seeded sample of this many users (none: all).")
+    select_protocol: str = setting("full", "Candidate protocol of the validation MRR used for model selection.")
+    eval_batch_size: int = setting(64, "Users per batch when scoring.")
+    bf16: bool = setting(False, "bf16 mixed precision (GPU).")
+    seed: int = setting(42, "Random seed.")
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise InputError(f"positions '{self.positions}' is not one of {', '.join(POSITIONS)}")
 
 
-@dataclass
-class TeacherConfig:
-    model: LLMRecConfig = field(default_factory=lambda: LLMRecConfig(layers=8))
-    train: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+@dataclass(frozen=True)
+class SLMRecTeacherConfig:
+    model: LLMRecConfig = setting(factory=lambda: LLMRecConfig(layers=8))
+    train: LLMTrainConfig = setting(factory=LLMTrainConfig)
 
 
-@dataclass
-class DistillRunConfig:
-    student: LLMRecConfig = field(default_factory=lambda: LLMRecConfig(layers=4))  # base None = the teacher's
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    train: LLMTrainConfig = field(default_factory=LLMTrainConfig)
-    online_teacher_layers: int = 8  # online KD: depth of the teacher trained from scratch alongside
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+@dataclass(frozen=True)
+class SLMRecStudentConfig:
+    student: LLMRecConfig = setting(factory=lambda: LLMRecConfig(layers=4))  # base none = the teacher's
+    distill: DistillConfig = setting(factory=DistillConfig)
+    train: LLMTrainConfig = setting(factory=LLMTrainConfig)
+    online_teacher_layers: int = setting(8, "Online KD: depth of the teacher trained from scratch alongside.")
 
 
 class NextItems(torch.utils.data.Dataset):
@@ -146,15 +143,15 @@ class RecTrainer(Trainer):
                              f"unexpected {load_result.unexpected_keys[:3]}")
 
 
-def fit(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig, work_dir: Path,
-        fingerprint: dict) -> dict:
+def train_llm(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig, work_dir: Path,
+              fingerprint: dict) -> dict:
     """Train `module` (its forward returns {"loss": ...}) and keep the weights of the best validation MRR.
 
     `work_dir` holds the Trainer's checkpoints; a run with the same fingerprint resumes from them."""
     stamp = work_dir / "fingerprint.json"
     state = PartialState()  # under accelerate launch / torchrun only the main process touches files
     if state.is_main_process:
-        if work_dir.exists() and (not stamp.exists() or read_json(stamp) != _jsonable(fingerprint)):
+        if work_dir.exists() and (not stamp.exists() or read_json(stamp) != fingerprint):
             shutil.rmtree(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         write_json(stamp, fingerprint)
@@ -178,26 +175,9 @@ def fit(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig, 
                          ds=ds, scored=scored, rec_cfg=cfg)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work_dir)))
-    return {"main_process": state.is_main_process,
-            "train_seconds": round(time.perf_counter() - t0, 1), "best_valid_MRR": trainer.state.best_metric,
+    return {"train_seconds": round(time.perf_counter() - t0, 1), "best_valid_MRR": trainer.state.best_metric,
             "best_checkpoint": trainer.state.best_model_checkpoint, "steps": trainer.state.global_step,
             "history": trainer.state.log_history}
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
-def test_report(model: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig) -> tuple[dict, dict]:
-    """Test metrics under every protocol from one encoding pass, and the encoding speed."""
-    t0 = time.perf_counter()
-    vectors = model.all_user_vectors(ds, "test", cfg.max_len, cfg.eval_batch_size)
-    seconds = time.perf_counter() - t0
-    speed = {"encode_seconds": round(seconds, 1), "users_per_s": round(ds.num_users / seconds, 2)}
-    metrics = test_metrics(vectors, ds, cfg.max_len)
-    for m in metrics.values():
-        m["users_per_s"] = speed["users_per_s"]  # of the model, not of the cached vectors
-    return metrics, speed
 
 
 def _item_table(sasrec: Path, ds: SeqDataset) -> torch.Tensor:
@@ -207,46 +187,72 @@ def _item_table(sasrec: Path, ds: SeqDataset) -> torch.Tensor:
     return items
 
 
-def _write(out_dir: Path, stage: str, models: dict[str, LLMRec], metrics: dict, log: dict, inputs: dict,
-           config: dict, seed: int) -> None:
-    """The stage's folder, atomically: model(s), metrics.json, train_log.json, manifest.json."""
-    main = models[""]
-    if not log.pop("main_process"):
-        return
-    with atomic_dir(out_dir) as tmp:
+class Objective(nn.Module):
+    """A recommender as the Trainer's model: its forward returns {"loss": ...}. The Trainer writes
+    HF-only attributes into `model.config`; this wrapper has none, so the recommender's frozen config
+    stays untouched."""
+
+    def __init__(self, rec: LLMRec):
+        super().__init__()
+        self.rec = rec
+
+    def forward(self, histories: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.rec(histories, targets)
+
+
+class LLMStage(Stage):
+    """What the teacher and student stages share: resumable Trainer checkpoints beside the output
+    folder, and the output itself (model(s), test metrics, training log)."""
+
+    @property
+    def work_dir(self) -> Path:
+        """The Trainer's checkpoints: a rerun with the same inputs and config resumes from them."""
+        return self.out.parent / f".{self.out.name}.work"
+
+    def train(self, module: nn.Module, scored: LLMRec, ds: SeqDataset) -> dict:
+        stamp = {"inputs": {k: fingerprint(p) for k, p in self.inputs().items()}, "config": config_dict(self.config)}
+        return train_llm(module, scored, ds, self.config.train, self.work_dir, stamp)
+
+    def write(self, out: Path, models: dict[str, LLMRec], ds: SeqDataset, log: dict) -> dict:
+        """Save the model(s) (the main one at the top, others in sub-folders), test metrics and the log."""
+        main = models[""]
         for sub, model in models.items():
-            model.save_pretrained(tmp / sub)
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "train_log.json", log)
-        counts = {"parameters": sum(p.numel() for p in main.parameters()),
-                  "trainable_parameters": sum(p.numel() for p in main.parameters() if p.requires_grad),
-                  "layers": main.num_layers, "train_seconds": log["train_seconds"]}
-        write_json(tmp / "manifest.json", manifest(stage, inputs=inputs, config=config, seed=seed, counts=counts))
-    shutil.rmtree(work_dir_of(out_dir), ignore_errors=True)  # the finished stage needs no checkpoints
+            model.save_pretrained(out / sub)
+        t0 = time.perf_counter()
+        metrics = test_metrics(CachedScorer(main), ds, self.config.train.max_len, self.config.train.eval_batch_size)
+        users_per_s = round(ds.num_users / (time.perf_counter() - t0), 2)  # one encoding pass serves every protocol
+        for m in metrics.values():
+            m["users_per_s"] = users_per_s
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "train_log.json", log)
+        return {"parameters": sum(p.numel() for p in main.parameters()),
+                "trainable_parameters": sum(p.numel() for p in main.parameters() if p.requires_grad),
+                "layers": main.num_layers, "train_seconds": log["train_seconds"], "users_per_s": users_per_s}
+
+    def finished(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # the finished stage needs no checkpoints
 
 
-def work_dir_of(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.work"
+class TeacherStage(LLMStage):
+    """Train the SLMRec teacher: an E4SRec-style LLM recommender (LoRA) over the ID backbone's item
+    embeddings; writes RUN/slmrec-teacher."""
+
+    name = "slmrec-teacher"
+    config_class = SLMRecTeacherConfig
+
+    def inputs(self) -> dict[str, Path]:
+        return {"data": self.run / "data", "item_embeddings": self.run / BackboneStage.name}
+
+    def build(self, out: Path) -> dict:
+        cfg = self.config
+        ds = load_dataset(self.run / "data")
+        items = _item_table(self.run / BackboneStage.name, ds)
+        torch.manual_seed(cfg.train.seed)
+        model = LLMRec(cfg.model, items)
+        return self.write(out, {"": model}, ds, self.train(Objective(model), model, ds))
 
 
-def train_teacher(data_dir: str | Path, sasrec: str | Path, out_dir: str | Path, cfg: TeacherConfig,
-                  force: bool = False) -> dict:
-    """Train the teacher (LLMRec with `cfg.model.layers` layers) unless up to date; return test metrics."""
-    out_dir, sasrec = Path(out_dir), Path(sasrec)
-    ds = load_dataset(data_dir)
-    items = _item_table(sasrec, ds)
-    inputs = {"data": ds.fingerprint, "item_embeddings": file_hash(sasrec / ITEM_EMBEDDINGS if sasrec.is_dir() else sasrec)}
-    if not force and is_up_to_date(out_dir, inputs, cfg.to_dict()):
-        return read_json(out_dir / "metrics.json")
-    torch.manual_seed(cfg.train.seed)
-    model = LLMRec(replace(cfg.model), items)
-    log = fit(model, model, ds, cfg.train, work_dir_of(out_dir), {"inputs": inputs, "config": cfg.to_dict()})
-    metrics, speed = test_report(model, ds, cfg.train)
-    _write(out_dir, "train-teacher", {"": model}, metrics, {**log, **speed}, inputs, cfg.to_dict(), cfg.train.seed)
-    return metrics
-
-
-def build_student(cfg: DistillRunConfig, teacher: LLMRec | None, items: torch.Tensor) -> LLMRec:
+def build_student(cfg: SLMRecStudentConfig, teacher: LLMRec | None, items: torch.Tensor) -> LLMRec:
     """The student: the teacher's base (unless given), its own depth, extra heads when lambda_ms > 0."""
     base = cfg.student.base or (teacher.config.base if teacher else None)
     student_cfg = replace(cfg.student, base=base, prompt_ids=None,
@@ -256,43 +262,44 @@ def build_student(cfg: DistillRunConfig, teacher: LLMRec | None, items: torch.Te
     return LLMRec(student_cfg, items)
 
 
-def distill(data_dir: str | Path, teacher_dir: str | Path | None, out_dir: str | Path, cfg: DistillRunConfig,
-            sasrec: str | Path | None = None, force: bool = False) -> dict:
-    """Distill a student from a trained teacher (offline) or with a teacher trained alongside (online).
+class StudentStage(LLMStage):
+    """Distill the SLMRec student from the trained teacher (offline KD) or with a teacher trained
+    alongside (online KD, `distill.mode = "online"`); writes RUN/slmrec-student."""
 
-    Offline KD reads the teacher and its item table from `teacher_dir`; online KD builds a fresh
-    `online_teacher_layers`-layer teacher on the student's base and the item table from `sasrec`."""
-    out_dir = Path(out_dir)
-    ds = load_dataset(data_dir)
-    teacher, inputs = None, {"data": ds.fingerprint}
-    if cfg.distill.mode == "offline" and teacher_dir is not None:
-        teacher = LLMRec.from_pretrained(teacher_dir)
-        if teacher.config.num_items != ds.num_items:
-            raise InputError(f"{teacher_dir}: teacher scores {teacher.config.num_items} items, "
-                             f"the data set has {ds.num_items}")
-        items = teacher.item_emb
-        inputs["teacher"] = file_hash(Path(teacher_dir) / WEIGHTS)
-    elif cfg.distill.needs_teacher and cfg.distill.mode == "offline":
-        raise InputError("offline distillation needs --teacher (a trained teacher folder)")
-    else:
-        if sasrec is None:
-            raise InputError("distillation without a teacher folder needs the SASRec item embeddings (--sasrec)")
-        items = _item_table(Path(sasrec), ds)
-        inputs["item_embeddings"] = file_hash(Path(sasrec) / ITEM_EMBEDDINGS if Path(sasrec).is_dir() else sasrec)
-    if not force and is_up_to_date(out_dir, inputs, cfg.to_dict()):
-        return read_json(out_dir / "metrics.json")
-    torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg, teacher, items)
-    if cfg.distill.mode == "online":
-        teacher = LLMRec(replace(student.config, layers=cfg.online_teacher_layers, aux_heads=[], prompt_ids=None,
-                                 seed=student.config.seed + 1), items)
-    distiller = Distiller(student, teacher, cfg.distill)
-    log = fit(distiller, student, ds, cfg.train, work_dir_of(out_dir), {"inputs": inputs, "config": cfg.to_dict()})
-    log.update({"loss_terms": cfg.distill.weights, "block_pairs": distiller.pairs})
-    metrics, speed = test_report(student, ds, cfg.train)
-    models = {"": student, **({"teacher": teacher} if cfg.distill.mode == "online" else {})}
-    _write(out_dir, "distill", models, metrics, {**log, **speed}, inputs, cfg.to_dict(), cfg.train.seed)
-    return metrics
+    name = "slmrec-student"
+    config_class = SLMRecStudentConfig
+
+    @property
+    def online(self) -> bool:
+        return self.config.distill.mode == "online"
+
+    def inputs(self) -> dict[str, Path]:
+        if self.online:  # a fresh teacher on the student's base, over the ID backbone's item table
+            return {"data": self.run / "data", "item_embeddings": self.run / BackboneStage.name}
+        return {"data": self.run / "data", "teacher": self.run / TeacherStage.name}
+
+    def build(self, out: Path) -> dict:
+        cfg = self.config
+        ds = load_dataset(self.run / "data")
+        teacher = None
+        if self.online:
+            items = _item_table(self.run / BackboneStage.name, ds)
+        else:
+            teacher_dir = self.run / TeacherStage.name
+            teacher = LLMRec.from_pretrained(teacher_dir)
+            if teacher.config.num_items != ds.num_items:
+                raise InputError(f"{teacher_dir}: teacher scores {teacher.config.num_items} items, "
+                                 f"the data set has {ds.num_items}")
+            items = teacher.item_emb
+        torch.manual_seed(cfg.train.seed)
+        student = build_student(cfg, teacher, items)
+        if self.online:
+            teacher = LLMRec(replace(student.config, layers=cfg.online_teacher_layers, aux_heads=[], prompt_ids=None,
+                                     seed=student.config.seed + 1), items)
+        distiller = Distiller(student, teacher, cfg.distill)
+        log = self.train(distiller, student, ds)
+        log.update({"loss_terms": cfg.distill.weights, "block_pairs": distiller.pairs})
+        return self.write(out, {"": student, **({"teacher": teacher} if self.online else {})}, ds, log)
 
 
 # SLMRec Table 4: the student with no feature loss, then adding cos, norm and multi-supervision in turn.
@@ -300,18 +307,17 @@ ABLATION = {"ce": (False, False, False), "ce+cos": (True, False, False),
             "ce+cos+norm": (True, True, False), "ce+cos+norm+ms": (True, True, True)}
 
 
-def distill_ablation(data_dir: str | Path, teacher_dir: str | Path | None, out_dir: str | Path,
-                     cfg: DistillRunConfig, sasrec: str | Path | None = None, force: bool = False) -> dict:
-    """Train and test the four ablation variants (the configured lambdas are the 'on' weights);
-    write `<out>/<variant>/` for each and `<out>/metrics.json` + `report.md` with the table."""
-    out_dir = Path(out_dir)
+def distill_ablation(run: str | Path, cfg: SLMRecStudentConfig, force: bool = False) -> dict:
+    """Train and test the four ablation variants (the configured lambdas are the 'on' weights) as
+    RUN/ablation/<variant>, and write RUN/ablation/metrics.json + report.md with the table."""
     results: dict[str, dict[str, dict]] = defaultdict(dict)
     for name, (cos, norm, ms) in ABLATION.items():
         d = cfg.distill
         variant = replace(cfg, distill=replace(d, lambda_cos=d.lambda_cos * cos, lambda_norm=d.lambda_norm * norm,
                                                lambda_ms=d.lambda_ms * ms))
-        for protocol, m in distill(data_dir, teacher_dir, out_dir / name, variant, sasrec, force).items():
+        stage = StudentStage(run, variant, folder=f"ablation/{name}")
+        run_stage(stage, force)
+        for protocol, m in read_json(stage.out / "metrics.json").items():
             results[protocol][name] = m
-    write_metrics_report(out_dir, dict(results), "SLMRec distillation ablation (Table 4)")
+    write_metrics_report(Path(run) / "ablation", dict(results), "SLMRec distillation ablation (Table 4)")
     return dict(results)
-

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.registry import register_model
+
 from .seqrec import SequentialRecommender
 
 
@@ -48,6 +50,7 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
+@register_model
 class SASRec(SequentialRecommender):
     model_type = "sasrec"
     config_class = SASRecConfig

@@ -1,8 +1,9 @@
 """What every ID-based sequential recommender shares: scoring, the loss, checkpoints.
 
-A subclass sets `model_type` and `config_class` and implements `encode` (left-padded histories ->
-one vector per position, in the item-embedding space); everything else is here, so SASRec and
-GRU4Rec are trained, scored, saved and exported the same way.
+A subclass sets `model_type` and `config_class`, implements `encode` (left-padded histories ->
+one vector per position, in the item-embedding space) and joins the registry with
+`@register_model`; everything else is here, so SASRec and GRU4Rec are trained, scored, saved and
+exported the same way. Adding an ID backbone is one such module, imported in `slmrec/__init__.py`.
 """
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from eval.errors import InputError
 from eval.io import CONFIG, WEIGHTS
-from eval.scoring import dot_scores
+from eval.registry import load_state, model_config, read_weights
+from eval.scoring import DotScorer
 
 ITEM_EMBEDDINGS = "item_embeddings.safetensors"
 
 
-class SequentialRecommender(nn.Module):
+class SequentialRecommender(DotScorer, nn.Module):
     model_type: ClassVar[str]
     config_class: ClassVar[type]  # a dataclass with at least num_items and hidden (the item-embedding size)
 
@@ -48,10 +50,6 @@ class SequentialRecommender(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         return self.item_emb.weight
 
-    def score(self, users: torch.Tensor, histories: torch.Tensor,
-              candidates: torch.Tensor | None) -> torch.Tensor:
-        return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
-
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over all items at every real position (targets 0 are ignored)."""
         h = self.encode(inputs)
@@ -71,14 +69,8 @@ class SequentialRecommender(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "SequentialRecommender":
-        path = Path(path)
-        if not (path / CONFIG).exists():
-            raise InputError(f"{path}: no {CONFIG}; not a {cls.__name__} checkpoint")
-        raw = json.loads((path / CONFIG).read_text())
-        if raw.pop("model_type", None) != cls.model_type:
-            raise InputError(f"{path / CONFIG}: model_type is not {cls.model_type!r}")
-        model = cls(cls.config_class(**raw))
-        model.load_state_dict(load_file(path / WEIGHTS))
+        model = cls(model_config(path, cls.config_class, cls.model_type))
+        load_state(model, read_weights(Path(path) / WEIGHTS), Path(path) / WEIGHTS)
         return model.eval()
 
 
@@ -88,4 +80,7 @@ def load_item_embeddings(path: str | Path) -> torch.Tensor:
     file = path / ITEM_EMBEDDINGS if path.is_dir() else path
     if not file.exists():
         raise InputError(f"{file}: item embeddings not found (run `slmrec pretrain` first)")
-    return load_file(file)["item_embeddings"]
+    table = read_weights(file)
+    if "item_embeddings" not in table:
+        raise InputError(f"{file}: no 'item_embeddings' tensor")
+    return table["item_embeddings"]

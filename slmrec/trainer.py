@@ -1,4 +1,4 @@
-"""The training loop for ID-based sequence models (SASRec, fused models).
+"""The training loop for ID-based sequence models (SASRec, GRU4Rec, fused models).
 
 Next-item cross-entropy on each user's training history, validation MRR after every epoch for model
 selection and early stopping, the best weights restored at the end. The LLM models use the HF
@@ -8,34 +8,27 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
+from eval.config import setting
 from eval.dataset import SeqDataset, pad_left
 from eval.evaluate import evaluate
 
 
-class Trainable(Protocol):
-    def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10            # epochs without a better validation MRR before stopping
-    select_protocol: str = "full" # candidate protocol of the validation MRR used for selection
-    max_len: int = 50
-    seed: int = 42
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    epochs: int = setting(200, "Most training epochs.")
+    batch_size: int = setting(128, "Users per batch.")
+    lr: float = setting(1e-3, "Learning rate (AdamW).")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    patience: int = setting(10, "Epochs without a better validation MRR before stopping.")
+    select_protocol: str = setting("full", "Candidate protocol of the validation MRR used for model selection.")
+    max_len: int = setting(50, "Most recent items a history keeps.")
+    seed: int = setting(42, "Random seed (data order and initial weights).")
 
 
 def next_item_pairs(ds: SeqDataset, max_len: int) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:

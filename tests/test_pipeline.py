@@ -10,14 +10,15 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from eval.assets import smollm2_path
-from fusion.pipeline import Pipeline, load_preset
+from fusion.pipeline import build_stages, run_pipeline
 from slim.records import read_records
 from tests.slim_fake_openai import FakeOpenAI
 
 USERS = 12  # teacher rationales: slow enough (fake server delay) to be killed in the middle
+FINISHED = ("data", "sasrec", "slmrec-teacher", "slmrec-student")  # the stages before them
 
 PRESET = """
-[prepare]
+[data]
 source = "{source}"
 rating_gt = 0.0
 user_core = 1
@@ -31,57 +32,57 @@ layers = 1
 epochs = 2
 max_len = 10
 
-[teacher.model]
+[slmrec-teacher.model]
 llama = {{ vocab_size = 300, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 4, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 128 }}
 layers = 4
 lora_r = 4
-[teacher.train]
+[slmrec-teacher.train]
 epochs = 1.0
 batch_size = 16
 max_len = 8
 evals_per_epoch = 1
 
-[student.student]
+[slmrec-student.student]
 layers = 2
 lora_r = 4
-[student.distill]
+[slmrec-student.distill]
 blocks = 2
-[student.train]
+[slmrec-student.train]
 epochs = 1.0
 batch_size = 16
 max_len = 8
 evals_per_epoch = 1
 
-[rationales]
+[slim-teacher-rationales]
 users = {users}
-[rationales.client]
+[slim-teacher-rationales.client]
 base_url = "{url}"
 model = "fake-teacher"
 concurrency = 1
 max_tokens = 32
 
-[finetune]
+[slim-student]
 base_model = "{lm}"
 epochs = 1.0
 batch_size = 4
 max_length = 256
 
-[student_rationales]           # the fine-tuned tiny student writes noise: read its answers from the fake endpoint
+[slim-student-rationales]      # the fine-tuned tiny student writes noise: read its answers from the fake endpoint
 backend = "endpoint"
+[slim-student-rationales.client]
 base_url = "{url}"
-[student_rationales.rationale.client]
 model = "fake-student"
 max_tokens = 32
 
-[fusion.models.hybrid-student]
+[fusion.hybrid-slmrec-student]
 mode = "hybrid"
-backbone = "student"
-[fusion.models.hybrid-student.train]
+backbone = "slmrec-student"
+[fusion.hybrid-slmrec-student.train]
 epochs = 2
-[fusion.models.text]
+[fusion.text]
 mode = "text"
 hidden = 8
-[fusion.models.text.train]
+[fusion.text.train]
 epochs = 2
 """
 
@@ -113,7 +114,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(synthetic, tmp_path)
         deadline = time.time() + 600
         while len(stages(run)) < 4 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        assert [s["stage"] for s in stages(run)][-1] == "slmrec student", proc.stderr.read().decode()[-2000:]
+        assert [s["stage"] for s in stages(run)][-1] == "slmrec-student", proc.stderr.read().decode()[-2000:]
         while len(server.requests) < 3 and time.time() < deadline:  # in the middle of the teacher rationales
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -121,25 +122,26 @@ def test_killed_run_resumes_without_redoing_finished_stages(synthetic, tmp_path)
         first = stages(run)
         assert len(first) == 4
         created = {d: json.loads((run / d / "manifest.json").read_text())["created"]
-                   for d in ("data", "sasrec", "teacher", "student")}
-        partial = len(read_records(run / "rationales" / "teacher" / "records.jsonl"))
+                   for d in FINISHED}
+        partial = len(read_records(run / "slim-teacher-rationales" / "records.jsonl"))
         assert 0 < partial < USERS
 
-        Pipeline(run, load_preset(str(preset))).run_all()
+        run_pipeline(run, build_stages(run, str(preset)))
         asked = sum(r["body"]["model"] == "fake-teacher" for r in server.requests)
 
     second = stages(run)[4:]
     status = {s["stage"]: s["status"] for s in second}
-    assert all(status[s] == "up to date" for s in ("prepare", "sasrec", "slmrec teacher", "slmrec student"))
-    assert status["teacher rationales"] == "ran" and status["report"] == "ran"
+    assert all(status[s] == "up to date" for s in FINISHED)
+    assert status["slim-teacher-rationales"] == "ran" and status["report"] == "ran"
     for d, stamp in created.items():
         assert json.loads((run / d / "manifest.json").read_text())["created"] == stamp
-    lines = (run / "rationales" / "teacher" / "records.jsonl").read_text().splitlines()
+    lines = (run / "slim-teacher-rationales" / "records.jsonl").read_text().splitlines()
     users = [json.loads(line)["user"] for line in lines]
     assert sorted(users) == sorted(set(users)) and len(users) == USERS
     assert asked <= USERS + 1   # only the request in flight at the kill can be asked twice
     report = json.loads((run / "report" / "metrics.json").read_text())
-    assert set(report["efficiency"]) == {"sasrec", "teacher", "student", "fusion/hybrid-student", "fusion/text"}
+    assert set(report["efficiency"]) == {"sasrec", "slmrec-teacher", "slmrec-student", "fusion/hybrid-slmrec-student",
+                                         "fusion/text"}
 
-    Pipeline(run, load_preset(str(preset))).run_all()   # a third run has nothing left to do
+    run_pipeline(run, build_stages(run, str(preset)))   # a third run has nothing left to do
     assert {s["status"] for s in stages(run)[4 + len(second):]} == {"up to date"}

@@ -1,0 +1,149 @@
+"""The stage contract: every step of a run is a `Stage`, and `run_stage` alone does the bookkeeping.
+
+A stage names its folder in the run (its `name`, which is also its preset table), lists the
+artifacts it reads (`inputs`), holds a frozen config and builds its outputs (`build`). `run_stage`
+decides whether the outputs are up to date (the same input fingerprints and config as the manifest
+records), builds into a temporary folder that is renamed into place (or into the folder itself, for
+append-only outputs that resume), writes the manifest and says whether the stage ran.
+
+Fingerprints are by content: a stage's manifest records a digest of what it wrote, and the stages
+downstream compare that digest, so a rerun that writes the same bytes invalidates nothing.
+
+Adding a stage: subclass `Stage` in a module of its own and add the class to the pipeline's list.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .config import config_dict
+from .errors import InputError
+from .io import MANIFEST, atomic_dir, file_hash, manifest, read_json, write_json
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    status: str            # "ran" | "up to date"
+    seconds: float
+    counts: dict[str, Any]
+
+
+class Stage(ABC):
+    """One step of the pipeline: `RUN/<folder>` built from `inputs()` and `config`."""
+
+    name: ClassVar[str]           # the stage's preset table and, by default, its folder in the run
+    config_class: ClassVar[type]
+    in_place: ClassVar[bool] = False  # build into the folder itself (append-only, resumable outputs)
+
+    def __init__(self, run: str | Path, config: Any = None, folder: str | None = None):
+        self.run = Path(run)
+        self.config = self.config_class() if config is None else config
+        self.folder = folder or self.default_folder()
+
+    def default_folder(self) -> str:
+        return self.name
+
+    @property
+    def out(self) -> Path:
+        return self.run / self.folder
+
+    def inputs(self) -> dict[str, Path]:
+        """The files and folders this stage reads (other stages' folders, raw files)."""
+        return {}
+
+    @abstractmethod
+    def build(self, out: Path) -> dict[str, Any]:
+        """Write the outputs into `out`; return the counts the manifest records."""
+
+    def digest(self, out: Path, counts: dict[str, Any]) -> str:
+        """What downstream stages compare: by default the content of every file written."""
+        return file_hash(out, exclude=(MANIFEST,))
+
+    def missing(self, counts: dict[str, Any]) -> int:
+        """Units of work that did not finish (e.g. users whose request failed); a rerun resumes them."""
+        return 0
+
+    def seed(self) -> int | None:
+        """The config's seed (or its training config's), for the manifest."""
+        for cfg in (self.config, getattr(self.config, "train", None)):
+            if hasattr(cfg, "seed"):
+                return cfg.seed
+        return None
+
+    def finished(self) -> None:
+        """Called once the outputs are in place (e.g. to drop resumable checkpoints)."""
+
+
+def fingerprint(path: Path) -> str:
+    """A stage folder's recorded output digest, or the content hash of any other file or folder."""
+    m = path / MANIFEST
+    if m.is_file():
+        recorded = _manifest(path)
+        if recorded and "outputs_sha256" in recorded:
+            return recorded["outputs_sha256"]
+    if not path.exists():
+        raise InputError(f"{path}: not found (run the stage that writes it first)")
+    return file_hash(path)
+
+
+def _manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of a stage folder, or None when there is none or it is unreadable (then the stage reruns)."""
+    try:
+        m = read_json(out / MANIFEST)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch only rank 0 writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def up_to_date(stage: Stage, inputs: dict[str, str], config: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage's manifest if its outputs were built from these inputs and config and finished, else None."""
+    old = _manifest(stage.out)
+    if old and old.get("inputs") == inputs and old.get("config") == config and not old.get("missing"):
+        return old
+    return None
+
+
+def run_stage(stage: Stage, force: bool = False) -> StageResult:
+    """Build the stage unless it is up to date; write its manifest; say whether it ran."""
+    t0 = time.perf_counter()
+    inputs = {k: fingerprint(Path(p)) for k, p in stage.inputs().items()}
+    config = config_dict(stage.config)
+    old = None if force else up_to_date(stage, inputs, config)
+    if old is not None:
+        return StageResult(stage.folder, "up to date", round(time.perf_counter() - t0, 1), old["counts"])
+
+    def finish(out: Path) -> dict[str, Any]:
+        counts = stage.build(out)
+        missing = stage.missing(counts)
+        write_json(out / MANIFEST, manifest(stage.folder, inputs=inputs, config=config, seed=stage.seed(),
+                                            counts=counts, extra={"outputs_sha256": stage.digest(out, counts),
+                                                                  "missing": missing}))
+        return counts
+
+    if not is_main_process():  # other ranks train alongside rank 0 but write nothing
+        with tempfile.TemporaryDirectory() as tmp:
+            counts = stage.build(Path(tmp))
+    elif stage.in_place:
+        stage.out.mkdir(parents=True, exist_ok=True)
+        (stage.out / MANIFEST).unlink(missing_ok=True)  # an interrupted build must not pass as the old one
+        counts = finish(stage.out)
+    else:
+        with atomic_dir(stage.out) as tmp:
+            counts = finish(tmp)
+    if is_main_process():
+        stage.finished()
+    missing = stage.missing(counts)
+    if missing:
+        raise InputError(f"{stage.out}: {missing} unfinished (see its manifest); rerun to resume")
+    return StageResult(stage.folder, "ran", round(time.perf_counter() - t0, 1), counts)
