@@ -14,7 +14,9 @@ import torch
 
 from eval.dataset import prepare_dataset
 from eval.preprocess import PrepareConfig
-from slmrec.pretrain import PretrainConfig, pretrain
+from eval.io import read_json
+from eval.stage import run_stage
+from slmrec.pretrain import BackboneStage, PretrainConfig
 from slmrec.trainer import TrainConfig
 
 PUBLISHED = {"HR@10": 0.8245, "NDCG@10": 0.5905}
@@ -34,14 +36,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ds = prepare_dataset(PrepareConfig(source="ml-1m", rating_gt=None, user_core=5, item_core=5,
-                                       negatives=[100]), args.run / "data")
+                                       negatives=[100]), args.run)
     print(f"ml-1m: {ds.num_users} users, {ds.num_items} items, {len(ds.interactions)} interactions "
           f"(paper: 6,040 users, 3,416 items) in {time.perf_counter() - t0:.0f}s")
     cfg = PretrainConfig(hidden=args.hidden, layers=2, heads=1, dropout=0.2,
                          train=TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=128,
                                            lr=1e-3, max_len=args.max_len, select_protocol="100"))
     t0 = time.perf_counter()
-    metrics = pretrain(args.run / "data", args.run / "sasrec", cfg, force=True)["100 negatives"]
+    stage = BackboneStage(args.run, cfg)
+    run_stage(stage, force=True)
+    metrics = read_json(stage.out / "metrics.json")["100 negatives"]
     train_s = time.perf_counter() - t0
     print(f"\nSASRec (CE over all items), trained+evaluated in {train_s / 60:.1f} min on "
           f"{torch.get_num_threads()} threads")

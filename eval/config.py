@@ -50,7 +50,8 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (Union, types.UnionType):
         return " or ".join(_describe(a) if a is not NoneType else "none" for a in typing.get_args(hint))
     if typing.get_origin(hint) is list:
-        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}"
+        (arg,) = typing.get_args(hint) or (Any,)
+        return "a list of " + {int: "integers", float: "numbers", str: "texts"}.get(arg, "values")
     return getattr(hint, "__name__", str(hint))
 
 
@@ -74,6 +75,8 @@ def check(value: Any, hint: Any, where: str) -> Any:
     if origin is list:
         if isinstance(value, str):  # a command-line list: comma-separated
             value = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a one-item list given as a plain value
         if not isinstance(value, list):
             raise InputError(f"{where}: expected {_describe(hint)}, got {value!r}")
         (arg,) = typing.get_args(hint) or (Any,)

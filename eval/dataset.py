@@ -22,7 +22,7 @@ from .errors import InputError
 from .io import MANIFEST, read_json
 from .loaders import load_source
 from .preprocess import PrepareConfig, attach_item_text, prepare, sample_candidates
-from .stage import Stage, run_stage
+from .stage import DATA, Stage, run_stage
 
 SPLITS = ("train", "valid", "test")
 
@@ -134,7 +134,7 @@ def source_path(cfg: PrepareConfig) -> Path:
 class DataStage(Stage):
     """Read raw data, filter, k-core, split leave-one-out and sample fixed candidates; writes RUN/data."""
 
-    name = "data"
+    name = DATA
     config_class = PrepareConfig
 
     def inputs(self) -> dict[str, Path]:

@@ -32,15 +32,24 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def share_modes(path: Path) -> None:
+    """Give every file and folder under `path` the modes the umask allows (as a plain open() would):
+    mkdtemp and some writers (safetensors) make them private, and an artifact is meant to be shared."""
+    os.chmod(path, 0o777 & ~_UMASK)
+    for p in path.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         yield tmp
+        share_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)

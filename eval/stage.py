@@ -23,7 +23,10 @@ from typing import Any, ClassVar
 
 from .config import config_dict
 from .errors import InputError
-from .io import MANIFEST, atomic_dir, file_hash, manifest, read_json, write_json
+from .io import MANIFEST, atomic_dir, file_hash, manifest, read_json, share_modes, write_json
+
+
+DATA = "data"  # the prepared data set's folder: the one input every other stage reads
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Stage(ABC):
     name: ClassVar[str]           # the stage's preset table and, by default, its folder in the run
     config_class: ClassVar[type]
     in_place: ClassVar[bool] = False  # build into the folder itself (append-only, resumable outputs)
+    missing_what: ClassVar[str] = "units of work unfinished"  # what `missing` counts, for the error
 
     def __init__(self, run: str | Path, config: Any = None, folder: str | None = None):
         self.run = Path(run)
@@ -52,6 +56,10 @@ class Stage(ABC):
     @property
     def out(self) -> Path:
         return self.run / self.folder
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run / DATA
 
     def inputs(self) -> dict[str, Path]:
         """The files and folders this stage reads (other stages' folders, raw files)."""
@@ -138,6 +146,7 @@ def run_stage(stage: Stage, force: bool = False) -> StageResult:
         stage.out.mkdir(parents=True, exist_ok=True)
         (stage.out / MANIFEST).unlink(missing_ok=True)  # an interrupted build must not pass as the old one
         counts = finish(stage.out)
+        share_modes(stage.out)
     else:
         with atomic_dir(stage.out) as tmp:
             counts = finish(tmp)
@@ -145,5 +154,5 @@ def run_stage(stage: Stage, force: bool = False) -> StageResult:
         stage.finished()
     missing = stage.missing(counts)
     if missing:
-        raise InputError(f"{stage.out}: {missing} unfinished (see its manifest); rerun to resume")
+        raise InputError(f"{stage.out}: {missing} {stage.missing_what} (see its manifest); rerun to resume")
     return StageResult(stage.folder, "ran", round(time.perf_counter() - t0, 1), counts)

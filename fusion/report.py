@@ -21,7 +21,7 @@ from eval.io import MANIFEST, read_json, write_json
 from eval.popularity import popularity_metrics
 from eval.registry import MODELS, load_model, max_len_of, model_type
 from eval.scoring import CachedScorer
-from eval.stage import Stage
+from eval.stage import DATA, Stage
 from eval.tables import floor_of, markdown_table, print_table
 
 from .groups import item_popularity_groups, user_length_groups, users_by_test_item
@@ -103,7 +103,7 @@ class ReportStage(Stage):
         models = find_models(self.run)
         if not models:
             raise InputError(f"{self.run}: no trained models found")
-        return {"data": self.run / "data", **models}
+        return {"data": self.data_dir, **models}
 
     def build(self, out: Path) -> dict:
         results = evaluate_run(self.run, out, self.config.analysis_protocol)
@@ -113,7 +113,7 @@ class ReportStage(Stage):
 def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "full") -> dict:
     """Score every model of `run`; write metrics.json, report.md and plots to `out`; return the results."""
     run, out = Path(run), Path(out)
-    ds = load_dataset(run / "data")
+    ds = load_dataset(run / DATA)
     models = find_models(run)
     if not models:
         raise InputError(f"{run}: no trained models found")

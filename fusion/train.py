@@ -76,14 +76,14 @@ class FusionStage(Stage):
         return self.run / self.config.backbone if self.config.mode == "hybrid" else None
 
     def inputs(self) -> dict[str, Path]:
-        files = {"data": self.run / "data", "vectors": self.run / VectorsStage.name}
+        files = {"data": self.data_dir, "vectors": self.run / VectorsStage.name}
         if self.backbone_dir is not None:
             files["backbone"] = self.backbone_dir
         return files
 
     def build(self, out: Path) -> dict:
         cfg = self.config
-        ds = load_dataset(self.run / "data")
+        ds = load_dataset(self.data_dir)
         torch.manual_seed(cfg.train.seed)  # the new heads' initial weights are part of the seeded run
         model = build(ds, cfg, load_vectors(self.run / VectorsStage.name), self.backbone_dir, self.out)
         tc = replace(cfg.train, max_len=model.config.max_len)

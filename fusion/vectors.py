@@ -1,7 +1,6 @@
 """Text vectors for fusion: user rationale vectors and item-text vectors, by id."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ class TextVectors:
     user_vectors: np.ndarray    # [len(user_ids), dim]
     item_ids: np.ndarray        # item ids (1..I) that have a text vector
     item_vectors: np.ndarray    # [len(item_ids), dim]
-    fingerprint: str            # changes whenever any vector changes
 
     @property
     def dim(self) -> int:
@@ -27,7 +25,4 @@ def load_vectors(db_path: str | Path) -> TextVectors:
     """Rationale and item-text vectors from the LanceDB tables the vectors stage wrote."""
     user_ids, user_vectors = read_vectors(db_path, USERS_TABLE)
     item_ids, item_vectors = read_vectors(db_path, ITEMS_TABLE)
-    h = hashlib.sha256()
-    for a in (user_ids, user_vectors, item_ids, item_vectors):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return TextVectors(user_ids, user_vectors, item_ids, item_vectors, h.hexdigest())
+    return TextVectors(user_ids, user_vectors, item_ids, item_vectors)

@@ -102,7 +102,10 @@ class VectorsStage(Stage):
     config_class = EncodeConfig
     in_place = True
     def inputs(self) -> dict[str, Path]:
-        return {"data": self.run / "data", "records": self.run / StudentRationalesStage.name}
+        files = {"data": self.data_dir, "records": self.run / StudentRationalesStage.name}
+        if self.config.model is None:  # the embedded default may change with its package; a path is in the config
+            files["encoder"] = minilm_path()
+        return files
 
     def build(self, out: Path) -> dict[str, Any]:
         import lancedb
@@ -110,7 +113,7 @@ class VectorsStage(Stage):
 
         cfg = self.config
         model_path = str(cfg.model or minilm_path())
-        ds = load_dataset(self.run / "data")
+        ds = load_dataset(self.data_dir)
         records = self.run / StudentRationalesStage.name / RECORDS
         recs = read_records(records, cfg.prompt_version, cfg.record_model)
         users = sorted(u for u, r in recs.items() if rationale_text(r))

@@ -82,8 +82,11 @@ class SlimStudentStage(Stage):
     def inputs(self) -> dict[str, Path]:
         from .rationales import TeacherRationalesStage
 
-        return {"data": self.run / "data", "records": self.run / TeacherRationalesStage.name,
-                "template": template_path(self.config.template)}
+        files = {"data": self.data_dir, "records": self.run / TeacherRationalesStage.name,
+                 "template": template_path(self.config.template)}
+        if self.config.base_model is None:  # the embedded default may change with its package; a path is in the config
+            files["base"] = smollm2_path()
+        return files
 
     def build(self, out: Path) -> dict[str, Any]:
         import torch
@@ -98,7 +101,7 @@ class SlimStudentStage(Stage):
         set_seed(cfg.seed)
         tok = AutoTokenizer.from_pretrained(base)
         tok.pad_token = tok.pad_token or tok.eos_token
-        pairs = training_pairs(self.run / "data", self.inputs()["records"] / RECORDS, cfg, base)
+        pairs = training_pairs(self.data_dir, self.inputs()["records"] / RECORDS, cfg, base)
         rows = [tokenize_example(tok, p, a, cfg.max_length) for p, a in pairs]
         order = np.random.default_rng(cfg.seed).permutation(len(rows))
         n_val = max(1, int(round(len(rows) * cfg.val_fraction))) if len(rows) > 1 else 0

@@ -1,7 +1,9 @@
 """In-process batched generation: the CPU-speed alternative to a server, same Generator interface.
 
-A server on CPU decodes one request at a time; `model.generate` on a left-padded batch decodes many
-users per forward pass, which is several times faster for a small student.
+A `transformers serve` server on CPU decodes one request at a time; `model.generate` on a left-padded
+batch decodes many users per forward pass, which is several times faster for a small student.
+vLLM (slim.vllm_engine.VllmGenerator: continuous batching, bf16, its own CPU kernels) is faster
+still where it runs: `make_generator` picks it there and this transformers path elsewhere.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .client import Completion
+from .client import Completion, Generator
 from .lora import load_causal_lm, load_merged
 
 
@@ -61,3 +63,39 @@ class LocalGenerator:
             batch = jobs[i:i + self.batch_size]
             for (key, _), c in zip(batch, self.generate([p for _, p in batch])):
                 yield key, c
+
+    def close(self) -> None:
+        """Nothing to stop (the vLLM generator has an engine process to stop)."""
+
+    def __enter__(self) -> "LocalGenerator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_generator(model_path: str | Path | None = None, adapter: str | Path | None = None, batch_size: int = 16,
+                   max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42, engine: str = "auto",
+                   **vllm_options: Any) -> Generator:
+    """In-process generation with vLLM where it imports and starts, else `LocalGenerator`
+    (transformers); one line on stderr says which and why. engine: auto | vllm | transformers
+    (vllm where it cannot run is an error). `vllm_options` go to VllmGenerator (dtype, prefix_caching, ...)."""
+    from .vllm_engine import VllmGenerator, announce, choose_engine, vllm_status
+
+    name, why = choose_engine(engine)
+    if name == "vllm":
+        status = vllm_status()
+        try:
+            gen = VllmGenerator(model_path, adapter, batch_size, max_new_tokens, temperature, seed, **vllm_options)
+        except Exception as e:  # noqa: BLE001 - auto falls back, with the reason on its one line
+            if engine == "vllm":
+                raise
+            last = (str(e).strip().splitlines() or [""])[-1][:200]
+            why = f"fallback: vllm did not start ({type(e).__name__}: {last})"
+        else:
+            detail = f"{status.device}, {gen.dtype}" + (", merged adapter" if adapter and status.cpu else
+                                                        ", LoRA adapter" if adapter else "")
+            announce("slim generation engine", "vllm", f"{why}; started in {gen.startup_s:.0f} s", detail)
+            return gen
+    announce("slim generation engine", "transformers", why, f"batch {batch_size}")
+    return LocalGenerator(model_path, adapter, batch_size, max_new_tokens, temperature, seed)

@@ -109,9 +109,10 @@ class RationaleStage(Stage):
     fingerprinted by the records file; users whose request failed are what is missing."""
 
     in_place = True
+    missing_what = "users have no record (their requests failed)"
 
     def inputs(self) -> dict[str, Path]:
-        return {"data": self.run / "data", "template": template_path(self.config.template)}
+        return {"data": self.data_dir, "template": template_path(self.config.template)}
 
     def digest(self, out: Path, counts: dict[str, Any]) -> str:
         return file_hash(out / RECORDS)
@@ -132,4 +133,4 @@ class TeacherRationalesStage(RationaleStage):
 
         serve = str(smollm2_path()) if self.config.serve == EMBEDDED else self.config.serve
         with endpoint(self.config.client, serve, log_path=out / "server.log") as client:
-            return run_generation(self.run / "data", out, self.config, client, stage=self.name)
+            return run_generation(self.data_dir, out, self.config, client, stage=self.name)

@@ -1,13 +1,14 @@
 """A local OpenAI-compatible server for a model folder (+ LoRA adapter), as a context manager.
 
-`vllm serve` where vllm is importable (GPU; the adapter is loaded with --enable-lora), otherwise
-`transformers serve` (CPU; the adapter is merged into a copy of the base first). Either way the
-server is ready only once it has answered a real chat completion.
+vLLM where it imports and finds a device (`python -m vllm.entrypoints.openai.api_server` from this
+interpreter: on a GPU the adapter is loaded with --enable-lora, on CPU its merged copy is served in
+bf16 with vLLM's CPU settings; see slim.vllm_engine), otherwise `transformers serve` (the adapter
+merged into a copy of the base first). One line on stderr says which and why. Either way the server
+is ready only once it has answered a real chat completion.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Iterator
 
 from eval.errors import InputError
-from eval.io import read_json
 
 from .client import ChatClient, ClientConfig
 from .lora import adapter_base, merged_dir
+from .vllm_engine import announce, choose_engine, serve_command, vllm_status
 
 LORA_NAME = "student"
 
@@ -36,11 +37,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def pick_backend(backend: str = "auto") -> str:
-    if backend == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-    if backend not in ("vllm", "transformers"):
+    """vllm or transformers: auto picks vLLM where it imports and finds a device (slim.vllm_engine)."""
+    return _pick(backend)[0]
+
+
+def _pick(backend: str) -> tuple[str, str]:
+    if backend not in ("auto", "vllm", "transformers"):
         raise InputError(f"unknown serving backend '{backend}' (choose auto, vllm or transformers)")
-    return backend
+    return choose_engine(backend)
 
 
 def _cli(name: str) -> str:
@@ -57,10 +61,14 @@ class Server:
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  port: int | None = None, host: str = "127.0.0.1", backend: str = "auto",
-                 startup_timeout_s: float = 900.0, log_path: str | Path | None = None):
+                 startup_timeout_s: float = 900.0, log_path: str | Path | None = None, *,
+                 dtype: str | None = None, prefix_caching: bool = True, extra_args: tuple[str, ...] = (),
+                 quiet: bool = False):
+        """`dtype` (vLLM; default bf16 on CPU, vLLM's choice on a GPU), `prefix_caching` (vLLM; off for
+        benchmarks that repeat prompts) and `extra_args` (appended to the server's command line)."""
         if model_path is None and adapter is None:
             raise InputError("serve needs a model path or an adapter")
-        self.backend = pick_backend(backend)
+        self.backend, why = _pick(backend)
         self.adapter = Path(adapter) if adapter else None
         self.model_path = str(model_path or adapter_base(self.adapter))
         if not Path(self.model_path).exists():
@@ -70,6 +78,16 @@ class Server:
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="slim-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.model_name = self.model_path
+        self.dtype, self.prefix_caching, self.extra_args = dtype, prefix_caching, tuple(extra_args)
+        self.env: dict[str, str] = dict(os.environ)
+        self.startup_s: float | None = None
+        if not quiet:
+            detail = ""
+            if self.backend == "vllm":
+                status = vllm_status()
+                detail = (f"CPU, {dtype or 'bfloat16'}, eager" + (", merged adapter" if self.adapter else "")
+                          if status.cpu else "GPU" + (", adapter with --enable-lora" if self.adapter else ""))
+            announce("slim serve engine", self.backend, why, detail)
 
     @property
     def base_url(self) -> str:
@@ -78,12 +96,15 @@ class Server:
     def command(self) -> list[str]:
         where = ["--host", self.host, "--port", str(self.port)]
         if self.backend == "vllm":
-            cmd = [_cli("vllm"), "serve", self.model_path, *where]
-            if self.adapter:
-                rank = read_json(self.adapter / "adapter_config.json")["r"]
-                cmd += ["--enable-lora", "--lora-modules", f"{LORA_NAME}={self.adapter}",
-                        "--max-lora-rank", str(max(8, rank))]
-                self.model_name = LORA_NAME
+            status = vllm_status()
+            served = self.model_path  # the name requests use (for a served copy too)
+            if self.adapter and not status.cpu:
+                self.model_name = LORA_NAME  # requests name the adapter; the base stays served as model_path
+            elif self.adapter:  # CPU: a LoRA forces eager mode at half speed, the merged copy does not
+                served = self.model_name = str(merged_dir(self.adapter, self.model_path))
+            cmd, self.env = serve_command(status, self.model_path, self.adapter, self.host, self.port, served,
+                                          dtype=self.dtype, prefix_caching=self.prefix_caching,
+                                          extra_args=self.extra_args)
             return cmd
         if self.adapter:  # transformers serve cannot load an adapter: serve base + adapter merged
             self.model_name = str(merged_dir(self.adapter, self.model_path))
@@ -93,12 +114,15 @@ class Server:
         # `transformers serve` answers GET /v1/models with a 500 when the hub cache folder is missing
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
         hub.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        cmd = self.command()  # sets self.env (vLLM's CPU settings)
+        env = {**self.env, "HF_HUB_OFFLINE": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         self.wait_ready()
+        self.startup_s = time.monotonic() - t0
         return self
 
     def wait_ready(self) -> None:

@@ -62,8 +62,8 @@ class StudentRationalesStage(RationaleStage):
         if cfg.backend == "local":
             gen = LocalGenerator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
                                  cfg.client.temperature, cfg.seed)
-            return run_generation(self.run / "data", out, cfg, gen, label, stage=self.name)
+            return run_generation(self.data_dir, out, cfg, gen, label, stage=self.name)
         own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run
         with endpoint(cfg.client, cfg.base_model if own else None, self.adapter if own else None,
                       out / "server.log") as chat:
-            return run_generation(self.run / "data", out, cfg, chat, label, stage=self.name)
+            return run_generation(self.data_dir, out, cfg, chat, label, stage=self.name)

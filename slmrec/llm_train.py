@@ -143,6 +143,19 @@ class RecTrainer(Trainer):
                              f"unexpected {load_result.unexpected_keys[:3]}")
 
 
+class Objective(nn.Module):
+    """The module the Trainer trains, around a recommender or distiller whose forward returns
+    {"loss": ...}. The Trainer writes HF-only attributes into `model.config`; this wrapper has none,
+    so the recommender's frozen config stays untouched."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, histories: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.module(histories, targets)
+
+
 def train_llm(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainConfig, work_dir: Path,
               fingerprint: dict) -> dict:
     """Train `module` (its forward returns {"loss": ...}) and keep the weights of the best validation MRR.
@@ -171,7 +184,7 @@ def train_llm(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainCo
         logging_steps=max(1, every // 4), report_to="none", bf16=cfg.bf16, seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
         label_names=[], ddp_find_unused_parameters=False)
-    trainer = RecTrainer(model=module, args=args, train_dataset=train, eval_dataset=valid,
+    trainer = RecTrainer(model=Objective(module), args=args, train_dataset=train, eval_dataset=valid,
                          ds=ds, scored=scored, rec_cfg=cfg)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work_dir)))
@@ -185,19 +198,6 @@ def _item_table(sasrec: Path, ds: SeqDataset) -> torch.Tensor:
     if items.shape[0] != ds.num_items + 1:
         raise InputError(f"{sasrec}: item embeddings have {items.shape[0] - 1} items, the data set has {ds.num_items}")
     return items
-
-
-class Objective(nn.Module):
-    """A recommender as the Trainer's model: its forward returns {"loss": ...}. The Trainer writes
-    HF-only attributes into `model.config`; this wrapper has none, so the recommender's frozen config
-    stays untouched."""
-
-    def __init__(self, rec: LLMRec):
-        super().__init__()
-        self.rec = rec
-
-    def forward(self, histories: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.rec(histories, targets)
 
 
 class LLMStage(Stage):
@@ -241,15 +241,15 @@ class TeacherStage(LLMStage):
     config_class = SLMRecTeacherConfig
 
     def inputs(self) -> dict[str, Path]:
-        return {"data": self.run / "data", "item_embeddings": self.run / BackboneStage.name}
+        return {"data": self.data_dir, "item_embeddings": self.run / BackboneStage.name}
 
     def build(self, out: Path) -> dict:
         cfg = self.config
-        ds = load_dataset(self.run / "data")
+        ds = load_dataset(self.data_dir)
         items = _item_table(self.run / BackboneStage.name, ds)
         torch.manual_seed(cfg.train.seed)
         model = LLMRec(cfg.model, items)
-        return self.write(out, {"": model}, ds, self.train(Objective(model), model, ds))
+        return self.write(out, {"": model}, ds, self.train(model, model, ds))
 
 
 def build_student(cfg: SLMRecStudentConfig, teacher: LLMRec | None, items: torch.Tensor) -> LLMRec:
@@ -275,12 +275,12 @@ class StudentStage(LLMStage):
 
     def inputs(self) -> dict[str, Path]:
         if self.online:  # a fresh teacher on the student's base, over the ID backbone's item table
-            return {"data": self.run / "data", "item_embeddings": self.run / BackboneStage.name}
-        return {"data": self.run / "data", "teacher": self.run / TeacherStage.name}
+            return {"data": self.data_dir, "item_embeddings": self.run / BackboneStage.name}
+        return {"data": self.data_dir, "teacher": self.run / TeacherStage.name}
 
     def build(self, out: Path) -> dict:
         cfg = self.config
-        ds = load_dataset(self.run / "data")
+        ds = load_dataset(self.data_dir)
         teacher = None
         if self.online:
             items = _item_table(self.run / BackboneStage.name, ds)

@@ -57,11 +57,11 @@ class BackboneStage(Stage):
         return self.config.model
 
     def inputs(self) -> dict[str, Path]:
-        return {"data": self.run / "data"}
+        return {"data": self.data_dir}
 
     def build(self, out: Path) -> dict:
         cfg = self.config
-        ds = load_dataset(self.run / "data")
+        ds = load_dataset(self.data_dir)
         torch.manual_seed(cfg.train.seed)  # the initial weights too: same data and seed, same model
         model = build_backbone(cfg, ds.num_items)
         log = fit(model, ds, cfg.train, desc=type(model).__name__)

@@ -1,27 +1,53 @@
-"""SLIM test helpers: a real chat-completions HTTP server on 127.0.0.1 with scripted faults, and a data set.
+"""SLIM test helpers: a real chat-completions HTTP server on 127.0.0.1 with scripted faults, and a run
+with a prepared data set.
 
 Faults are consumed one per request, in order: "429" (with a 10 ms Retry-After), "500",
 "timeout" (answers only after `sleep_s`, past the client's timeout) and "malformed" (an answer
 without the three steps). After the script runs out every request gets a well-formed answer.
+`GET /v1/models` lists the one served model (`model`); those requests are counted in `model_lists`,
+not in `requests` (the chat completions).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SERVED_MODEL = "fake-served-model"
 
 
 class FakeOpenAI:
-    def __init__(self, faults: list[str] | None = None, delay_s: float = 0.0, sleep_s: float = 1.5):
-        self.faults, self.delay_s, self.sleep_s = list(faults or []), delay_s, sleep_s
+    def __init__(self, faults: list[str] | None = None, delay_s: float = 0.0, sleep_s: float = 1.5,
+                 model: str = SERVED_MODEL):
+        self.faults, self.delay_s, self.sleep_s, self.model = list(faults or []), delay_s, sleep_s, model
         self.requests: list[dict] = []
+        self.model_lists = 0
         self.lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def _json(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.rstrip("/").split("?")[0] != "/v1/models":
+                    self._json(404, {"error": {"message": f"no route {self.path}"}})
+                    return
+                with fake.lock:
+                    fake.model_lists += 1
+                self._json(200, {"object": "list", "data": [{"id": fake.model, "object": "model", "created": 0,
+                                                              "owned_by": "fake"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -68,15 +94,25 @@ class FakeOpenAI:
         self.httpd.server_close()
 
 
-def make_dataset(folder) -> str:
-    """A prepared 40-user x 30-item data set (via the shared data layer), for SLIM tests."""
+def make_dataset(folder) -> Path:
+    """A run folder whose data stage has prepared a 40-user x 30-item data set (RUN/data), for SLIM tests."""
     from eval.dataset import prepare_dataset
     from eval.preprocess import PrepareConfig
     from tests.conftest import write_atomic
 
+    folder = Path(folder)
     rows = [(f"u{u}", f"i{(u + t) % 30}", 5, 1000 + t) for u in range(40) for t in range(8)]
     items = [(f"i{i}", f"Movie {i}", 1990 + i, "Drama") for i in range(30)]
     raw = write_atomic(folder / "raw", "syn", rows, items)
     prepare_dataset(PrepareConfig(source=str(raw), rating_gt=None, user_core=1, item_core=1, negatives=[5]),
-                    folder / "data")
-    return str(folder / "data")
+                    folder)
+    return folder
+
+
+def run_with_data(source_run, run, *folders: str) -> Path:
+    """A fresh run folder holding copies of `source_run`'s RUN/data and the given other stage folders
+    (manifests included, so the copies keep their fingerprints)."""
+    run = Path(run)
+    for name in ("data", *folders):
+        shutil.copytree(Path(source_run) / name, run / name)
+    return run

@@ -1,4 +1,6 @@
-"""The data layer: chronology, ids, reproducibility, candidates, k-core and bad input."""
+"""The data layer: chronology, ids, reproducibility, candidates, k-core and bad input.
+
+`prepare_dataset(cfg, RUN)` runs the data stage, which writes RUN/data."""
 import gzip
 import json
 
@@ -23,7 +25,8 @@ def test_histories_are_chronological_not_by_item_id(tmp_path):
     # item ids deliberately out of time order; ties on timestamp keep file order
     rows = [("a", "9", 5, 30), ("a", "1", 5, 10), ("a", "5", 5, 20), ("a", "7", 5, 20),
             ("b", "1", 5, 1), ("b", "9", 5, 2), ("b", "5", 5, 3)]
-    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[1]), tmp_path / "out")
+    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[1]), tmp_path / "run")
+    assert ds.path == tmp_path / "run" / "data"
     raw = dict(zip(ds.items["item"], ds.items["raw_id"]))
     assert [raw[i] for i in ds.sequences[0]] == ["1", "5", "7", "9"]
     assert ds.target("test")[0] == ds.items.set_index("raw_id").loc["9", "item"]
@@ -32,7 +35,7 @@ def test_histories_are_chronological_not_by_item_id(tmp_path):
 
 
 def test_item_zero_is_padding_only(synthetic, tmp_path):
-    ds = prepare_dataset(cfg(synthetic), tmp_path / "out")
+    ds = prepare_dataset(cfg(synthetic), tmp_path / "run")
     assert ds.items["item"].min() == 1 and ds.items["item"].max() == ds.num_items
     assert (ds.interactions["item"] > 0).all()
     assert (ds.candidates("test", 5) > 0).all()  # every user here has >= 5 unseen items
@@ -50,7 +53,7 @@ def test_same_seed_same_everything_other_seed_other_candidates(synthetic, tmp_pa
 
 
 def test_candidates_are_unseen_unique_and_truth_first(synthetic, tmp_path):
-    ds = prepare_dataset(cfg(synthetic, negatives=[5, 15]), tmp_path / "out")
+    ds = prepare_dataset(cfg(synthetic, negatives=[5, 15]), tmp_path / "run")
     for split in ("valid", "test"):
         for n in (5, 15):
             cand = ds.candidates(split, n)
@@ -63,7 +66,7 @@ def test_candidates_are_unseen_unique_and_truth_first(synthetic, tmp_path):
 
 def test_short_candidate_lists_are_padded_and_recorded(tmp_path):
     rows = [("a", str(i), 5, i) for i in range(6)] + [("b", "0", 5, 1), ("b", "1", 5, 2), ("b", "2", 5, 3)]
-    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[4]), tmp_path / "out")
+    ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[4]), tmp_path / "run")
     cand = ds.candidates("test", 4)
     assert (cand[0, 1:] == 0).all()           # user a has seen every item: no negatives left
     assert sorted(cand[1, 1:]) == [0, 4, 5, 6]  # user b: all 3 unseen items, then padding
@@ -82,13 +85,13 @@ def test_k_core_is_iterative():
 def test_rating_threshold_and_dedup(tmp_path):
     rows = [("a", "1", 5, 1), ("a", "2", 3, 2), ("a", "1", 5, 3), ("a", "3", 4, 4), ("a", "4", 4, 5)]
     ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), rating_gt=3.0, negatives=[1]),
-                         tmp_path / "out")
+                         tmp_path / "run")
     assert sorted(ds.items["raw_id"]) == ["1", "3", "4"]
     assert len(ds.sequences[0]) == 3  # the repeated (a, 1) is kept once
 
 
 def test_item_text_is_kept(synthetic, tmp_path):
-    ds = prepare_dataset(cfg(synthetic), tmp_path / "out")
+    ds = prepare_dataset(cfg(synthetic), tmp_path / "run")
     row = ds.items.iloc[0]
     assert row["title"].startswith("Movie") and "Drama" in row["text"] and row["year"] in row["text"]
     assert ds.item_texts()[0] == "" and len(ds.item_texts()) == ds.num_items + 1
@@ -141,16 +144,18 @@ def _no_partial(parent):
 
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="nope.*not found"):
-        prepare_dataset(cfg(tmp_path / "nope"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        prepare_dataset(cfg(tmp_path / "nope"), tmp_path / "run")
+    assert not (tmp_path / "run" / "data").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = _gz_lines(tmp_path / "r.json.gz", [{"reviewerID": "A", "asin": "X", "overall": 5, "unixReviewTime": 1},
                                               "{not json\n"])
     with pytest.raises(InputError, match=r"r\.json\.gz:2: malformed JSON"):
-        prepare_dataset(cfg(path, format="amazon"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        prepare_dataset(cfg(path, format="amazon"), tmp_path / "run")
+    assert not (tmp_path / "run" / "data").exists()
+    _no_partial(tmp_path / "run")
 
 
 def test_missing_field_in_json(tmp_path):
@@ -164,22 +169,23 @@ def test_missing_column(tmp_path):
     folder.mkdir()
     (folder / "d.inter").write_text("user_id:token\titem_id:token\n1\t2\n")
     with pytest.raises(InputError, match=r"d\.inter: missing column 'timestamp'"):
-        prepare_dataset(cfg(folder), tmp_path / "out")
+        prepare_dataset(cfg(folder), tmp_path / "run")
 
 
 def test_bad_number_names_line_and_field(tmp_path):
     folder = write_atomic(tmp_path / "d", "d", [("a", "1", 5, 1), ("a", "2", "five", 2)])
     with pytest.raises(InputError, match=r"d\.inter:3: field 'rating'"):
-        prepare_dataset(cfg(folder), tmp_path / "out")
+        prepare_dataset(cfg(folder), tmp_path / "run")
 
 
 def test_empty_after_filtering_keeps_previous_output(synthetic, tmp_path):
-    out = tmp_path / "out"
-    good = prepare_dataset(cfg(synthetic), out)
-    before = file_hash(out)
+    run = tmp_path / "run"
+    good = prepare_dataset(cfg(synthetic), run)
+    before = file_hash(run / "data")
     with pytest.raises(InputError, match="no interactions left after filtering"):
-        prepare_dataset(cfg(synthetic, user_core=100), out)
-    assert file_hash(out) == before and load_dataset(out).num_users == good.num_users
+        prepare_dataset(cfg(synthetic, user_core=100), run)
+    assert file_hash(run / "data") == before and load_dataset(run / "data").num_users == good.num_users
+    _no_partial(run)
     _no_partial(tmp_path)
 
 

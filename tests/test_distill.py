@@ -1,5 +1,6 @@
 """Layer-wise distillation: block pairing, each loss term's effect, guards, and the stages end to end."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,10 +8,13 @@ from safetensors.torch import save_file
 
 from eval.dataset import prepare_dataset
 from eval.errors import InputError
+from eval.io import read_json
 from eval.preprocess import PrepareConfig
+from eval.stage import run_stage
 from slmrec.distill import DistillConfig, Distiller, block_pairs
 from slmrec.llm import LLMRec, LLMRecConfig
-from slmrec.llm_train import DistillRunConfig, LLMTrainConfig, TeacherConfig, build_student, distill, train_teacher
+from slmrec.llm_train import (LLMTrainConfig, SLMRecStudentConfig, SLMRecTeacherConfig, StudentStage, TeacherStage,
+                              build_student)
 
 TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=8, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -35,8 +39,8 @@ def teacher8():
 
 def student_grads(**lambdas):
     cfg = DistillConfig(**{"lambda_cos": 0.0, "lambda_norm": 0.0, "lambda_ms": 0.0, **lambdas})
-    student = build_student(DistillRunConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4, lora_dropout=0.0),
-                                             distill=cfg), None, ITEMS)
+    student = build_student(SLMRecStudentConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4, lora_dropout=0.0),
+                                                distill=cfg), None, ITEMS)
     d = Distiller(student, teacher8(), cfg).train()
     out = d(H, T)
     out["loss"].backward()
@@ -63,7 +67,7 @@ def test_each_loss_term_changes_student_gradients_only_when_on(term):
 
 def test_configured_distillation_loss_is_really_on():
     cfg = DistillConfig()  # the defaults: cos 1, norm 0.1, ms 1
-    student = build_student(DistillRunConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4)), None, ITEMS)
+    student = build_student(SLMRecStudentConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4)), None, ITEMS)
     assert sorted(map(int, student.aux)) == [1, 2, 3]
     d = Distiller(student, teacher8(), cfg)
     out = d(H, T)
@@ -83,7 +87,7 @@ def test_configured_distillation_loss_is_really_on():
 
 def test_online_kd_trains_the_teacher_too():
     cfg = DistillConfig(mode="online")
-    student = build_student(DistillRunConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4), distill=cfg),
+    student = build_student(SLMRecStudentConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4), distill=cfg),
                             None, ITEMS)
     d = Distiller(student, model(8, seed=3), cfg).train()
     out = d(H, T)
@@ -102,34 +106,44 @@ def test_teacher_of_the_wrong_shape_is_a_clear_error():
 
 @pytest.fixture
 def run(synthetic, tmp_path):
+    """A run with RUN/data prepared and a hand-made RUN/sasrec holding only the item embeddings."""
+    run = tmp_path / "run"
     prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1, negatives=[10]),
-                    tmp_path / "data")
-    (tmp_path / "sasrec").mkdir()
-    save_file({"item_embeddings": ITEMS}, tmp_path / "sasrec" / "item_embeddings.safetensors")
-    return tmp_path
+                    run)
+    (run / "sasrec").mkdir()
+    save_file({"item_embeddings": ITEMS}, run / "sasrec" / "item_embeddings.safetensors")
+    return run
 
 
-def test_teacher_then_student_end_to_end(run):
+def test_teacher_then_student_end_to_end(run, tmp_path):
     train = LLMTrainConfig(epochs=1, batch_size=8, lr=5e-3, max_len=8, evals_per_epoch=1)
-    tcfg = TeacherConfig(model=LLMRecConfig(llama=TINY, layers=4, lora_r=4), train=train)
-    metrics = train_teacher(run / "data", run / "sasrec", run / "teacher", tcfg)
+    tcfg = SLMRecTeacherConfig(model=LLMRecConfig(llama=TINY, layers=4, lora_r=4), train=train)
+    assert run_stage(TeacherStage(run, tcfg)).status == "ran"
+    teacher = run / "slmrec-teacher"
+    metrics = read_json(teacher / "metrics.json")
     assert metrics["full ranking"]["users"] == 40
-    assert (run / "teacher" / "model.safetensors").exists() and not (run / ".teacher.work").exists()
-    stamp = (run / "teacher" / "model.safetensors").stat().st_mtime_ns
-    assert train_teacher(run / "data", run / "sasrec", run / "teacher", tcfg) == metrics  # up to date: skipped
-    assert (run / "teacher" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (teacher / "model.safetensors").exists() and not (run / ".slmrec-teacher.work").exists()
+    stamp = (teacher / "model.safetensors").stat().st_mtime_ns
+    assert run_stage(TeacherStage(run, tcfg)).status == "up to date"  # skipped
+    assert read_json(teacher / "metrics.json") == metrics
+    assert (teacher / "model.safetensors").stat().st_mtime_ns == stamp
 
-    dcfg = DistillRunConfig(student=LLMRecConfig(layers=2, lora_r=4), distill=DistillConfig(blocks=2), train=train)
-    out = distill(run / "data", run / "teacher", run / "student", dcfg)
-    log = json.loads((run / "student" / "train_log.json").read_text())
+    dcfg = SLMRecStudentConfig(student=LLMRecConfig(layers=2, lora_r=4), distill=DistillConfig(blocks=2), train=train)
+    assert run_stage(StudentStage(run, dcfg)).status == "ran"
+    student = run / "slmrec-student"
+    out = read_json(student / "metrics.json")
+    log = json.loads((student / "train_log.json").read_text())
     assert set(log["loss_terms"]) == {"ce", "cos", "norm", "ms"} and log["block_pairs"] == [[2, 1], [4, 2]]
     assert any("loss_cos" in row for row in log["history"])
-    assert out["full ranking"]["users"] == 40 and LLMRec.from_pretrained(run / "student").num_layers == 2
+    assert out["full ranking"]["users"] == 40 and LLMRec.from_pretrained(student).num_layers == 2
 
+    other = tmp_path / "other"  # a run whose teacher was trained on another catalog
+    shutil.copytree(run / "data", other / "data")
     bad = LLMRec(LLMRecConfig(llama=TINY, layers=4, lora_r=4), torch.randn(21, 8))
-    bad.save_pretrained(run / "bad")
+    bad.save_pretrained(other / "slmrec-teacher")
     with pytest.raises(InputError, match="teacher scores 20 items, the data set has 30"):
-        distill(run / "data", run / "bad", run / "student2", dcfg)
+        run_stage(StudentStage(other, dcfg))
+    assert not (other / "slmrec-student").exists()
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(run, monkeypatch):
@@ -151,10 +165,10 @@ def test_interrupted_training_resumes_from_its_checkpoint(run, monkeypatch):
 
     monkeypatch.setattr(llm_train.RecTrainer, "training_step", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        llm_train.fit(model(2), model(2), ds, cfg, run / "work", fingerprint)
+        llm_train.train_llm(model(2), model(2), ds, cfg, run / "work", fingerprint)
     assert (run / "work" / "checkpoint-2").exists()
     crash = False
     calls.clear()
     m = model(2)
-    log = llm_train.fit(m, m, ds, cfg, run / "work", fingerprint)
+    log = llm_train.train_llm(m, m, ds, cfg, run / "work", fingerprint)
     assert len(calls) == 3 and log["steps"] == 5  # steps 3..5 only: resumed from checkpoint-2

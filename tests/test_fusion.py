@@ -2,22 +2,26 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 import eval.scoring
+from eval.config import parse_override
 from eval.dataset import load_dataset, prepare_dataset
 from eval.errors import InputError
 from eval.evaluate import evaluate
-from eval.io import manifest, write_json
+from eval.io import manifest, read_json, write_json
 from eval.popularity import gini, popularity_metrics
 from eval.preprocess import PrepareConfig
+from eval.stage import run_stage
 from fusion.groups import item_popularity_groups, user_length_groups
 from fusion.model import FusedRecommender, FusionConfig, vectors_to_tensors
-from fusion.pipeline import load_preset, parse_override
+from fusion.pipeline import build_stages
 from fusion.report import evaluate_run
-from fusion.train import FuseConfig, train_fused
-from fusion.vectors import TextVectors
+from fusion.train import FusionStage, FusionTrainConfig
+from fusion.vectors import TextVectors, load_vectors
+from slim.encode import ITEMS_TABLE, USERS_TABLE
 from slmrec.sasrec import SASRec, SASRecConfig
 from slmrec.trainer import TrainConfig
 
@@ -26,7 +30,7 @@ from slmrec.trainer import TrainConfig
 def run(synthetic, tmp_path):
     """A prepared run with two small SASRec models (different seeds), each with its manifest."""
     prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
-                                  negatives=[10]), tmp_path / "data")
+                                  negatives=[10]), tmp_path)
     ds = load_dataset(tmp_path / "data")
     for name, seed in (("sasrec", 0), ("other", 1)):
         torch.manual_seed(seed)
@@ -39,7 +43,29 @@ def run(synthetic, tmp_path):
 def vectors(ds, users, items, dim=8, seed=0) -> TextVectors:
     rng = np.random.default_rng(seed)
     return TextVectors(np.array(users), rng.normal(size=(len(users), dim)).astype(np.float32),
-                       np.array(items), rng.normal(size=(len(items), dim)).astype(np.float32), f"v{seed}")
+                       np.array(items), rng.normal(size=(len(items), dim)).astype(np.float32))
+
+
+def write_vectors(run, v: TextVectors) -> None:
+    """Hand-made RUN/vectors: the two LanceDB tables the vectors stage writes (id, vector)."""
+    import lancedb
+
+    db = lancedb.connect(str(run / "vectors"))
+    for table, ids, vecs in ((USERS_TABLE, v.user_ids, v.user_vectors), (ITEMS_TABLE, v.item_ids, v.item_vectors)):
+        vecs = np.asarray(vecs, dtype=np.float32)
+        db.create_table(table, mode="overwrite", data=pa.table({
+            "id": pa.array(np.asarray(ids, dtype=np.int64)),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), vecs.shape[1])}))
+    back = load_vectors(run / "vectors")
+    assert np.array_equal(back.user_ids, v.user_ids) and np.array_equal(back.user_vectors, v.user_vectors)
+    assert np.array_equal(back.item_ids, v.item_ids) and np.array_equal(back.item_vectors, v.item_vectors)
+
+
+def train_fused(run, name: str, cfg: FusionTrainConfig) -> dict:
+    """Train RUN/fusion/NAME (the stage reads RUN/data, RUN/vectors and the backbone); its test metrics."""
+    result = run_stage(FusionStage(run, cfg, folder=f"fusion/{name}"))
+    assert result.status == "ran"
+    return read_json(run / "fusion" / name / "metrics.json")
 
 
 def test_groups_cover_every_user_once_in_length_order(run):
@@ -99,10 +125,12 @@ def test_user_without_rationale_and_item_without_text_are_scored(run, mode):
 def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(0, ds.num_users, 2), items=range(1, ds.num_items + 1))  # half the users lack one
+    write_vectors(run, v)
     fast = TrainConfig(epochs=2, batch_size=16)
-    metrics = train_fused(run, "hybrid", FuseConfig(mode="hybrid", backbone="sasrec", train=fast), v)
+    metrics = train_fused(run, "hybrid", FusionTrainConfig(mode="hybrid", backbone="sasrec", train=fast))
     assert metrics["full ranking"]["users"] == ds.num_users
-    train_fused(run, "text", FuseConfig(mode="text", hidden=8, train=fast), v)
+    assert read_json(run / "fusion" / "hybrid" / "manifest.json")["counts"]["users_with_rationale"] == len(v.user_ids)
+    train_fused(run, "text", FusionTrainConfig(mode="text", hidden=8, train=fast))
     seen: list[tuple[str, torch.Tensor | None]] = []
     real = eval.scoring.dot_scores
 
@@ -132,11 +160,11 @@ def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
 
 def test_same_seed_gives_the_same_fused_model_and_it_reloads(run):
     ds = load_dataset(run / "data")
-    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
     for i, name in enumerate(("h", "h2")):
         torch.manual_seed(100 + i)  # whatever ran before in the process must not matter
-        metrics = train_fused(run, name, FuseConfig(mode="hybrid", backbone="sasrec",
-                                                    train=TrainConfig(epochs=2)), v)
+        metrics = train_fused(run, name, FusionTrainConfig(mode="hybrid", backbone="sasrec",
+                                                           train=TrainConfig(epochs=2)))
     a = FusedRecommender.from_pretrained(run / "fusion" / "h")
     b = FusedRecommender.from_pretrained(run / "fusion" / "h2")
     hist = torch.tensor([[0, 1, 2, 3]])
@@ -146,33 +174,47 @@ def test_same_seed_gives_the_same_fused_model_and_it_reloads(run):
     assert cfg["backbone_path"] == "../../sasrec"   # the frozen backbone is referenced, not copied
 
 
-def test_presets_load_and_name_bad_settings(monkeypatch):
-    demo = load_preset("demo")
-    assert set(demo.fusion) == {"hybrid-student", "hybrid-sasrec", "text"}
-    assert demo.student_rationales.rationale.template == "slim_student_v1"   # nested defaults survive
-    assert demo.fusion["text"].train.weight_decay == 1e-4
-    with pytest.raises(InputError, match="demo.toml.teacher.train: unknown setting 'epochz'"):
-        load_preset("demo", ["teacher.train.epochz=2"])
+def stages_of(run, preset, overrides=()) -> dict:
+    """The configured stages of a preset by their folder in the run."""
+    return {s.folder: s for s in build_stages(run, preset, list(overrides))}
+
+
+def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
+    demo = stages_of(tmp_path, "demo")
+    assert {f for f in demo if f.startswith("fusion/")} == {"fusion/hybrid-slmrec-student", "fusion/hybrid-sasrec",
+                                                             "fusion/text"}
+    student_rationales = demo["slim-student-rationales"].config
+    assert student_rationales.template == "slim_student_v1"   # nested defaults survive
+    assert student_rationales.client.max_tokens == 48 and student_rationales.client.timeout_s == 900.0
+    assert demo["fusion/text"].config.train.weight_decay == 1e-4
+    with pytest.raises(InputError, match="slmrec-teacher.train: unknown setting 'epochz'"):
+        build_stages(tmp_path, "demo", ["slmrec-teacher.train.epochz=2"])
+    with pytest.raises(InputError, match="unknown table 'teacher'"):
+        build_stages(tmp_path, "demo", ["teacher.train.epochs=2"])
+    with pytest.raises(InputError, match="data.rating_gt: expected a number"):
+        build_stages(tmp_path, "demo", ['data.rating_gt="abc"'])
     with pytest.raises(InputError, match="slmrec pretrain --model gru4rec"):
-        load_preset("demo", ["sasrec.model=gru4rec"])
+        build_stages(tmp_path, "demo", ["sasrec.model=gru4rec"])
     for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(InputError, match="environment variable DATA"):
-        load_preset("paper")
+        build_stages(tmp_path, "paper")
     for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
         monkeypatch.setenv(var, f"/x/{var}")
-    paper = load_preset("paper", ["teacher.train.lr=1e-4"])
-    assert paper.teacher.model.base == "/x/LLAMA2_7B" and paper.teacher.train.lr == 1e-4
+    paper = stages_of(tmp_path, "paper", ["slmrec-teacher.train.lr=1e-4"])
+    teacher = paper["slmrec-teacher"].config
+    assert teacher.model.base == "/x/LLAMA2_7B" and teacher.train.lr == 1e-4
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")
     with pytest.raises(InputError, match="unknown preset"):
-        load_preset("nope")
+        build_stages(tmp_path, "nope")
+    assert not any(tmp_path.iterdir())  # configuring the stages writes nothing
 
 
 def test_fine_tuned_backbone_is_saved_with_the_fused_model(run):
     ds = load_dataset(run / "data")
-    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
-    train_fused(run, "ft", FuseConfig(mode="hybrid", backbone="sasrec", freeze_backbone=False,
-                                      train=TrainConfig(epochs=2, lr=1e-2)), v)
+    write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
+    train_fused(run, "ft", FusionTrainConfig(mode="hybrid", backbone="sasrec", freeze_backbone=False,
+                                             train=TrainConfig(epochs=2, lr=1e-2)))
     fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
     original = SASRec.from_pretrained(run / "sasrec")
     assert (run / "fusion" / "ft" / "backbone" / "config.json").exists()

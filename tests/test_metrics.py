@@ -60,7 +60,7 @@ class Oracle:
 
 def test_full_ranking_equals_candidates_of_every_unseen_item(synthetic, tmp_path):
     ds = prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
-                                       negatives=[100]), tmp_path / "out")
+                                       negatives=[100]), tmp_path / "run")  # writes RUN/data
     table = torch.randn(ds.num_users, ds.num_items + 1, generator=torch.Generator().manual_seed(0))
     model = Oracle(table)
     full = evaluate(model, ds, "test", "full")

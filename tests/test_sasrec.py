@@ -8,10 +8,12 @@ import torch
 from eval.dataset import prepare_dataset
 from eval.errors import InputError
 from eval.evaluate import evaluate
+from eval.io import read_json
 from eval.preprocess import PrepareConfig
-from fusion.registry import load_model
+from eval.registry import load_model
+from eval.stage import run_stage
 from slmrec.gru4rec import GRU4Rec, GRU4RecConfig
-from slmrec.pretrain import PretrainConfig, pretrain
+from slmrec.pretrain import BackboneStage, PretrainConfig
 from slmrec.sasrec import SASRec, SASRecConfig
 from slmrec.seqrec import load_item_embeddings
 from slmrec.trainer import TrainConfig
@@ -73,40 +75,51 @@ def test_checkpoint_round_trip_scores_identically(make, tmp_path):
     assert emb.shape == (31, 16) and torch.equal(emb, m.item_emb.weight)
 
 
+def prepared_run(synthetic, run):
+    """A run whose data stage has written RUN/data."""
+    prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
+                                  negatives=[10]), run)
+    return run
+
+
 @pytest.mark.parametrize("model", ["sasrec", "gru4rec"])
 def test_pretrain_learns_and_is_skipped_when_up_to_date(model, synthetic, tmp_path):
     ds = prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
-                                       negatives=[10]), tmp_path / "data")
+                                       negatives=[10]), tmp_path)
     cfg = PretrainConfig(model=model, hidden=32, layers=1, heads=1, gru_hidden=32, dropout=0.0,
                          train=TrainConfig(epochs=40, patience=40, batch_size=16, lr=5e-3, max_len=12))
+    stage = BackboneStage(tmp_path, cfg)
     out = tmp_path / model
-    metrics = pretrain(tmp_path / "data", out, cfg)
+    assert stage.out == out  # the backbone's folder in the run is its model name
+    assert run_stage(stage).status == "ran"
+    metrics = read_json(out / "metrics.json")
     full = metrics["full ranking"]
     assert full["MRR"] > 3 * full["random_MRR"]
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert pretrain(tmp_path / "data", out, cfg) == metrics
+    assert run_stage(BackboneStage(tmp_path, cfg)).status == "up to date"
+    assert read_json(out / "metrics.json") == metrics
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     reloaded = evaluate(load_model(out), ds, "test", "full", max_len=12)
     assert reloaded["MRR"] == full["MRR"]
 
 
 def test_unknown_backbone_is_named(synthetic, tmp_path):
-    prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
-                                  negatives=[10]), tmp_path / "data")
+    run = prepared_run(synthetic, tmp_path)
     with pytest.raises(InputError, match="model: unknown backbone 'bert4rec'"):
-        pretrain(tmp_path / "data", tmp_path / "x", PretrainConfig(model="bert4rec"))
-    assert not (tmp_path / "x").exists()
+        run_stage(BackboneStage(run, PretrainConfig(model="bert4rec")))
+    assert not (run / "bert4rec").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
 def test_same_seed_same_model_whatever_ran_before(synthetic, tmp_path):
-    prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
-                                  negatives=[10]), tmp_path / "data")
+    run = prepared_run(synthetic, tmp_path)
     cfg = PretrainConfig(hidden=16, layers=1, heads=1, dropout=0.2,
                          train=TrainConfig(epochs=3, batch_size=16, max_len=12))
     runs = []
     for i, out in enumerate(("a", "b")):
         torch.manual_seed(100 + i)  # a different global RNG state, as after other stages in one process
-        runs.append((pretrain(tmp_path / "data", tmp_path / out, cfg), SASRec.from_pretrained(tmp_path / out)))
+        assert run_stage(BackboneStage(run, cfg, folder=out)).status == "ran"
+        runs.append((read_json(run / out / "metrics.json"), SASRec.from_pretrained(run / out)))
     (ma, a), (mb, b) = runs
     assert ma["full ranking"]["MRR"] == mb["full ranking"]["MRR"]
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -3,18 +3,23 @@ import json
 
 import pytest
 
+from eval.stage import run_stage
 from slim.client import ClientConfig
-from slim.finetune import IGNORE, FinetuneConfig, finetune_student, tokenize_example
+from slim.finetune import IGNORE, SlimStudentConfig, SlimStudentStage, tokenize_example
 from slim.prompts import STUDENT
-from slim.rationales import RationaleConfig
+from slim.rationales import TeacherRationalesStage
 from slim.records import RecordLog, read_records
-from slim.student import StudentConfig, generate_student
-from tests.slim_fake_openai import make_dataset
+from slim.student import StudentRationalesConfig, StudentRationalesStage
+from tests.slim_fake_openai import make_dataset, run_with_data
+
+ADAPTER = SlimStudentStage.name              # RUN/slim-student
+RECORDS = StudentRationalesStage.name        # RUN/slim-student-rationales
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A random 2-layer LLaMA (hidden 32) with the local SmolLM2 tokenizer and chat template."""
+    """A random 2-layer LLaMA (hidden 32) with the local SmolLM2 tokenizer and chat template, and a run
+    (`root`) with RUN/data and the teacher's records in RUN/slim-teacher-rationales."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from eval.assets import smollm2_path
@@ -26,8 +31,9 @@ def tiny(tmp_path_factory):
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    data = make_dataset(root)
-    with RecordLog(root / "teacher.jsonl") as log:
+    data = make_dataset(root) / "data"  # the run is root itself
+    records = root / TeacherRationalesStage.name / "records.jsonl"
+    with RecordLog(records) as log:
         for u in range(12):
             steps = {"step1": f"User {u} likes drama.", "step2": "Drama.", "step3": "Movie 1; Movie 2."}
             text = "\n".join(f"Step {i}: {t}" for i, t in enumerate(steps.values(), 1))
@@ -35,7 +41,7 @@ def tiny(tmp_path_factory):
                         "text": text})
         log.append({"user": 12, "prompt_version": "slim_teacher_v1", "model": "t", "error": "missing step2",
                     "step1": "x", "step2": "", "step3": "", "text": "x"})
-    return {"model": root / "model", "tok": tok, "data": data, "records": root / "teacher.jsonl", "root": root}
+    return {"model": root / "model", "tok": tok, "data": data, "records": records, "root": root}
 
 
 def test_prompt_tokens_are_masked_in_labels(tiny):
@@ -55,35 +61,39 @@ def test_prompt_tokens_are_masked_in_labels(tiny):
 
 
 def test_finetune_then_generate_locally(tiny, tmp_path):
-    adapter = tiny["root"] / "adapter"
-    cfg = FinetuneConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4, val_fraction=0.25)
-    counts = finetune_student(tiny["data"], tiny["records"], adapter, cfg)
+    root = tiny["root"]
+    adapter = root / ADAPTER
+    cfg = SlimStudentConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4, val_fraction=0.25)
+    result = run_stage(SlimStudentStage(root, cfg))
+    counts = result.counts
+    assert result.status == "ran" and SlimStudentStage(root, cfg).out == adapter
     assert counts["train_examples"] == 9 and counts["val_examples"] == 3  # the errored record is skipped
     assert counts["val_loss"] is not None and counts["answer_tokens"] > 0
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny["model"])
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "manifest.json").exists()
-    assert finetune_student(tiny["data"], tiny["records"], adapter, cfg) == counts  # up to date: skipped
+    again = run_stage(SlimStudentStage(root, cfg))
+    assert again.status == "up to date" and again.counts == counts  # up to date: skipped
 
-    gen = StudentConfig(adapter=str(adapter), backend="local", batch_size=3,
-                        rationale=RationaleConfig(template=STUDENT, users=5, client=ClientConfig(max_tokens=6, temperature=0)))
-    summary = generate_student(tiny["data"], tmp_path, gen)
-    recs = read_records(tmp_path / "records.jsonl")
+    run = run_with_data(root, tmp_path / "run", ADAPTER)  # a run of its own: data and the trained adapter
+    gen = StudentRationalesConfig(backend="local", batch_size=3, template=STUDENT, users=5,
+                                  client=ClientConfig(base_url="", max_tokens=6, temperature=0))
+    summary = run_stage(StudentRationalesStage(run, gen)).counts
+    recs = read_records(run / RECORDS / "records.jsonl")
     assert summary["complete"] == 5 and len(recs) == 5
     r = next(iter(recs.values()))
-    assert r["prompt_version"] == STUDENT and r["model"].startswith("student:adapter:")
+    assert r["prompt_version"] == STUDENT and r["model"].startswith(f"student:{ADAPTER}:")
     assert {"step1", "step2", "step3", "text", "error", "completion_tokens"} <= set(r)
 
 
 def test_served_student_through_transformers_serve(tiny, tmp_path):
     """The endpoint path for real: `transformers serve` on base + merged adapter, the shared client."""
-    adapter = tiny["root"] / "adapter"
-    if not adapter.exists():
-        finetune_student(tiny["data"], tiny["records"], adapter,
-                         FinetuneConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4))
-    gen = StudentConfig(adapter=str(adapter), backend="endpoint",
-                        rationale=RationaleConfig(template=STUDENT, users=2,
-                                                  client=ClientConfig(max_tokens=4, temperature=0, concurrency=2)))
-    summary = generate_student(tiny["data"], tmp_path, gen)
+    root = tiny["root"]
+    if not (root / ADAPTER).exists():
+        run_stage(SlimStudentStage(root, SlimStudentConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4)))
+    run = run_with_data(root, tmp_path / "run", ADAPTER)
+    gen = StudentRationalesConfig(backend="endpoint", template=STUDENT, users=2,  # base_url "": serve the adapter
+                                  client=ClientConfig(base_url="", max_tokens=4, temperature=0, concurrency=2))
+    summary = run_stage(StudentRationalesStage(run, gen)).counts
     assert summary["complete"] == 2 and summary["completion_tokens"] > 0
-    assert (tiny["root"] / "adapter-merged" / "model.safetensors").exists()
-    assert len(read_records(tmp_path / "records.jsonl")) == 2
+    assert (run / f"{ADAPTER}-merged" / "model.safetensors").exists()
+    assert len(read_records(run / RECORDS / "records.jsonl")) == 2

@@ -6,17 +6,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from eval.errors import InputError
+from eval.io import read_json
+from eval.stage import run_stage
 from slim.client import ClientConfig
 from slim.prompts import TEACHER, PromptBuilder, history_block, load_template
-from slim.rationales import RationaleConfig, generate_rationales
+from slim.rationales import RationaleConfig, TeacherRationalesStage
 from slim.records import RecordLog, parse_steps, read_records
-from tests.slim_fake_openai import FakeOpenAI, make_dataset
+from tests.slim_fake_openai import SERVED_MODEL, FakeOpenAI, make_dataset, run_with_data
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-DO-NOT-LEAK-4f9a1c"
@@ -24,7 +27,21 @@ KEY = "sk-test-DO-NOT-LEAK-4f9a1c"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """A run with RUN/data prepared; each test copies it into a run of its own."""
     return make_dataset(tmp_path_factory.mktemp("slim"))
+
+
+@pytest.fixture
+def run(data, tmp_path):
+    return run_with_data(data, tmp_path / "run")
+
+
+OUT = TeacherRationalesStage.name  # RUN/slim-teacher-rationales
+
+
+def generate_rationales(run: Path, cfg: RationaleConfig) -> dict:
+    """Run the teacher-rationales stage; its summary (the manifest's counts)."""
+    return run_stage(TeacherRationalesStage(run, cfg)).counts
 
 
 def config(url: str, **kw) -> RationaleConfig:
@@ -37,11 +54,11 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines()]
 
 
-def test_retries_on_429_500_timeout_and_malformed_is_recorded(data, tmp_path, monkeypatch):
+def test_retries_on_429_500_timeout_and_malformed_is_recorded(run, monkeypatch):
     monkeypatch.setenv("SLIM_TEST_KEY", KEY)
     with FakeOpenAI(faults=["429", "500", "timeout", "malformed"]) as server:
-        summary = generate_rationales(data, tmp_path, config(server.base_url, users=6))
-    recs = lines(tmp_path / "records.jsonl")
+        summary = generate_rationales(run, config(server.base_url, users=6))
+    recs = lines(run / OUT / "records.jsonl")
     assert len(recs) == 6 and len({r["user"] for r in recs}) == 6
     assert len(server.requests) == 6 + 3  # three failed attempts were retried
     bad = [r for r in recs if r["error"]]
@@ -53,36 +70,39 @@ def test_retries_on_429_500_timeout_and_malformed_is_recorded(data, tmp_path, mo
     assert summary["est_cost_usd"] == pytest.approx(expected, abs=1e-6) and summary["completion_tokens"] > 0
 
 
-def test_gives_up_after_retries_without_recording_then_next_run_fills_in(data, tmp_path):
+def test_gives_up_after_retries_without_recording_then_next_run_fills_in(run):
     cfg = config("", users=3)
-    cfg.client.max_retries = 1
     with FakeOpenAI(faults=["500", "500"]) as server:
-        cfg.client.base_url = server.base_url
-        first = generate_rationales(data, tmp_path, cfg)
-        second = generate_rationales(data, tmp_path, cfg)
+        cfg = replace(cfg, client=replace(cfg.client, base_url=server.base_url, max_retries=1))
+        with pytest.raises(InputError, match=f"{OUT}: 1 .*rerun to resume"):  # a user left without a record
+            generate_rationales(run, cfg)
+        first = read_json(run / OUT / "manifest.json")["counts"]
+        second = generate_rationales(run, cfg)  # not up to date while a user is missing: resumes
     assert first["failed"] == 1 and first["complete"] == 2
     assert second["written"] == 1 and second["done_before"] == 2 and second["complete"] == 3
-    assert len(lines(tmp_path / "records.jsonl")) == 3
+    assert len(lines(run / OUT / "records.jsonl")) == 3
+    assert run_stage(TeacherRationalesStage(run, cfg)).status == "up to date"
 
 
-def test_api_key_is_in_no_file_and_no_log(data, tmp_path, monkeypatch, caplog, capfd):
+def test_api_key_is_in_no_file_and_no_log(run, monkeypatch, caplog, capfd):
     monkeypatch.setenv("SLIM_TEST_KEY", KEY)
     caplog.set_level(logging.DEBUG)
     with FakeOpenAI(faults=["429", "timeout"]) as server:
-        generate_rationales(data, tmp_path, config(server.base_url, users=3))
+        generate_rationales(run, config(server.base_url, users=3))
     assert server.requests[0]["auth"] == f"Bearer {KEY}"  # the key was used ...
     out = capfd.readouterr()
     assert caplog.text and KEY not in caplog.text and KEY not in out.out + out.err  # ... but never logged
-    for f in tmp_path.rglob("*"):
+    assert (run / OUT / "manifest.json").exists()
+    for f in run.rglob("*"):
         if f.is_file():
             assert KEY.encode() not in f.read_bytes(), f
 
 
-def test_killed_run_resumes_with_one_record_per_user(data, tmp_path):
-    out = tmp_path / "teacher"
+def test_killed_run_resumes_with_one_record_per_user(run):
+    out = run / OUT
     with FakeOpenAI(delay_s=0.15) as server:
-        cmd = [sys.executable, "-m", "slim.cli", "generate-rationales", "--data", data, "--out", str(out),
-               "--base-url", server.base_url, "--model", "fake-teacher", "--concurrency", "2"]
+        cmd = [sys.executable, "-m", "slim.cli", "generate-rationales", "--run", str(run),
+               "--client.base-url", server.base_url, "--client.model", "fake-teacher", "--client.concurrency", "2"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         records = out / "records.jsonl"
@@ -95,12 +115,21 @@ def test_killed_run_resumes_with_one_record_per_user(data, tmp_path):
         before = records.read_text().splitlines()
         with open(records, "a") as f:
             f.write('{"user": 39, "prompt_version": "slim_tea')  # the torn line a kill mid-write leaves
-        summary = generate_rationales(data, out, config(server.base_url, users=None))
+        summary = generate_rationales(run, config(server.base_url, users=None))
     after = records.read_text().splitlines()
     assert 8 <= len(before) < 40 and after[:len(before)] == before  # nothing lost
     users = [json.loads(ln)["user"] for ln in after]
     assert sorted(users) == list(range(40))  # exactly one record per user
     assert summary["done_before"] == len(before) and summary["written"] == 40 - len(before)
+
+
+def test_client_without_a_model_name_asks_the_endpoint(run):
+    with FakeOpenAI() as server:
+        cfg = config(server.base_url, users=2)
+        summary = generate_rationales(run, replace(cfg, client=replace(cfg.client, model="")))
+    assert server.model_lists >= 1 and summary["complete"] == 2 and summary["model"] == SERVED_MODEL
+    assert {r["body"]["model"] for r in server.requests} == {SERVED_MODEL}
+    assert {r["model"] for r in lines(run / OUT / "records.jsonl")} == {SERVED_MODEL}
 
 
 def test_record_log_drops_torn_line_and_never_duplicates(tmp_path):

@@ -117,7 +117,7 @@ class Flaky(Stage):
 
 
 def test_unfinished_in_place_stage_is_an_error_and_resumes(tmp_path):
-    with pytest.raises(InputError, match="1 unfinished"):
+    with pytest.raises(InputError, match="flaky: 1 units of work unfinished"):
         run_stage(Flaky(tmp_path))
     assert run_stage(Flaky(tmp_path)).status == "ran"          # resumed: not up to date while unfinished
     assert (tmp_path / "flaky" / "units.txt").read_text() == "0 1 "
