@@ -1,75 +1,167 @@
-"""Rationale generation throughput (completion tokens/s) through the OpenAI-compatible endpoint.
+"""Student rationale generation: vLLM vs transformers on the same prompts, offline and served.
 
-Serves a model with each backend (`transformers serve`; `vllm serve` too on a GPU), sends the same
-teacher prompts at several concurrency levels and prints a table; with two backends it also prints
-their throughput ratio. `--local` adds in-process batched generation for comparison.
+The prompts are the project's real student prompts (the student template over the users of a
+prepared data folder); the model is the trained student adapter (`--adapter RUN/slim-student`) or
+the base SmolLM2. Greedy decoding, prefix caching off (the prompts share the template), and:
 
-  python bench/bench_generation.py --data runs/dev/data --requests 8 --concurrency 1,2,4
-  python bench/bench_generation.py --data runs/dev/data --backends transformers,vllm   # on a GPU
+  1. offline batch: transformers `LocalGenerator` (float32, batched `model.generate`, the project's
+     in-process path) vs `VllmGenerator` (bf16, and float32 for the agreement check): start-up
+     seconds, completion tokens/s, the vLLM/transformers ratio, and the share of prompts whose
+     greedy output is identical to transformers';
+  2. served: `vllm` and `transformers serve` through the project's `Server` and `ChatClient` at
+     several concurrency levels (a bounded number of requests per level): tokens/s and the ratio.
+
+  python bench/bench_generation.py --data runs/demo/data --adapter runs/demo/slim-student
+  python bench/bench_generation.py --data runs/demo/data --no-serve --prompts 32     # offline only
+  python bench/bench_generation.py --data runs/demo/data --engines transformers       # no vLLM here
+
+Timings on a shared 2-core machine are noisy: compare runs made back to back.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from eval.assets import smollm2_path
 from eval.dataset import load_dataset
-from slim.client import ChatClient, ClientConfig, Generator
+from slim.client import ChatClient, ClientConfig, Completion, Generator
 from slim.local import LocalGenerator
-from slim.rationales import RationaleConfig, sample_users, user_prompts
+from slim.prompts import STUDENT
+from slim.rationales import GenerationConfig, sample_users, user_prompts
 from slim.serve import Server
 
 
-def measure(gen: Generator, prompts: list[str]) -> tuple[float, int, float]:
-    """(seconds, completion tokens, tokens/s) for all prompts."""
+def measure(gen: Generator, prompts: list[str]) -> tuple[float, int, list[str | None]]:
+    """(seconds, completion tokens, texts in prompt order; None where a request failed)."""
+    texts: list[str | None] = [None] * len(prompts)
+    tokens = 0
     t0 = time.perf_counter()
-    tokens = sum(c.completion_tokens for _, c in gen.stream(enumerate(prompts)) if not isinstance(c, Exception))
-    dt = time.perf_counter() - t0
-    return dt, tokens, tokens / dt
+    for i, c in gen.stream(enumerate(prompts)):
+        if isinstance(c, Completion):
+            texts[i], tokens = c.text, tokens + c.completion_tokens
+    return time.perf_counter() - t0, tokens, texts
+
+
+def agreement(a: list[str | None], b: list[str | None]) -> float:
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    return sum(x == y for x, y in pairs) / len(pairs) if pairs else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Prepared data folder (prompts from its users).")
-    ap.add_argument("--model", default=None, help="Model folder (default: SmolLM2-135M-Instruct).")
-    ap.add_argument("--backends", default="transformers", help="Comma list: transformers, vllm.")
-    ap.add_argument("--concurrency", default="1,2,4")
-    ap.add_argument("--requests", type=int, default=8, help="Prompts per concurrency level.")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--adapter", default=None, help="Student LoRA adapter (default: none, the base model).")
+    ap.add_argument("--model", default=None, help="Base model folder (default: the adapter's base, else SmolLM2).")
+    ap.add_argument("--template", default=STUDENT, help="Prompt version (default: the student's).")
+    ap.add_argument("--engines", default="transformers,vllm", help="Comma list: transformers, vllm.")
+    ap.add_argument("--prompts", type=int, default=64, help="Users (prompts) for the offline batch.")
+    ap.add_argument("--max-tokens", type=int, default=96, help="Most completion tokens (the student's default).")
     ap.add_argument("--history-tokens", type=int, default=128)
-    ap.add_argument("--local", action="store_true", help="Also time in-process batched generation.")
+    ap.add_argument("--batch-size", default="16", help="transformers batch size(s), comma list (16: the student's).")
+    ap.add_argument("--fp32-agreement", action=argparse.BooleanOptionalAction, default=True,
+                    help="Also run vLLM in float32 (greedy agreement with float32 transformers).")
+    ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True, help="Also bench the servers.")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=8, help="Requests per concurrency level (at least the level).")
+    ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
 
-    model = str(args.model or smollm2_path())
+    engines = args.engines.split(",")
+    model = args.model or (None if args.adapter else str(smollm2_path()))
     ds = load_dataset(args.data)
-    cfg = RationaleConfig(history_tokens=args.history_tokens)
-    prompts = list(user_prompts(ds, sample_users(ds.num_users, args.requests, 0), cfg).values())
-    levels = [int(c) for c in args.concurrency.split(",")]
-    table = Table(title=f"generation throughput: {len(prompts)} prompts x {args.max_tokens} max tokens")
-    for col in ("backend", "concurrency / batch", "seconds", "completion tokens", "tokens/s"):
-        table.add_column(col, justify="right")
-    best: dict[str, float] = {}
-    for backend in args.backends.split(","):
-        with Server(model, backend=backend) as server:
-            for c in levels:
-                client = ChatClient(ClientConfig(base_url=server.base_url, model=server.model_name, temperature=0,
-                                                 max_tokens=args.max_tokens, concurrency=c, timeout_s=1800))
-                dt, n, tps = measure(client, prompts)
-                best[backend] = max(best.get(backend, 0.0), tps)
-                table.add_row(backend, str(c), f"{dt:.1f}", str(n), f"{tps:.1f}")
-    if args.local:
-        local = LocalGenerator(model, max_new_tokens=args.max_tokens)
-        for c in levels:
-            local.batch_size = c
-            dt, n, tps = measure(local, prompts)
-            table.add_row("in-process", str(c), f"{dt:.1f}", str(n), f"{tps:.1f}")
+    cfg = GenerationConfig(template=args.template, history_tokens=args.history_tokens)
+    prompts = list(user_prompts(ds, sample_users(ds.num_users, args.prompts, 0), cfg).values())
+    what = f"{'adapter ' + args.adapter if args.adapter else 'model ' + str(model)}"
     console = Console()
+    console.print(f"{len(prompts)} {args.template} prompts from {args.data}; {what}; greedy, "
+                  f"{args.max_tokens} max tokens, prefix caching off")
+    results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "model": what, "offline": [],
+                     "served": [], "agreement": {}}
+
+    # 1. offline batch
+    table = Table(title="offline batch (in-process)")
+    for col in ("engine", "dtype", "batch", "start-up s", "seconds", "completion tokens", "tokens/s"):
+        table.add_column(col, justify="right")
+    texts: dict[str, list[str | None]] = {}
+    best: dict[str, float] = {}
+
+    def row(engine: str, dtype: str, batch: str, startup: float, dt: float, n: int) -> None:
+        table.add_row(engine, dtype, batch, f"{startup:.1f}", f"{dt:.1f}", str(n), f"{n / dt:.1f}")
+        results["offline"].append({"engine": engine, "dtype": dtype, "batch": batch, "startup_s": round(startup, 1),
+                                   "seconds": round(dt, 1), "completion_tokens": n, "tokens_per_s": round(n / dt, 1)})
+        print(json.dumps(results["offline"][-1]), file=sys.stderr, flush=True)
+
+    if "transformers" in engines:
+        for b in (int(x) for x in args.batch_size.split(",")):
+            t0 = time.perf_counter()
+            gen = LocalGenerator(model, args.adapter, b, args.max_tokens, 0.0)
+            startup = time.perf_counter() - t0
+            dt, n, out = measure(gen, prompts)
+            texts.setdefault("transformers", out)
+            best["transformers"] = max(best.get("transformers", 0.0), n / dt)
+            row("transformers", "float32", str(b), startup, dt, n)
+            del gen
+    if "vllm" in engines:
+        from slim.vllm_engine import VllmGenerator
+
+        for dtype in ("bfloat16", "float32") if args.fp32_agreement else ("bfloat16",):
+            t0 = time.perf_counter()
+            gen = VllmGenerator(model, args.adapter, max_new_tokens=args.max_tokens, temperature=0.0, dtype=dtype,
+                                prefix_caching=False)
+            startup = time.perf_counter() - t0
+            dt, n, out = measure(gen, prompts)
+            texts[f"vllm-{dtype}"] = out
+            if dtype == "bfloat16":
+                best["vllm"] = n / dt
+            row("vllm", dtype, "continuous", startup, dt, n)
+            gen.close()
     console.print(table)
     if "vllm" in best and "transformers" in best:
-        console.print(f"vLLM / transformers best throughput: {best['vllm'] / best['transformers']:.1f}x")
+        ratio = best["vllm"] / best["transformers"]
+        results["offline_ratio"] = round(ratio, 2)
+        console.print(f"offline: vLLM bf16 / best transformers = {ratio:.2f}x")
+    if "transformers" in texts:
+        for k in ("vllm-float32", "vllm-bfloat16"):
+            if k in texts:
+                share = agreement(texts[k], texts["transformers"])
+                results["agreement"][k] = round(share, 3)
+                console.print(f"greedy agreement {k} vs transformers float32: {share:.0%} of {len(prompts)} "
+                              f"outputs identical")
+
+    # 2. served
+    if args.serve:
+        levels = [int(c) for c in args.concurrency.split(",")]
+        table = Table(title="served (OpenAI-compatible endpoint, the project's ChatClient)")
+        for col in ("backend", "start-up s", "concurrency", "requests", "seconds", "completion tokens", "tokens/s"):
+            table.add_column(col, justify="right")
+        served: dict[tuple[str, int], float] = {}
+        for backend in [e for e in engines if e in ("vllm", "transformers")][::-1]:
+            with Server(model, args.adapter, backend=backend, prefix_caching=False) as server:
+                for c in levels:
+                    n_req = max(args.requests, c)
+                    client = ChatClient(ClientConfig(base_url=server.base_url, model=server.model_name, temperature=0,
+                                                     max_tokens=args.max_tokens, concurrency=c, timeout_s=1800))
+                    dt, n, _ = measure(client, (prompts * (n_req // len(prompts) + 1))[:n_req])
+                    served[backend, c] = n / dt
+                    table.add_row(backend, f"{server.startup_s:.1f}", str(c), str(n_req), f"{dt:.1f}", str(n),
+                                  f"{n / dt:.1f}")
+                    results["served"].append({"backend": backend, "startup_s": round(server.startup_s, 1),
+                                              "concurrency": c, "requests": n_req, "seconds": round(dt, 1),
+                                              "completion_tokens": n, "tokens_per_s": round(n / dt, 1)})
+                    print(json.dumps(results["served"][-1]), file=sys.stderr, flush=True)
+        console.print(table)
+        for c in levels:
+            if ("vllm", c) in served and ("transformers", c) in served:
+                console.print(f"served, concurrency {c}: vLLM / transformers serve = "
+                              f"{served['vllm', c] / served['transformers', c]:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The one OpenAI-compatible chat client: OpenAI, `vllm serve` and `transformers serve` alike.
 
 Retries with exponential backoff on 429, 5xx, timeouts and dropped connections are the `openai`
-package's own (it also honours `Retry-After`); this wrapper adds the concurrency limit, token
-accounting and the cost estimate. The API key is read from an environment variable and handed to
+package's own (it also honours `Retry-After`); this wrapper retries what it does not (a 200 whose
+body is cut off or has no answer) and adds the concurrency limit, token accounting and the cost
+estimate. The API key is read from an environment variable and handed to
 the client only: it is never logged, printed or written.
 """
 from __future__ import annotations
@@ -74,10 +75,18 @@ class Usage:
 
 
 class Generator(Protocol):
-    """What a generation run needs: completions for (key, prompt) jobs, yielded as they finish."""
+    """What a generation run needs: completions for (key, prompt) jobs, yielded as they finish.
+
+    `attempt` > 0 asks again for answers that came back off-format: a sampling generator draws
+    with another seed."""
     model_name: str
 
-    def stream(self, jobs: Iterable[tuple[Any, str]]) -> Iterator[tuple[Any, Completion | Exception]]: ...
+    def stream(self, jobs: Iterable[tuple[Any, str]],
+               attempt: int = 0) -> Iterator[tuple[Any, Completion | Exception]]: ...
+
+
+class MalformedResponse(Exception):
+    """A 200 answer the client cannot use: a cut-off or invalid body, or no choice."""
 
 
 class ChatClient:
@@ -103,12 +112,29 @@ class ChatClient:
                              f"set client.model to one of them")
         return names[0]
 
-    def complete(self, prompt: str, max_tokens: int | None = None) -> Completion:
+    def complete(self, prompt: str, max_tokens: int | None = None, attempt: int = 0) -> Completion:
+        """One answer; a malformed 200 is asked again up to `max_retries` times, with backoff."""
+        for retry in range(self.cfg.max_retries + 1):
+            try:
+                return self._complete(prompt, max_tokens, attempt)
+            except MalformedResponse:
+                if retry == self.cfg.max_retries:
+                    raise
+                time.sleep(min(8.0, 0.5 * 2 ** retry))
+        raise AssertionError("unreachable")
+
+    def _complete(self, prompt: str, max_tokens: int | None, attempt: int) -> Completion:
         t0 = time.perf_counter()
-        r = self._client.chat.completions.create(
-            model=self.model_name, messages=[{"role": "user", "content": prompt}],
-            temperature=self.cfg.temperature, max_tokens=max_tokens or self.cfg.max_tokens, seed=self.cfg.seed,
-            frequency_penalty=self.cfg.frequency_penalty)
+        seed = None if self.cfg.seed is None else self.cfg.seed + attempt
+        try:
+            r = self._client.chat.completions.create(
+                model=self.model_name, messages=[{"role": "user", "content": prompt}],
+                temperature=self.cfg.temperature, max_tokens=max_tokens or self.cfg.max_tokens, seed=seed,
+                frequency_penalty=self.cfg.frequency_penalty)
+        except ValueError as e:  # json.JSONDecodeError and pydantic's ValidationError: a cut-off or odd body
+            raise MalformedResponse(f"unreadable response body ({type(e).__name__})") from None
+        if not r.choices or r.choices[0].message is None:
+            raise MalformedResponse("response without an answer")
         choice = r.choices[0]
         usage = r.usage
         return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason,
@@ -116,10 +142,11 @@ class ChatClient:
                           completion_tokens=usage.completion_tokens if usage else 0,
                           seconds=time.perf_counter() - t0)
 
-    def stream(self, jobs: Iterable[tuple[Any, str]]) -> Iterator[tuple[Any, Completion | Exception]]:
+    def stream(self, jobs: Iterable[tuple[Any, str]],
+               attempt: int = 0) -> Iterator[tuple[Any, Completion | Exception]]:
         pool = ThreadPoolExecutor(self.cfg.concurrency)
         try:
-            futures = {pool.submit(self.complete, prompt): key for key, prompt in jobs}
+            futures = {pool.submit(self.complete, prompt, None, attempt): key for key, prompt in jobs}
             for fut in as_completed(futures):
                 err = fut.exception()
                 yield futures[fut], err if err is not None else fut.result()

@@ -57,7 +57,9 @@ class LocalGenerator:
                                      finish_reason="stop" if len(ended) else "length"))
         return result
 
-    def stream(self, jobs: Iterable[tuple[Any, str]]) -> Iterator[tuple[Any, Completion | Exception]]:
+    def stream(self, jobs: Iterable[tuple[Any, str]],
+               attempt: int = 0) -> Iterator[tuple[Any, Completion | Exception]]:
+        """Length-sorted batches; a retry (`attempt` > 0) samples on from the advanced RNG (greedy repeats)."""
         jobs = sorted(jobs, key=lambda kp: len(kp[1]))
         for i in range(0, len(jobs), self.batch_size):
             batch = jobs[i:i + self.batch_size]

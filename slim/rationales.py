@@ -37,6 +37,8 @@ class GenerationConfig:
     history_tokens: int = setting(128, "Token budget of a rendered history (most recent items kept).")
     tokenizer: str | None = setting(None, "Tokenizer that counts history tokens (none: SmolLM2's).")
     client: ClientConfig = setting(factory=ClientConfig)
+    format_retries: int = setting(2, "Times an off-format answer is asked again (with another seed) before it "
+                                     "is recorded with its error.")
 
 
 @dataclass(frozen=True)
@@ -69,36 +71,50 @@ def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str
 
 def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationConfig, gen: Generator,
                    model_label: str | None = None, stage: str = "rationales") -> dict[str, Any]:
-    """Write one record per sampled user not already in `out_dir/records.jsonl`; return the summary."""
+    """Write one record per sampled user not already in `out_dir/records.jsonl`; return the summary.
+
+    A well-formed answer is written as it arrives. An off-format one is asked again up to
+    `format_retries` times, and only the last answer is written, with its error; a failed request
+    writes nothing, so the next run asks again."""
     ds = load_dataset(data_dir)
     out_dir = Path(out_dir)
-    template = load_template(cfg.template)
-    version = template.version
+    version = load_template(cfg.template).version
     model = model_label or gen.model_name
     users = sample_users(ds.num_users, cfg.users, cfg.seed)
     usage = Usage()
-    malformed = 0
+    malformed = retried = 0
     with RecordLog(out_dir / RECORDS) as log:
         todo = [u for u in users if (u, version, model) not in log.keys]
         prompts = user_prompts(ds, todo, cfg)
+        pending = dict(prompts)
         t0 = time.perf_counter()  # generation time only: tokens/s is not diluted by prompt rendering
         with tqdm(total=len(todo), unit="user", desc=f"{stage} ({model})") as bar:
-            for user, result in gen.stream(prompts.items()):
-                if isinstance(result, Exception):  # the client gave up after its retries: retry next run
-                    usage.add(None)
-                    tqdm.write(f"user {user}: {type(result).__name__}: {result}")
-                else:
+            for attempt in range(cfg.format_retries + 1):
+                again: dict[int, str] = {}
+                for user, result in gen.stream(pending.items(), attempt):
+                    if isinstance(result, Exception):  # the client gave up after its retries: retry next run
+                        usage.add(None)
+                        tqdm.write(f"user {user}: {type(result).__name__}: {result}")
+                        bar.update()
+                        continue
                     usage.add(result)
-                    rec = make_record(ds, user, version, model, prompts[user], result)
+                    rec = {**make_record(ds, user, version, model, prompts[user], result), "attempt": attempt}
+                    if rec["error"] is not None and attempt < cfg.format_retries:
+                        again[user] = prompts[user]
+                        continue
                     malformed += rec["error"] is not None
                     log.append(rec)
-                bar.update()
-                bar.set_postfix(tok_s=f"{usage.completion_tokens / (time.perf_counter() - t0):.1f}")
+                    bar.update()
+                    bar.set_postfix(tok_s=f"{usage.completion_tokens / (time.perf_counter() - t0):.1f}")
+                retried += len(again)
+                pending = again
+                if not pending:
+                    break
         done = sum(1 for u in users if (u, version, model) in log.keys)
     seconds = time.perf_counter() - t0
-    return {"users": len(users), "done_before": len(users) - len(todo), "written": usage.requests,
-            "malformed": malformed, "failed": usage.failures, "complete": done, **usage.to_dict(),
-            "seconds": round(seconds, 1),
+    return {"users": len(users), "done_before": len(users) - len(todo), "written": usage.requests - retried,
+            "malformed": malformed, "retried": retried, "failed": usage.failures, "complete": done,
+            **usage.to_dict(), "seconds": round(seconds, 1),
             "completion_tokens_per_s": round(usage.completion_tokens / seconds, 2) if seconds else 0.0,
             "est_cost_usd": round(usage.cost(cfg.client.price_prompt_per_1m, cfg.client.price_completion_per_1m), 6),
             "model": model, "prompt_version": version}

@@ -2,8 +2,9 @@
 with a prepared data set.
 
 Faults are consumed one per request, in order: "429" (with a 10 ms Retry-After), "500",
-"timeout" (answers only after `sleep_s`, past the client's timeout) and "malformed" (an answer
-without the three steps). After the script runs out every request gets a well-formed answer.
+"timeout" (answers only after `sleep_s`, past the client's timeout), "malformed" (an answer
+without the three steps), "truncated" (a 200 whose JSON body ends halfway) and "empty" (a 200
+with no choice). After the script runs out every request gets a well-formed answer.
 `GET /v1/models` lists the one served model (`model`); those requests are counted in `model_lists`,
 not in `requests` (the chat completions).
 """
@@ -71,7 +72,11 @@ class FakeOpenAI:
                                     "message": {"role": "assistant", "content": text}}],
                        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
                                  "total_tokens": len(prompt.split()) + len(text.split())}}
+                if fault == "empty":  # a 200 without any choice
+                    out["choices"] = []
                 data = json.dumps(out).encode()
+                if fault == "truncated":  # the body ends mid-JSON
+                    data = data[: len(data) // 2]
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")

@@ -57,7 +57,7 @@ def lines(path: Path) -> list[dict]:
 def test_retries_on_429_500_timeout_and_malformed_is_recorded(run, monkeypatch):
     monkeypatch.setenv("SLIM_TEST_KEY", KEY)
     with FakeOpenAI(faults=["429", "500", "timeout", "malformed"]) as server:
-        summary = generate_rationales(run, config(server.base_url, users=6))
+        summary = generate_rationales(run, config(server.base_url, users=6, format_retries=0))
     recs = lines(run / OUT / "records.jsonl")
     assert len(recs) == 6 and len({r["user"] for r in recs}) == 6
     assert len(server.requests) == 6 + 3  # three failed attempts were retried
@@ -121,6 +121,45 @@ def test_killed_run_resumes_with_one_record_per_user(run):
     users = [json.loads(ln)["user"] for ln in after]
     assert sorted(users) == list(range(40))  # exactly one record per user
     assert summary["done_before"] == len(before) and summary["written"] == 40 - len(before)
+
+
+def test_off_format_answer_is_asked_again_with_another_seed(run):
+    with FakeOpenAI(faults=["malformed"]) as server:
+        summary = generate_rationales(run, config(server.base_url, users=3))
+    recs = lines(run / OUT / "records.jsonl")
+    assert len(recs) == 3 and not any(r["error"] for r in recs)
+    assert [r["body"]["seed"] for r in server.requests] == [42, 42, 42, 43]  # the retry draws with another seed
+    assert sorted(r["attempt"] for r in recs) == [0, 0, 1]
+    assert summary["retried"] == 1 and summary["malformed"] == 0 and summary["written"] == 3
+
+
+def test_off_format_after_every_retry_is_recorded_with_its_error(run):
+    with FakeOpenAI(faults=["malformed"] * 3) as server:
+        summary = generate_rationales(run, config(server.base_url, users=1, format_retries=2))
+    (rec,) = lines(run / OUT / "records.jsonl")
+    assert len(server.requests) == 3 and rec["error"] == "missing step1, step2, step3" and rec["attempt"] == 2
+    assert summary["malformed"] == 1 and summary["retried"] == 2 and summary["complete"] == 1
+
+
+def test_cut_off_and_empty_bodies_are_retried(run):
+    with FakeOpenAI(faults=["truncated", "empty"]) as server:
+        summary = generate_rationales(run, config(server.base_url, users=2))
+    assert len(server.requests) == 4 and summary["complete"] == 2 and summary["failed"] == 0
+    assert not any(r["error"] for r in lines(run / OUT / "records.jsonl"))
+
+
+def test_users_left_without_a_record_exit_1_and_say_how_many(run):
+    with FakeOpenAI(faults=["truncated"] * 4) as server:
+        cmd = [sys.executable, "-m", "slim.cli", "generate-rationales", "--run", str(run), "--users", "3",
+               "--client.base-url", server.base_url, "--client.max-retries", "1", "--client.concurrency", "1"]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {run / OUT}: 2 users have no record (their requests "
+                                                      f"failed) (see its manifest); rerun to resume")
+    counts = read_json(run / OUT / "manifest.json")["counts"]
+    assert counts["failed"] == 2 and counts["complete"] == 1 and counts["model"] == SERVED_MODEL
+    assert len(lines(run / OUT / "records.jsonl")) == 1
 
 
 def test_client_without_a_model_name_asks_the_endpoint(run):
