@@ -225,7 +225,7 @@ def load_amazon(reviews: str | Path, meta: str | Path | None = None) -> tuple[pd
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
     if meta is None:
         raise InputError(f"{reviews}: Amazon reviews have no item titles; pass the metadata file "
-                         f"(meta_*.json.gz or meta_*.jsonl.gz) with --meta (prepare.meta)")
+                         f"(meta_*.json.gz or meta_*.jsonl.gz) with --meta (data.meta)")
     meta = Path(meta)
     rows = []
     for n, obj in _json_lines(meta):

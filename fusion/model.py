@@ -136,7 +136,7 @@ def vectors_to_tensors(ids: np.ndarray, vectors: np.ndarray, size: int, dim: int
     table = torch.zeros(size, dim)
     has = torch.zeros(size, dtype=torch.bool)
     if len(ids):
-        idx = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        idx = torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: LanceDB gives read-only arrays
         table[idx] = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
         has[idx] = True
     return table, has

@@ -21,6 +21,7 @@ from eval.io import MANIFEST, read_json, write_json
 from eval.popularity import popularity_metrics
 from eval.registry import MODELS, load_model, max_len_of, model_type
 from eval.scoring import CachedScorer
+from eval.significance import paired_test, per_user
 from eval.stage import DATA, Stage
 from eval.tables import floor_of, markdown_table, print_table
 
@@ -75,6 +76,7 @@ def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
     users_per_s = len(r) / (time.perf_counter() - t0)
     tail = item_popularity_groups(ds)["tail"]
     return {
+        "ranks": r,
         "overall": metrics_of(r, n),
         "users_per_s": users_per_s,
         "user_groups": {k: metrics_of(r[g], n[g]) for k, g in user_groups(ds).items()},
@@ -82,6 +84,26 @@ def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
         "popularity": popularity_metrics(top, ds.target("test"), ds.item_popularity, ds.num_users, tail),
         "exposure@10": np.bincount(top[:, :10][top[:, :10] > 0], minlength=ds.num_items + 1).tolist(),
     }
+
+
+def baseline_of(name: str, path: Path, models: dict[str, Path]) -> str | None:
+    """The model a report compares `name` with: a fused model's backbone (text matching: SASRec),
+    the SLMRec student's teacher."""
+    config = read_json(path / MANIFEST).get("config", {})
+    if name.startswith("fusion/"):
+        return config.get("backbone") if config.get("mode") == "hybrid" else "sasrec"
+    return {"slmrec-student": "slmrec-teacher"}.get(name)
+
+
+def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqDataset) -> dict:
+    """Paired tests of NDCG@10 and MRR for each (model, baseline) pair: overall and in every group."""
+    groups = {"overall": np.arange(ds.num_users), **user_groups(ds), **item_groups(ds)}
+    out = {}
+    for a, b in pairs:
+        va, vb = per_user(ranks[a]), per_user(ranks[b])
+        out[f"{a} vs {b}"] = {g: {m: paired_test(va[m][users], vb[m][users]) for m in va}
+                              for g, users in groups.items()}
+    return out
 
 
 def _efficiency(path: Path, model: CachedScorer, users_per_s: float) -> dict[str, float | None]:
@@ -122,12 +144,14 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
         raise InputError(f"analysis protocol {analysis_protocol!r} not prepared for {run / 'data'}")
     results: dict = {"data": ds.fingerprint, "analysis_protocol": analysis_protocol, "overall": {},
                      "user_groups": {}, "item_groups": {}, "popularity": {}, "efficiency": {}, "exposure@10": {}}
+    ranks: dict[str, np.ndarray] = {}
     for name, path in models.items():
         model = CachedScorer(load_model(path))  # one pass over the users serves every protocol
         max_len = max_len_of(path)
         for protocol in sorted(protocols, key=lambda p: p != analysis_protocol):  # time it before the cache fills
             if protocol == analysis_protocol:
                 a = analyse(model, ds, protocol, max_len)
+                ranks[name] = a["ranks"]
                 results["overall"].setdefault(protocol, {})[name] = a["overall"]
                 for key in ("user_groups", "item_groups", "popularity", "exposure@10"):
                     results[key][name] = a[key]
@@ -135,7 +159,10 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
             else:
                 r, n, _ = rank_users(model, ds, "test", protocol, max_len=max_len)
                 results["overall"].setdefault(protocol, {})[name] = metrics_of(r, n)
+    pairs = [(a, b) for a, path in models.items() if (b := baseline_of(a, path, models)) in models]
+    results["comparisons"] = compare(ranks, pairs, ds)
     out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "ranks.npz", **ranks)  # per-user test ranks: any further paired analysis
     write_json(out / "metrics.json", results)
     (out / "report.md").write_text(markdown_report(results, ds))
     plot(results, ds, out)
@@ -166,6 +193,10 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
             parts += ["", f"{metric}:", "", markdown_table(rows, columns=list(sizes))]
             if metric == "NDCG@10":
                 print_table(f"{title}: {metric}", rows, columns=list(sizes))
+    if results["comparisons"]:
+        parts += ["", "## Paired comparisons (A - B over the same test users)", "",
+                  "Difference of the means, bootstrap 95 % interval, sign-flip permutation p-value; "
+                  "**bold**: p < 0.05.", "", comparisons_table(results["comparisons"])]
     parts += ["", "## Popularity bias of the top 10", "", markdown_table(results["popularity"], columns=POP_COLUMNS),
               "", "## Efficiency", "", markdown_table(results["efficiency"], columns=EFF_COLUMNS)]
     print_table("popularity bias (top 10)", results["popularity"], columns=POP_COLUMNS)
@@ -173,6 +204,21 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
     parts += ["", "![users by history length](user_groups.png)", "![items by popularity](item_groups.png)",
               "![popularity of recommended items](popularity.png)"]
     return "\n".join(parts) + "\n"
+
+
+def _cell(t: dict) -> str:
+    text = f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.3f}"
+    return f"**{text}**" if t["significant"] else text
+
+
+def comparisons_table(comparisons: dict) -> str:
+    """One row per comparison and user/item group: users, then NDCG@10 and MRR differences."""
+    lines = ["| A vs B | group | users | NDCG@10 | MRR |", "|---|---|---|---|---|"]
+    for pair, groups in comparisons.items():
+        for group, tests in groups.items():
+            lines.append(f"| {pair} | {group} | {tests['MRR']['users']} | {_cell(tests['NDCG@10'])} | "
+                         f"{_cell(tests['MRR'])} |")
+    return "\n".join(lines)
 
 
 def _bars(ax, rows: dict[str, dict[str, float]], title: str) -> None:

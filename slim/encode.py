@@ -101,6 +101,7 @@ class VectorsStage(Stage):
     name = "vectors"
     config_class = EncodeConfig
     in_place = True
+
     def inputs(self) -> dict[str, Path]:
         files = {"data": self.data_dir, "records": self.run / StudentRationalesStage.name}
         if self.config.model is None:  # the embedded default may change with its package; a path is in the config

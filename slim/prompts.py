@@ -13,6 +13,7 @@ from string import Template
 import pandas as pd
 
 from eval.errors import InputError
+from eval.preprocess import item_title
 from prompts import template_path
 
 TEACHER = "slim_teacher_v2"
@@ -54,7 +55,6 @@ def clean_field(value: object, max_chars: int) -> str:
 
 def item_line(row: pd.Series, max_chars: int = 160) -> str:
     """`- title (year); categories; brand`, each field cleaned and the whole line capped."""
-    from eval.preprocess import item_title  # the data set's own fallback for items without a title
 
     title = clean_field(item_title(row), max_chars)
     year = clean_field(row.get("year"), 8)

@@ -5,7 +5,7 @@ fingerprint, so a retrained adapter gets fresh records and the two backends resu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from eval.io import CONFIG, WEIGHTS
 from eval.registry import load_state, model_config, read_weights, register_model
 from eval.scoring import DotScorer
 from prompts import template_path
+
+if TYPE_CHECKING:
+    from transformers import LlamaModel
 
 DEFAULT_PROMPT = "slmrec_v1"
 
@@ -74,7 +78,7 @@ def _base_location(cfg: LLMRecConfig) -> tuple[Path, dict]:
     return path, {}
 
 
-def load_decoder(cfg: LLMRecConfig) -> "LlamaModel":
+def load_decoder(cfg: LLMRecConfig) -> LlamaModel:
     """The base decoder with only the kept layers (renumbered so the KV cache indexes them)."""
     from transformers import LlamaConfig, LlamaModel
     from transformers.utils import logging as hf_logging

@@ -156,6 +156,13 @@ def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
     for f in ("metrics.json", "report.md", "user_groups.png", "item_groups.png", "popularity.png"):
         assert (run / "report" / f).stat().st_size > 0
     assert "fusion/hybrid" in (run / "report" / "report.md").read_text()
+    # each fused model is compared with its backbone (text matching with SASRec) over the same users
+    assert sorted(results["comparisons"]) == ["fusion/hybrid vs sasrec", "fusion/text vs sasrec"]
+    ranks = np.load(run / "report" / "ranks.npz")
+    test = results["comparisons"]["fusion/hybrid vs sasrec"]["overall"]["MRR"]
+    assert test["users"] == ds.num_users
+    assert test["diff"] == pytest.approx(np.mean(1 / (ranks["fusion/hybrid"] + 1) - 1 / (ranks["sasrec"] + 1)))
+    assert "| fusion/text vs sasrec | G1" in (run / "report" / "report.md").read_text()
 
 
 def test_same_seed_gives_the_same_fused_model_and_it_reloads(run):
