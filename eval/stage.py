@@ -44,6 +44,9 @@ class Stage(ABC):
     config_class: ClassVar[type]
     in_place: ClassVar[bool] = False  # build into the folder itself (append-only, resumable outputs)
     missing_what: ClassVar[str] = "units of work unfinished"  # what `missing` counts, for the error
+    # files that describe how the build went (timings, test metrics), not what it built: a rebuild
+    # that writes the same artifact with other timings keeps the stages downstream up to date
+    notes: ClassVar[tuple[str, ...]] = ("metrics.json", "train_log.json")
 
     def __init__(self, run: str | Path, config: Any = None, folder: str | None = None):
         self.run = Path(run)
@@ -70,8 +73,8 @@ class Stage(ABC):
         """Write the outputs into `out`; return the counts the manifest records."""
 
     def digest(self, out: Path, counts: dict[str, Any]) -> str:
-        """What downstream stages compare: by default the content of every file written."""
-        return file_hash(out, exclude=(MANIFEST,))
+        """What downstream stages compare: by default the content of every file written but the notes."""
+        return file_hash(out, exclude=(MANIFEST, *self.notes))
 
     def missing(self, counts: dict[str, Any]) -> int:
         """Units of work that did not finish (e.g. users whose request failed); a rerun resumes them."""

@@ -8,6 +8,7 @@ import typer
 
 from eval.cli import guarded, stage_command
 from eval.dataset import DataStage
+from eval.errors import InputError
 from eval.io import read_json
 from slmrec.cli import show_metrics
 
@@ -34,6 +35,63 @@ def run_cmd(
 
     stages = build_stages(run, preset, set_)  # every setting is checked before anything runs
     run_pipeline(run, stages, until)
+
+
+@app.command("recommend")
+def recommend_cmd(
+    run: Path = typer.Option(..., help="Run directory."),
+    user: str = typer.Option(..., help="The user's raw id in the data set (users.parquet raw_id, e.g. '196' on "
+                                       "ml-100k), not the 0-based index."),
+    k: int = typer.Option(10, help="How many items (never one already in the user's history)."),
+    model: Optional[str] = typer.Option(None, help="Model folder of the run, e.g. fusion/hybrid-slmrec-student or "
+                                                   "sasrec (default: the fused model with the best validation MRR, "
+                                                   "else sasrec)."),
+    json_: bool = typer.Option(False, "--json", help="Print the answer as JSON (as `fusion serve` returns it)."),
+) -> None:
+    """A user's recent history, their rationale and the top-k items with the evidence linking each to it."""
+    import json
+
+    from .recommend import Recommender, show
+
+    answer = Recommender(run, model).for_user(user, k)
+    if json_:
+        typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+    else:
+        show(answer)
+
+
+@app.command("serve")
+def serve_cmd(
+    run: Path = typer.Option(..., help="Run directory."),
+    model: Optional[str] = typer.Option(None, help="Model folder of the run (default: as `fusion recommend`)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8080, help="Port to listen on."),
+    token_env: Optional[str] = typer.Option(None, help="Environment variable holding a bearer token every API "
+                                                       "request must carry (none: no token; never logged)."),
+    student_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint of the SLIM student, for new "
+                                                         "users (default: the run's, when its student rationales "
+                                                         "were written through one; none: new users get 503)."),
+    student_model: Optional[str] = typer.Option(None, help="Model name at that endpoint (default: its one model)."),
+) -> None:
+    """Recommendations over HTTP (known users, new users' histories, items) and a page at /."""
+    import os
+
+    import uvicorn
+
+    from .recommend import Recommender
+    from .service import StudentWriter, create_app, student_settings
+
+    token = None
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if not token:
+            raise InputError(f"--token-env: environment variable {token_env} is not set or empty")
+    rec = Recommender(run, model)
+    cfg = student_settings(rec.run)
+    url = student_url or (cfg.client.base_url if cfg.backend == "endpoint" else None)
+    writer = StudentWriter(rec, url, student_model) if url else None
+    typer.echo(f"serving {rec.run / rec.name} on http://{host}:{port}/ (new users: {url or 'off'})")
+    uvicorn.run(create_app(rec, writer, token), host=host, port=port)
 
 
 main = guarded(app)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +57,20 @@ def _cli(name: str) -> str:
     return found
 
 
+class ServerExited(RuntimeError):
+    """The server process ended before it answered; `cause` is the log's last error line."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
+def _cause_line(log: str) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"(Error|Exception)\b", ln) and not ln.startswith("Traceback")]
+    return ((errors or lines or ["no output"])[-1])[-300:]
+
+
 class Server:
     """`with Server(model_path, adapter) as s:` -> requests go to `s.base_url` with model `s.model_name`."""
 
@@ -68,6 +83,7 @@ class Server:
         benchmarks that repeat prompts) and `extra_args` (appended to the server's command line)."""
         if model_path is None and adapter is None:
             raise InputError("serve needs a model path or an adapter")
+        self.requested = backend
         self.backend, why = _pick(backend)
         self.adapter = Path(adapter) if adapter else None
         self.model_path = str(model_path or adapter_base(self.adapter))
@@ -114,16 +130,27 @@ class Server:
         # `transformers serve` answers GET /v1/models with a 500 when the hub cache folder is missing
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
         hub.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        try:
+            self._launch()
+        except ServerExited as e:  # auto: a vLLM that cannot serve this model falls back to transformers
+            if not (self.backend == "vllm" and self.requested == "auto"):
+                raise
+            announce("slim serve engine", "transformers", f"fallback: the vllm server exited ({e.cause}; "
+                                                         f"log {self.log_path})")
+            self.backend, self.model_name, self.env = "transformers", self.model_path, dict(os.environ)
+            self._launch()
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def _launch(self) -> None:
         cmd = self.command()  # sets self.env (vLLM's CPU settings)
         env = {**self.env, "HF_HUB_OFFLINE": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         self.wait_ready()
-        self.startup_s = time.monotonic() - t0
-        return self
 
     def wait_ready(self) -> None:
         """Poll with a one-token chat completion until it succeeds, the process dies or time runs out."""
@@ -132,8 +159,10 @@ class Server:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.backend} server exited with code {self.proc.returncode}; "
-                                   f"log {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+                self.stop()  # its engine processes, if any are left
+                log = self.log_path.read_text(errors="replace")
+                raise ServerExited(f"{self.backend} server exited with code {self.proc.returncode}; "
+                                   f"log {self.log_path}:\n{log[-2000:]}", _cause_line(log))
             try:
                 client.complete("ping")
                 return
@@ -145,7 +174,11 @@ class Server:
                 time.sleep(1.0)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:  # it is gone; its process group (vLLM's engine) may not be
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             return
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:

@@ -216,12 +216,13 @@ class VllmGenerator:
 
     vLLM batches continuously (every job is queued, up to `max_num_seqs` decode together), so
     `batch_size` is accepted for the interface and unused. `dtype` None: bfloat16 (CPU and GPU);
-    "float32" matches transformers' greedy output. `prefix_caching` False for fair benchmarks."""
+    "float32" matches transformers' greedy output. `prefix_caching` False for fair benchmarks;
+    `engine_args` go to `vllm.LLM` as they are."""
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42,
                  dtype: str | None = None, prefix_caching: bool = True, enforce_eager: bool | None = None,
-                 max_num_seqs: int | None = None, status: VllmStatus | None = None):
+                 max_num_seqs: int | None = None, status: VllmStatus | None = None, **engine_args: Any):
         if model_path is None and adapter is None:
             raise InputError("generation needs a model path or an adapter")
         self.status = status or vllm_status()
@@ -244,6 +245,7 @@ class VllmGenerator:
                                       enforce_eager=self.status.cpu if enforce_eager is None else enforce_eager)
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        kwargs.update(engine_args)  # anything else vllm.LLM takes (max_model_len, ...)
         self.lora_request = None
         if lora is not None:
             from vllm.lora.request import LoRARequest

