@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True, help="Also bench the servers.")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=8, help="Requests per concurrency level (at least the level).")
+    ap.add_argument("--serve-max-tokens", type=int, default=48, help="Most completion tokens per served request "
+                                                                      "(transformers serve is slow).")
     ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
 
@@ -78,11 +81,13 @@ def main() -> None:
     cfg = GenerationConfig(template=args.template, history_tokens=args.history_tokens)
     prompts = list(user_prompts(ds, sample_users(ds.num_users, args.prompts, 0), cfg).values())
     what = f"{'adapter ' + args.adapter if args.adapter else 'model ' + str(model)}"
-    console = Console()
+    console = Console(width=120)
+    console.print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+                  f"(others' work on a shared machine skews every figure)")
     console.print(f"{len(prompts)} {args.template} prompts from {args.data}; {what}; greedy, "
                   f"{args.max_tokens} max tokens, prefix caching off")
     results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "model": what, "offline": [],
-                     "served": [], "agreement": {}}
+                     "served": [], "agreement": {}, "load_average_start": round(os.getloadavg()[0], 2)}
 
     # 1. offline batch
     table = Table(title="offline batch (in-process)")
@@ -137,7 +142,8 @@ def main() -> None:
     # 2. served
     if args.serve:
         levels = [int(c) for c in args.concurrency.split(",")]
-        table = Table(title="served (OpenAI-compatible endpoint, the project's ChatClient)")
+        table = Table(title=f"served (OpenAI-compatible endpoint, the project's ChatClient), "
+                            f"{args.serve_max_tokens} max tokens")
         for col in ("backend", "start-up s", "concurrency", "requests", "seconds", "completion tokens", "tokens/s"):
             table.add_column(col, justify="right")
         served: dict[tuple[str, int], float] = {}
@@ -146,7 +152,7 @@ def main() -> None:
                 for c in levels:
                     n_req = max(args.requests, c)
                     client = ChatClient(ClientConfig(base_url=server.base_url, model=server.model_name, temperature=0,
-                                                     max_tokens=args.max_tokens, concurrency=c, timeout_s=1800))
+                                                     max_tokens=args.serve_max_tokens, concurrency=c, timeout_s=1800))
                     dt, n, _ = measure(client, (prompts * (n_req // len(prompts) + 1))[:n_req])
                     served[backend, c] = n / dt
                     table.add_row(backend, f"{server.startup_s:.1f}", str(c), str(n_req), f"{dt:.1f}", str(n),
@@ -160,6 +166,8 @@ def main() -> None:
             if ("vllm", c) in served and ("transformers", c) in served:
                 console.print(f"served, concurrency {c}: vLLM / transformers serve = "
                               f"{served['vllm', c] / served['transformers', c]:.1f}x")
+    results["load_average_end"] = round(os.getloadavg()[0], 2)
+    console.print(f"load average at end (1 min): {results['load_average_end']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

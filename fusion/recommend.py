@@ -226,7 +226,7 @@ class Recommender:
         self.model = load_model(path)
         self.max_len = max_len_of(path)
         with torch.inference_mode():
-            self.item_vectors = self.model.item_vectors().float()
+            self.item_vectors = self.model.item_vectors().detach().float()
         n = self.ds.num_items
         table = f"{self.name.replace('/', '--')}-{fingerprint(path)[:16]}"
         self.index = ItemIndex.create(self.run / SERVING, table, np.arange(1, n + 1), self.item_vectors[1:].numpy(),
@@ -304,7 +304,7 @@ class Recommender:
                rationale: dict[str, Any] | None, text: torch.Tensor | None) -> dict[str, Any]:
         """The answer both entry points give: history, rationale, top k with evidence (as JSON values)."""
         ids = self.index.search(vec.numpy(), k, exclude={int(i) for i in history})
-        scores = (self.item_vectors[torch.as_tensor(ids, dtype=torch.long)] @ vec).tolist()
+        scores = (self.item_vectors[torch.tensor(ids, dtype=torch.long)] @ vec).tolist()
         ranked = sorted(zip(ids.tolist(), scores), key=lambda p: -p[1])  # exact scores decide the order
         steps = Rationale.of(rationale)
         recs = []

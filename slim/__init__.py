@@ -4,6 +4,7 @@ Stages (each a `Stage` of `eval.stage`, a folder of the run, a table of the pres
   slim-teacher-rationales  rationales.TeacherRationalesStage  `slim generate-rationales`  records.jsonl
   slim-student             finetune.SlimStudentStage          `slim finetune-student`     LoRA adapter
   slim-student-rationales  student.StudentRationalesStage     `slim generate`             records.jsonl
+  profile-rationales       profile.ProfileRationalesStage     `slim profile`              no-LLM control records
   vectors                  encode.VectorsStage                `slim encode`               LanceDB tables
 Serving: serve.Server(model_path, adapter) as a context manager -> .base_url, .model_name (`slim serve`).
 Modules import their heavy dependencies lazily, so `import slim` stays cheap.

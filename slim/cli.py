@@ -16,6 +16,7 @@ from eval.stage import Stage
 
 from .encode import VectorsStage
 from .finetune import SlimStudentStage
+from .profile import ProfileRationalesStage
 from .rationales import TeacherRationalesStage
 from .student import StudentRationalesStage
 
@@ -28,7 +29,8 @@ def _print_counts(stage: Stage) -> None:
 
 
 for command, stage_class in (("generate-rationales", TeacherRationalesStage), ("finetune-student", SlimStudentStage),
-                             ("generate", StudentRationalesStage), ("encode", VectorsStage)):
+                             ("generate", StudentRationalesStage), ("profile", ProfileRationalesStage),
+                             ("encode", VectorsStage)):
     stage_command(app, command, stage_class, _print_counts)
 
 

@@ -20,7 +20,6 @@ from eval.errors import InputError
 from eval.stage import Stage
 
 from .records import RECORDS, rationale_text, read_records
-from .student import StudentRationalesStage
 
 USERS_TABLE, ITEMS_TABLE = "user_rationales", "item_texts"
 ITEM_VERSION = "item_text"
@@ -33,6 +32,8 @@ class EncodeConfig:
     prompt_version: str | None = setting(None, "Encode only records of this prompt version (none: any).")
     record_model: str | None = setting(None, "... and of this generating model (none: any; the last record "
                                              "of a user wins).")
+    records: str = setting("slim-student-rationales", "The rationale stage whose records are encoded "
+                                                      "(slim-student-rationales, profile-rationales, ...).")
     ann_index: bool = setting(False, "Build an IVF-PQ index (large catalogs; needs >= 256 rows).")
     device: str | None = setting(None, "Encoder device (none: automatic).")
 
@@ -95,15 +96,15 @@ def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarra
 
 
 class VectorsStage(Stage):
-    """Encode the SLIM student's rationales and every item's text into LanceDB (tables
-    user_rationales, item_texts), re-encoding only changed rows; writes RUN/vectors in place."""
+    """Encode a rationale stage's records (the SLIM student's by default) and every item's text into
+    LanceDB (tables user_rationales, item_texts), re-encoding only changed rows; writes RUN/vectors."""
 
     name = "vectors"
     config_class = EncodeConfig
     in_place = True
 
     def inputs(self) -> dict[str, Path]:
-        files = {"data": self.data_dir, "records": self.run / StudentRationalesStage.name}
+        files = {"data": self.data_dir, "records": self.run / self.config.records}
         if self.config.model is None:  # the embedded default may change with its package; a path is in the config
             files["encoder"] = minilm_path()
         return files
@@ -115,7 +116,7 @@ class VectorsStage(Stage):
         cfg = self.config
         model_path = str(cfg.model or minilm_path())
         ds = load_dataset(self.data_dir)
-        records = self.run / StudentRationalesStage.name / RECORDS
+        records = self.run / self.config.records / RECORDS
         recs = read_records(records, cfg.prompt_version, cfg.record_model)
         users = sorted(u for u, r in recs.items() if rationale_text(r))
         if not users:

@@ -122,7 +122,7 @@ def test_exact_search_is_numpy_top_k_and_ivf_pq_recall_against_it(tmp_path):
 def test_known_user_gets_k_unseen_items_scored_as_the_model_scores_them(run, rec):
     assert rec.name == FUSED == default_model(run)
     ds = load_dataset(run / "data")
-    u = 7
+    u = rec.user_of("u7")           # raw ids are not the 0-based user index
     answer = rec.for_user("u7", k=8)
     recs = answer["recommendations"]
     ids = [rec.items[x["id"]] for x in recs]
@@ -197,6 +197,6 @@ def test_recommend_command(run, monkeypatch, capsys):
     answer = json.loads(out)
     assert code == 0 and answer["user"] == "u3" and len(answer["recommendations"]) == 3
     code, out, _ = cli(monkeypatch, capsys, "recommend", "--run", str(run), "--user", "u3", "--k", "3")
-    assert code == 0 and "Step 3: " + step3_of(3) in out and answer["recommendations"][0]["title"] in out
+    assert code == 0 and "Step 3: " + answer["rationale"]["step3"] in out and answer["recommendations"][0]["title"] in out
     code, out, err = cli(monkeypatch, capsys, "recommend", "--run", str(run), "--user", "3")
     assert code == 1 and err.count("\n") == 1 and "unknown user '3'" in err and out == ""
