@@ -137,7 +137,7 @@ def test_bad_id_in_metadata_is_named(tmp_path):
 def test_amazon_reviews_without_meta_is_an_error(tmp_path, row):
     path = _jsonl(tmp_path / "r.json.gz", [row])
     msg = _error(lambda: load_source(str(path)))  # what prepare reads with: format auto, meta None
-    assert msg.startswith(f"{path}: Amazon reviews have no item titles") and "--meta" in msg and "prepare.meta" in msg
+    assert msg.startswith(f"{path}: Amazon reviews have no item titles") and "--meta" in msg and "data.meta" in msg
 
 
 # 6. an item without metadata is named by its id in prompts, as in the item text -------------------
