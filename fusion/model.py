@@ -83,10 +83,14 @@ class FusedRecommender(DotScorer, nn.Module):
         return torch.where(self.item_has[:, None], self.item_text, self.missing_item)
 
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        text = self._user_text(users)
         if self.config.mode == "text":
-            return self.g_user(self._user_text(users))
-        ids = (self.frozen or self.backbone).user_vectors(users, histories)
-        return self.g_f(torch.cat([self.g_l(self._user_text(users)), ids], dim=-1))
+            return self.g_user(text)
+        return self.fuse(text, (self.frozen or self.backbone).user_vectors(users, histories))
+
+    def fuse(self, text: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """g_f([g_l(text); ids]): also for users the model was not trained with (a new history)."""
+        return self.g_f(torch.cat([self.g_l(text), ids], dim=-1))
 
     def item_vectors(self) -> torch.Tensor:
         if self.config.mode == "text":

@@ -18,6 +18,7 @@ import torch
 import uvicorn
 
 from eval.dataset import pad_left
+from eval.errors import InputError
 from fusion.recommend import MAX_K, Recommender, new_user_vector
 from fusion.service import MAX_HISTORY, StudentWriter, create_app
 from slim.client import ChatClient
@@ -165,6 +166,13 @@ def test_student_failure_is_502_and_no_student_is_503(service, monkeypatch):
         assert status == 503 and "--student-url" in answer["error"]
         assert call(plain, "/ready", token=None)[1]["new_users"] is False
         assert call(plain, "/users/u3/recommendations", token=None)[0] == 200
+
+
+def test_new_users_need_vectors_of_the_students_rationales(service, monkeypatch):
+    url, rec, _, student = service
+    monkeypatch.setattr(rec, "vectors_config", lambda: {"records": "profile-rationales"})
+    with pytest.raises(InputError, match="vectors encode profile-rationales, not the SLIM student's"):
+        StudentWriter(rec, student.base_url)
 
 
 def test_serve_command_needs_the_token_variable_it_names(service, monkeypatch, capsys):
