@@ -207,7 +207,8 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
 
 
 def _cell(t: dict) -> str:
-    text = f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.3f}"
+    p = f"p={t['p']:.3f}" if t["p"] >= 0.001 else "p<0.001"  # the permutation test cannot go lower
+    text = f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] {p}"
     return f"**{text}**" if t["significant"] else text
 
 
