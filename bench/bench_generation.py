@@ -5,11 +5,13 @@ prepared data folder); the model is the trained student adapter (`--adapter RUN/
 the base SmolLM2. Greedy decoding, prefix caching off (the prompts share the template), and:
 
   1. offline batch: transformers `LocalGenerator` (float32, batched `model.generate`, the project's
-     in-process path) vs `VllmGenerator` (bf16, and float32 for the agreement check): start-up
-     seconds, completion tokens/s, the vLLM/transformers ratio, and the share of prompts whose
-     greedy output is identical to transformers';
-  2. served: `vllm` and `transformers serve` through the project's `Server` and `ChatClient` at
-     several concurrency levels (a bounded number of requests per level): tokens/s and the ratio.
+     in-process path) vs `VllmGenerator` (bf16): start-up seconds, completion tokens/s, the
+     vLLM/transformers ratio per round (passes interleaved, median reported), whether vLLM repeats
+     itself, and the share of prompts whose greedy output is identical to transformers' (vLLM bf16,
+     and float32 in a last engine);
+  2. served: `vllm` and `transformers serve` up side by side through the project's `Server` and
+     `ChatClient`, each concurrency level sent to one then the other (a bounded number of requests
+     per level): tokens/s and the ratio.
 
   python bench/bench_generation.py --data runs/demo/data --adapter runs/demo/slim-student
   python bench/bench_generation.py --data runs/demo/data --no-serve --prompts 32     # offline only
@@ -20,8 +22,10 @@ Timings on a shared 2-core machine are noisy: compare runs made back to back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,6 +69,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96, help="Most completion tokens (the student's default).")
     ap.add_argument("--history-tokens", type=int, default=128)
     ap.add_argument("--batch-size", default="16", help="transformers batch size(s), comma list (16: the student's).")
+    ap.add_argument("--rounds", type=int, default=2, help="Offline passes per engine, interleaved.")
     ap.add_argument("--fp32-agreement", action=argparse.BooleanOptionalAction, default=True,
                     help="Also run vLLM in float32 (greedy agreement with float32 transformers).")
     ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True, help="Also bench the servers.")
@@ -89,48 +94,70 @@ def main() -> None:
     results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "model": what, "offline": [],
                      "served": [], "agreement": {}, "load_average_start": round(os.getloadavg()[0], 2)}
 
-    # 1. offline batch
-    table = Table(title="offline batch (in-process)")
-    for col in ("engine", "dtype", "batch", "start-up s", "seconds", "completion tokens", "tokens/s"):
+    # 1. offline batch: every engine loaded, then passes interleaved round by round, so load from
+    # other work on a shared machine hits both; the ratio is taken per round (paired), then the median
+    table = Table(title="offline batch (in-process), passes interleaved")
+    for col in ("round", "engine", "dtype", "batch", "start-up s", "seconds", "completion tokens", "tokens/s",
+                "load avg"):
         table.add_column(col, justify="right")
     texts: dict[str, list[str | None]] = {}
-    best: dict[str, float] = {}
+    gens: dict[str, tuple[Generator, str, str, float]] = {}  # label -> (generator, dtype, batch, start-up s)
 
-    def row(engine: str, dtype: str, batch: str, startup: float, dt: float, n: int) -> None:
-        table.add_row(engine, dtype, batch, f"{startup:.1f}", f"{dt:.1f}", str(n), f"{n / dt:.1f}")
-        results["offline"].append({"engine": engine, "dtype": dtype, "batch": batch, "startup_s": round(startup, 1),
-                                   "seconds": round(dt, 1), "completion_tokens": n, "tokens_per_s": round(n / dt, 1)})
+    def row(rnd: int, label: str, dt: float, n: int) -> float:
+        _, dtype, batch, startup = gens[label]
+        load = os.getloadavg()[0]
+        table.add_row(str(rnd), label.split(":")[0], dtype, batch, f"{startup:.1f}", f"{dt:.1f}", str(n),
+                      f"{n / dt:.1f}", f"{load:.2f}")
+        results["offline"].append({"round": rnd, "engine": label.split(":")[0], "dtype": dtype, "batch": batch,
+                                   "startup_s": round(startup, 1), "seconds": round(dt, 1), "completion_tokens": n,
+                                   "tokens_per_s": round(n / dt, 1), "load_average": round(load, 2)})
         print(json.dumps(results["offline"][-1]), file=sys.stderr, flush=True)
+        return n / dt
 
     if "transformers" in engines:
         for b in (int(x) for x in args.batch_size.split(",")):
             t0 = time.perf_counter()
             gen = LocalGenerator(model, args.adapter, b, args.max_tokens, 0.0)
-            startup = time.perf_counter() - t0
-            dt, n, out = measure(gen, prompts)
-            texts.setdefault("transformers", out)
-            best["transformers"] = max(best.get("transformers", 0.0), n / dt)
-            row("transformers", "float32", str(b), startup, dt, n)
-            del gen
+            gens[f"transformers:{b}"] = (gen, "float32", str(b), time.perf_counter() - t0)
     if "vllm" in engines:
         from slim.vllm_engine import VllmGenerator
 
-        for dtype in ("bfloat16", "float32") if args.fp32_agreement else ("bfloat16",):
-            t0 = time.perf_counter()
-            gen = VllmGenerator(model, args.adapter, max_new_tokens=args.max_tokens, temperature=0.0, dtype=dtype,
-                                prefix_caching=False)
-            startup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gens["vllm:bf16"] = (VllmGenerator(model, args.adapter, max_new_tokens=args.max_tokens, temperature=0.0,
+                                           dtype="bfloat16", prefix_caching=False), "bfloat16", "continuous",
+                             time.perf_counter() - t0)
+    ratios: list[float] = []
+    for rnd in range(1, args.rounds + 1):
+        tps: dict[str, float] = {}
+        for label, (gen, *_) in gens.items():
             dt, n, out = measure(gen, prompts)
-            texts[f"vllm-{dtype}"] = out
-            if dtype == "bfloat16":
-                best["vllm"] = n / dt
-            row("vllm", dtype, "continuous", startup, dt, n)
-            gen.close()
+            tps[label] = row(rnd, label, dt, n)
+            if label == "vllm:bf16" and "vllm-bfloat16" in texts:
+                results["agreement"]["vllm-bfloat16 run to run"] = round(agreement(out, texts["vllm-bfloat16"]), 3)
+            texts.setdefault("transformers" if label.startswith("transformers") else "vllm-bfloat16", out)
+        hf = max((v for k, v in tps.items() if k.startswith("transformers")), default=None)
+        if hf and "vllm:bf16" in tps:
+            ratios.append(tps["vllm:bf16"] / hf)
+    if "vllm:bf16" in gens:
+        gens["vllm:bf16"][0].close()
+        if args.fp32_agreement:  # float32 vLLM: greedy agreement with float32 transformers (and its speed)
+            t0 = time.perf_counter()
+            gens["vllm:fp32"] = (VllmGenerator(model, args.adapter, max_new_tokens=args.max_tokens, temperature=0.0,
+                                               dtype="float32", prefix_caching=False), "float32", "continuous",
+                                 time.perf_counter() - t0)
+            dt, n, texts["vllm-float32"] = measure(gens["vllm:fp32"][0], prompts)
+            row(args.rounds, "vllm:fp32", dt, n)
+            gens["vllm:fp32"][0].close()
     console.print(table)
-    if "vllm" in best and "transformers" in best:
-        ratio = best["vllm"] / best["transformers"]
-        results["offline_ratio"] = round(ratio, 2)
-        console.print(f"offline: vLLM bf16 / best transformers = {ratio:.2f}x")
+    if ratios:
+        median = statistics.median(ratios)
+        results["offline_ratio_per_round"] = [round(r, 2) for r in ratios]
+        results["offline_ratio"] = round(median, 2)
+        console.print(f"offline: vLLM bf16 / best transformers batch, per round: "
+                      f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {median:.2f}x")
+    if "vllm-bfloat16 run to run" in results["agreement"]:
+        console.print(f"vLLM bf16 run to run: {results['agreement']['vllm-bfloat16 run to run']:.0%} of outputs "
+                      f"identical")
     if "transformers" in texts:
         for k in ("vllm-float32", "vllm-bfloat16"):
             if k in texts:
@@ -139,27 +166,33 @@ def main() -> None:
                 console.print(f"greedy agreement {k} vs transformers float32: {share:.0%} of {len(prompts)} "
                               f"outputs identical")
 
-    # 2. served
+    # 2. served: both servers up at once, each concurrency level sent to one then the other
     if args.serve:
         levels = [int(c) for c in args.concurrency.split(",")]
         table = Table(title=f"served (OpenAI-compatible endpoint, the project's ChatClient), "
-                            f"{args.serve_max_tokens} max tokens")
-        for col in ("backend", "start-up s", "concurrency", "requests", "seconds", "completion tokens", "tokens/s"):
+                            f"{args.serve_max_tokens} max tokens, backends interleaved")
+        for col in ("backend", "start-up s", "concurrency", "requests", "seconds", "completion tokens", "tokens/s",
+                    "load avg"):
             table.add_column(col, justify="right")
         served: dict[tuple[str, int], float] = {}
-        for backend in [e for e in engines if e in ("vllm", "transformers")][::-1]:
-            with Server(model, args.adapter, backend=backend, prefix_caching=False) as server:
-                for c in levels:
-                    n_req = max(args.requests, c)
+        backends = [e for e in ("vllm", "transformers") if e in engines]
+        with contextlib.ExitStack() as stack:
+            servers = {b: stack.enter_context(Server(model, args.adapter, backend=b, prefix_caching=False))
+                       for b in backends}
+            for c in levels:
+                n_req = max(args.requests, c)
+                for backend, server in servers.items():
                     client = ChatClient(ClientConfig(base_url=server.base_url, model=server.model_name, temperature=0,
                                                      max_tokens=args.serve_max_tokens, concurrency=c, timeout_s=1800))
                     dt, n, _ = measure(client, (prompts * (n_req // len(prompts) + 1))[:n_req])
                     served[backend, c] = n / dt
+                    load = os.getloadavg()[0]
                     table.add_row(backend, f"{server.startup_s:.1f}", str(c), str(n_req), f"{dt:.1f}", str(n),
-                                  f"{n / dt:.1f}")
+                                  f"{n / dt:.1f}", f"{load:.2f}")
                     results["served"].append({"backend": backend, "startup_s": round(server.startup_s, 1),
                                               "concurrency": c, "requests": n_req, "seconds": round(dt, 1),
-                                              "completion_tokens": n, "tokens_per_s": round(n / dt, 1)})
+                                              "completion_tokens": n, "tokens_per_s": round(n / dt, 1),
+                                              "load_average": round(load, 2)})
                     print(json.dumps(results["served"][-1]), file=sys.stderr, flush=True)
         console.print(table)
         for c in levels:

@@ -99,14 +99,17 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small_kv_cache():
+def vllm_env(tiny):
+    """A 1 GiB KV cache (two engines side by side stay small) and a cache folder of the module's own
+    for the cleaned model copies (after `tiny` has found the embedded SmolLM2 in the real one)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: two engines side by side stay small
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        mp.setenv("RATIONALE_REC_CACHE", str(tiny["root"] / "cache"))
         yield
 
 
 @pytest.fixture(scope="module")
-def served(tiny, small_kv_cache):
+def served(tiny, vllm_env):
     """The trap-carrying tiny model served for the module by `endpoint`, the backend picked automatically."""
     from slim.serve import endpoint
 
@@ -116,7 +119,7 @@ def served(tiny, small_kv_cache):
 
 
 @pytest.fixture(scope="module")
-def offline(tiny, small_kv_cache):
+def offline(tiny, vllm_env):
     """The factory's in-process generator for the adapter (on CPU: its merged copy), picked automatically."""
     from slim.local import make_generator
 
@@ -132,9 +135,11 @@ def template_tokens(tok, prompt):
 
 @needs_vllm
 def test_served_by_vllm_answers_the_project_client(served, tiny):
+    assert len(list((tiny["root"] / "cache" / "vllm-models").iterdir())) == 1  # the trap: a cleaned copy served
     log = (tiny["root"] / "server.log").read_text()
     assert "vllm.entrypoints" in log or "vLLM" in log  # vLLM served it, not transformers serve
-    assert "--enable-lora" not in log
+    if STATUS.cpu:
+        assert "--enable-lora" not in log and "bfloat16" in log  # CPU: no LoRA, bf16
     c = served.complete(PROMPTS[0])
     assert isinstance(c, Completion) and c.completion_tokens > 0 and c.finish_reason in ("stop", "length")
     assert c.prompt_tokens == template_tokens(tiny["tok"], PROMPTS[0])  # the chat template was applied
@@ -169,8 +174,10 @@ def test_offline_sampling_is_seeded(offline):
     try:
         first = [c.text for c in offline.generate(PROMPTS)]
         assert [c.text for c in offline.generate(PROMPTS)] == first  # per-request seed: the same samples
+        retry = [c.text for _, c in sorted(offline.stream(enumerate(PROMPTS), attempt=1))]
+        assert retry != first  # asking again (a format retry) draws with another seed
         offline.seed = 8
-        assert [c.text for c in offline.generate(PROMPTS)] != first
+        assert [c.text for _, c in sorted(offline.stream(enumerate(PROMPTS)))] == retry  # seed 8 = seed 7 + 1
     finally:
         offline.temperature, offline.seed = 0.0, 7
 
