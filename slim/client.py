@@ -100,10 +100,14 @@ class ChatClient:
                               timeout=cfg.timeout_s, max_retries=cfg.max_retries)
         self.model_name = cfg.model or self.served_model()
 
+    def models(self) -> list[str]:
+        """The model names the endpoint lists (`GET /models`; `transformers serve` lists none, serves any)."""
+        return [m.id for m in self._client.models.list()]
+
     def served_model(self) -> str:
         """The endpoint's one served model (`GET /models`), for a client configured without a model name."""
         try:
-            names = [m.id for m in self._client.models.list()]
+            names = self.models()
         except Exception as e:  # noqa: BLE001 - any failure here is one line for the user
             raise InputError(f"{self.cfg.base_url}: cannot list the served models to pick one "
                              f"({type(e).__name__}); set client.model") from None

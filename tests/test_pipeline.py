@@ -87,11 +87,13 @@ epochs = 2
 """
 
 
-def tiny_lm(folder: Path) -> Path:
+def tiny_lm(folder: Path, **config: float) -> Path:
+    """A random 2-layer LLaMA with the SmolLM2 tokenizer and chat template; `config` overrides LlamaConfig."""
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      **config)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -1,6 +1,7 @@
 """`fusion serve` over real HTTP on 127.0.0.1: every endpoint and bad request, the bearer token, a new
-user's history end to end (the SLIM student's rationale from a real OpenAI-compatible server), and
-the page rendered by a real headless chromium."""
+user's history end to end (the SLIM student's rationale from the fault-injecting OpenAI-compatible
+server, and from a real tiny random LLaMA served by `transformers serve`), and the page rendered by a
+real headless chromium."""
 import contextlib
 import json
 import logging
@@ -23,7 +24,9 @@ from fusion.recommend import MAX_K, Recommender, new_user_vector
 from fusion.service import MAX_HISTORY, StudentWriter, create_app
 from slim.client import ChatClient
 from slim.records import rationale_text
+from slim.serve import Server
 from tests.slim_fake_openai import SERVED_MODEL, FakeOpenAI
+from tests.test_pipeline import tiny_lm
 from tests.test_recommend import build_run
 
 TOKEN = "s3cret-token-for-tests"
@@ -152,6 +155,45 @@ def test_new_user_history_end_to_end_with_the_students_rationale(service, monkey
     assert np.allclose([x["evidence"]["cosine"] for x in recs], cos, atol=1e-3)
     status, numeric = call(url, "/recommendations", {"history": [4], "k": 2})  # raw ids may come as numbers
     assert status == 404 and "unknown item id '4'" in numeric["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_student(service, tmp_path_factory):
+    """(base URL, student client) of a service whose student is a random 2-layer LLaMA with the SmolLM2
+    tokenizer and chat template, served over HTTP by `transformers serve` (`slim.serve.Server`; vLLM
+    takes 30-60 s to start on CPU, its own tests cover it)."""
+    _, rec, _, _ = service
+    root = tmp_path_factory.mktemp("tiny-student")
+    torch.manual_seed(0)
+    model = tiny_lm(root / "model", initializer_range=0.2)  # at the default 0.02 it writes only newlines
+    with Server(model, backend="transformers", startup_timeout_s=300, log_path=root / "server.log", quiet=True) as lm:
+        writer = StudentWriter(rec, lm.base_url, lm.model_name)  # `transformers serve` lists no models
+        with serving(create_app(rec, writer)) as url:
+            yield url, writer
+
+
+def test_new_user_with_a_real_tiny_student_gets_its_off_format_rationale_and_k_items(service, tiny_student):
+    """The whole new-user path with real generation: prompt -> served LLaMA -> parse -> encoder -> fusion
+    -> retrieval. A random model writes no "Step N:" lines: the answer says so and still recommends."""
+    _, rec, _, _ = service
+    url, writer = tiny_student
+    history = ["i4", "i8", "i0", "i13"]
+    status, answer = call(url, "/recommendations", {"history": history, "k": 6}, token=None)
+    assert status == 200, answer
+    r = answer["rationale"]
+    # greedy decoding: the student's answer to the same prompt is the rationale the service used
+    again = writer.chat.complete(writer.prompt(rec.items_of(history))).text
+    assert r["text"] == again and r["model"] == writer.chat.model_name
+    assert r["error"] is not None and r["error"].startswith("missing step")  # its parse status: off-format
+    recs = answer["recommendations"]
+    assert answer["user"] is None and answer["history_length"] == 4
+    assert [x["rank"] for x in recs] == [1, 2, 3, 4, 5, 6] and not {x["id"] for x in recs} & set(history)
+    assert [x["score"] for x in recs] == sorted((x["score"] for x in recs), reverse=True)
+    assert r["text"].strip() and r["step1"] == r["step2"] == r["step3"] == ""
+    for x in recs:  # the raw answer is embedded, as the vectors stage embeds off-format records
+        assert set(x["evidence"]) == {"categories", "title", "cosine"} and -1 <= x["evidence"]["cosine"] <= 1
+    _, ready = call(url, "/ready", token=None)
+    assert ready["ready"] is True and ready["new_users"] is True
 
 
 def test_student_failure_is_502_and_no_student_is_503(service, monkeypatch):
