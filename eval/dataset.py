@@ -10,6 +10,9 @@ Leave-one-out: a user's last item is the test target, the one before it the vali
 """
 from __future__ import annotations
 
+import hashlib
+import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +28,32 @@ from .preprocess import PrepareConfig, attach_item_text, prepare, sample_candida
 from .stage import DATA, Stage, run_stage
 
 SPLITS = ("train", "valid", "test")
+MOVIES, ITEMS = "movies", "items"  # the domains of MovieLens data and of data the loaders cannot name
+_AMAZON_FILE = re.compile(r"^(?:reviews_|meta_)?(?P<name>.+?)(?:_5)?(?:\.jsonl?)?(?:\.gz)?$", re.I)
+
+
+def _domain_name(category: str) -> str:
+    """An Amazon category as the prompts name its items: "Books" -> books, "All_Beauty" -> beauty products."""
+    name = re.sub(r"^all\s+", "", category.replace("_", " ").replace("&", "and").strip(), flags=re.I).lower()
+    if "movie" in name:
+        return MOVIES
+    return name if name.endswith("s") else f"{name} products"
+
+
+def infer_domain(source: str, fmt: str, meta: str | None, items: pd.DataFrame) -> str:
+    """What the items of a data set are: MovieLens -> movies; Amazon -> the top category most items
+    share, else the category in the file name (reviews_Beauty_5.json.gz); anything else -> items."""
+    path = Path(source)
+    if source in ("ml-100k", "ml-1m") or fmt == "movielens" or re.match(r"ml-|movielens", path.name, re.I):
+        return MOVIES
+    if fmt.startswith("amazon") or (fmt == "auto" and ".json" in path.name):
+        tops = Counter(c.split(",")[0].strip() for c in items["categories"].fillna("") if c.strip())
+        if tops and tops.most_common(1)[0][1] * 2 >= len(items):
+            return _domain_name(tops.most_common(1)[0][0])
+        m = _AMAZON_FILE.match(Path(meta or source).name)
+        if m and m["name"].lower() not in ("reviews", "meta", "data"):
+            return _domain_name(m["name"])
+    return ITEMS
 
 
 @dataclass
@@ -86,6 +115,15 @@ class SeqDataset:
         for s in self.train_sequences():
             np.add.at(counts, s, 1)
         return counts
+
+    @property
+    def domain(self) -> str:
+        """What the items are, as the rationale prompts name them (the data stage records it; a data
+        folder written before it did is inferred from its recorded source)."""
+        counts, cfg = self.manifest.get("counts", {}), self.manifest.get("config", {})
+        if "domain" in counts:
+            return counts["domain"]
+        return infer_domain(str(cfg.get("source", "")), cfg.get("format", "auto"), cfg.get("meta"), self.items)
 
     @property
     def fingerprint(self) -> str:
@@ -162,10 +200,16 @@ class DataStage(Stage):
                 np.save(out / f"candidates_{split}_{n}.npy", cand)
                 short[f"{split}_{n}"] = int((cand[:, -1] == 0).sum())
         lengths = np.array([len(s) for s in ds.sequences])
-        return {"users": ds.num_users, "items": ds.num_items, "interactions": len(inter),
+        domain = cfg.domain or infer_domain(cfg.source, cfg.format, cfg.meta, items)
+        return {"domain": domain, "users": ds.num_users, "items": ds.num_items, "interactions": len(inter),
                 "raw_interactions": len(raw_inter), "avg_length": round(float(lengths.mean()), 2),
                 "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
                 "users_with_short_candidate_lists": short}
+
+    def digest(self, out: Path, counts: dict) -> str:
+        """The files' content, and a domain given in the settings: the prompts of later stages say it."""
+        files = super().digest(out, counts)
+        return files if self.config.domain is None else hashlib.sha256(f"{files}:{counts['domain']}".encode()).hexdigest()
 
 
 def prepare_dataset(cfg: PrepareConfig, run: str | Path) -> SeqDataset:

@@ -28,6 +28,9 @@ class PrepareConfig:
     dedup: bool = setting(True, "Keep only the first interaction of each user-item pair.")
     negatives: list[int] = setting(help="Sizes of the fixed negative candidate lists.", factory=lambda: [100, 999])
     seed: int = setting(42, "Seed of the candidate lists.")
+    domain: str | None = setting(None, "What the items are, as the rationale prompts name them (\"movies\", "
+                                       "\"beauty products\"); none: from the data (MovieLens: movies; Amazon: its "
+                                       "category or file name; else items).")
 
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.negatives):

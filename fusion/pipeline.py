@@ -20,6 +20,8 @@ from eval.stage import Stage, run_stage
 from eval.presets import expand
 from slim.encode import VectorsStage
 from slim.finetune import SlimStudentStage
+from slim.profile import ProfileRationalesStage
+from slim.quality import QualityStage
 from slim.rationales import TeacherRationalesStage
 from slim.student import StudentRationalesStage
 from slmrec.llm_train import StudentStage, TeacherStage
@@ -38,6 +40,8 @@ PIPELINE: list[type[Stage]] = [
     TeacherRationalesStage,    # slim-teacher-rationales
     SlimStudentStage,          # slim-student
     StudentRationalesStage,    # slim-student-rationales
+    ProfileRationalesStage,    # profile-rationales (the no-LLM control)
+    QualityStage,              # quality
     VectorsStage,              # vectors
     FusionStage,               # fusion/<name>, one per [fusion.<name>] table
     ReportStage,               # report

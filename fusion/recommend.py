@@ -12,8 +12,6 @@ Ids outside this module are the data set's raw ids (users.parquet / items.parque
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from eval.registry import load_model, max_len_of
 from eval.scoring import DotScorer
 from eval.stage import DATA, fingerprint
 from slim.encode import VectorsStage, has_table
+from slim.grounding import Word, find, key_words, split_categories, words
 from slim.records import RECORDS, read_records
 from slim.student import StudentRationalesStage
 
@@ -48,63 +47,6 @@ NPROBES, REFINE = 50, 10   # IVF partitions probed; candidates re-ranked exactly
 
 class UnknownId(InputError):
     """A user or item id the data set does not have (HTTP 404; other input errors are 422)."""
-
-
-# --- tolerant matching of titles and categories in rationale text ---
-
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
-_YEAR = re.compile(r"(?:1[89]|20)\d\d")
-_ARTICLES = frozenset({"the", "a", "an"})
-Word = tuple[str, int, int]  # normalised word, start and end in the original text
-
-
-def words(text: str | None) -> list[Word]:
-    """The words of `text` with their spans: lower-case, accents and apostrophes dropped."""
-    out = []
-    for m in _WORD.finditer(text or ""):
-        w = unicodedata.normalize("NFKD", m.group()).encode("ascii", "ignore").decode().lower()
-        w = w.replace("'", "").replace("’", "")
-        if w:
-            out.append((w, m.start(), m.end()))
-    return out
-
-
-def _optional(word: str) -> bool:
-    """Articles and years: a title matches with or without them ("Godfather, The" = "The Godfather (1972)")."""
-    return word in _ARTICLES or bool(_YEAR.fullmatch(word))
-
-
-def key_words(text: str) -> list[str]:
-    """What must appear for a title or category to match: its words without articles and years
-    (all of them when nothing else is left, e.g. the title "1941")."""
-    ws = [w for w, _, _ in words(text)]
-    return [w for w in ws if not _optional(w)] or ws
-
-
-def find(needle: list[str], hay: list[Word]) -> tuple[int, int] | None:
-    """The span of the first place `needle`'s words occur in order in `hay` (articles and years between
-    them skipped), or None. Whole words only: "Movie 1" does not match "Movie 10"."""
-    if not needle:
-        return None
-    for i, (w, start, end) in enumerate(hay):
-        if w != needle[0]:
-            continue
-        n = 1
-        for w2, _, e in hay[i + 1:]:
-            if n == len(needle):
-                break
-            if w2 == needle[n]:
-                n, end = n + 1, e
-            elif not _optional(w2):
-                break
-        if n == len(needle):
-            return start, end
-    return None
-
-
-def split_categories(value: Any) -> list[str]:
-    """An item's categories: items.parquet holds them comma-separated."""
-    return [c.strip() for c in str(value or "").split(",") if c.strip()]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from eval.scoring import CachedScorer
 from eval.significance import paired_test, per_user
 from eval.stage import DATA, Stage
 from eval.tables import floor_of, markdown_table, print_table
+from slim.quality import QualityStage, quality_section
 
 from .groups import item_popularity_groups, user_length_groups, users_by_test_item
 
@@ -125,7 +126,8 @@ class ReportStage(Stage):
         models = find_models(self.run)
         if not models:
             raise InputError(f"{self.run}: no trained models found")
-        return {"data": self.data_dir, **models}
+        quality = self.run / QualityStage.name
+        return {"data": self.data_dir, **models, **({"quality": quality} if quality.exists() else {})}
 
     def build(self, out: Path) -> dict:
         results = evaluate_run(self.run, out, self.config.analysis_protocol)
@@ -164,7 +166,7 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "ranks.npz", **ranks)  # per-user test ranks: any further paired analysis
     write_json(out / "metrics.json", results)
-    (out / "report.md").write_text(markdown_report(results, ds))
+    (out / "report.md").write_text(markdown_report(results, ds) + quality_section(run))
     plot(results, ds, out)
     return results
 

@@ -71,7 +71,7 @@ class StudentWriter:
         self.chat = ChatClient(replace(self.cfg.client, base_url=base_url, model=model or self.cfg.client.model,
                                        timeout_s=timeout_s, max_retries=1))
         self.prompt = PromptBuilder(rec.ds.items, self.cfg.template, self.cfg.history_tokens,
-                                    self.cfg.tokenizer or smollm2_path())
+                                    self.cfg.tokenizer or smollm2_path(), rec.ds.domain)
         encode = rec.vectors_config()
         self.encoder = SentenceTransformer(str(encode.get("model") or minilm_path()), device=encode.get("device"))
         dim = self.encoder.get_embedding_dimension()

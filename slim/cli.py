@@ -1,4 +1,4 @@
-"""`slim`: teacher rationales, serving, student fine-tuning, student rationales, rationale vectors."""
+"""`slim`: teacher rationales, serving, student fine-tuning, student rationales, their quality, rationale vectors."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from eval.stage import Stage
 from .encode import VectorsStage
 from .finetune import SlimStudentStage
 from .profile import ProfileRationalesStage
+from .quality import QUALITY_MD, QualityStage
 from .rationales import TeacherRationalesStage
 from .student import StudentRationalesStage
 
@@ -32,6 +33,7 @@ for command, stage_class in (("generate-rationales", TeacherRationalesStage), ("
                              ("generate", StudentRationalesStage), ("profile", ProfileRationalesStage),
                              ("encode", VectorsStage)):
     stage_command(app, command, stage_class, _print_counts)
+stage_command(app, "quality", QualityStage, lambda stage: typer.echo((stage.out / QUALITY_MD).read_text()))
 
 
 @app.command("serve")

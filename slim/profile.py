@@ -20,6 +20,7 @@ from eval.dataset import load_dataset
 from eval.preprocess import item_title
 from eval.stage import Stage
 
+from .grounding import catalogue_of
 from .records import RECORDS, rationale_text
 
 PROFILE_VERSION = "profile_v1"
@@ -64,11 +65,12 @@ class ProfileRationalesStage(Stage):
 
     def build(self, out: Path) -> dict[str, Any]:
         ds = load_dataset(self.data_dir)
-        items = ds.items.set_index("item")
+        items, catalogue = ds.items.set_index("item"), catalogue_of(ds.items)
         with open(out / RECORDS, "w", encoding="utf-8") as f:
             for u in range(ds.num_users):
-                steps = profile_steps(items, ds.rationale_history(u).tolist(), self.config)
+                history = ds.rationale_history(u).tolist()
+                steps = profile_steps(items, history, self.config)
                 rec = {"user": u, "raw_user": str(ds.users["raw_id"].iat[u]), "prompt_version": PROFILE_VERSION,
-                       "model": "profile", **steps, "error": None}
+                       "model": "profile", **steps, **catalogue.ground(steps, history), "error": None}
                 f.write(json.dumps({**rec, "text": rationale_text(rec)}, ensure_ascii=False) + "\n")
         return {"users": ds.num_users, "complete": ds.num_users}

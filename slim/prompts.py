@@ -1,6 +1,7 @@
 """Versioned prompt templates and safe rendering of untrusted item text into them.
 
-A template's version (its file stem, see `prompts/`) is stored with every record.
+A template's version (its file stem, see `prompts/`) is stored with every record. Templates name
+the items with `${domain}` (the data set's `domain`: movies, beauty products, ...), never a fixed word.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from eval.errors import InputError
 from eval.preprocess import item_title
 from prompts import template_path
 
-TEACHER = "slim_teacher_v2"
-STUDENT = "slim_student_v1"
+TEACHER = "slim_teacher_v3"
+STUDENT = "slim_student_v2"
 
 _DELIMS = re.compile(r"</?\s*history\s*>|[<>]", re.I)
 _STEP_LABEL = re.compile(r"\b(step)\s*(\d+)\s*[:.)-]", re.I)
@@ -30,8 +31,8 @@ class PromptTemplate:
     text: str
     path: Path
 
-    def render(self, history: str) -> str:
-        return Template(self.text).substitute(history=history)
+    def render(self, history: str, domain: str) -> str:
+        return Template(self.text).substitute(history=history, domain=domain)
 
 
 @lru_cache
@@ -76,13 +77,14 @@ def history_block(lines: list[str], tokens: list[int], budget: int) -> str:
 
 
 class PromptBuilder:
-    """Renders a user's history into a template, within a token budget."""
+    """Renders a user's history into a template, within a token budget; `domain` names the items."""
 
-    def __init__(self, items: pd.DataFrame, template: str, budget: int, tokenizer_path: str | Path):
+    def __init__(self, items: pd.DataFrame, template: str, budget: int, tokenizer_path: str | Path, domain: str):
         from transformers import AutoTokenizer
 
         self.template = load_template(template)
         self.budget = budget
+        self.domain = clean_field(domain, 40)
         tok = AutoTokenizer.from_pretrained(tokenizer_path)
         by_id = items.set_index("item")
         self.lines = {int(i): item_line(row) for i, row in by_id.iterrows()}
@@ -91,4 +93,4 @@ class PromptBuilder:
     def __call__(self, history: list[int]) -> str:
         ids = [int(i) for i in history]
         block = history_block([self.lines[i] for i in ids], [self.tokens[i] for i in ids], self.budget)
-        return self.template.render(block)
+        return self.template.render(block, self.domain)

@@ -22,6 +22,7 @@ from eval.stage import Stage
 from prompts import template_path
 
 from .client import ClientConfig, Completion, Generator, Usage
+from .grounding import catalogue_of
 from .prompts import TEACHER, PromptBuilder, load_template
 from .records import RECORDS, RecordLog, parse_steps
 
@@ -56,14 +57,16 @@ def sample_users(num_users: int, n: int | None, seed: int) -> list[int]:
 
 def user_prompts(ds: SeqDataset, users: list[int], cfg: GenerationConfig) -> dict[int, str]:
     """The rendered prompt of each user, from the history a rationale may see (no target leakage)."""
-    build = PromptBuilder(ds.items, cfg.template, cfg.history_tokens, cfg.tokenizer or smollm2_path())
+    build = PromptBuilder(ds.items, cfg.template, cfg.history_tokens, cfg.tokenizer or smollm2_path(), ds.domain)
     return {u: build(ds.rationale_history(u).tolist()) for u in users}
 
 
 def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str, c: Completion) -> dict[str, Any]:
+    """The parsed answer with its grounding in the catalogue (the history is what the prompt showed)."""
     steps, error = parse_steps(c.text)
+    grounding = catalogue_of(ds.items).ground(steps, ds.rationale_history(user).tolist())
     return {"user": user, "raw_user": str(ds.users["raw_id"].iat[user]), "prompt_version": version,
-            "model": model, **steps, "text": c.text, "error": error, "finish_reason": c.finish_reason,
+            "model": model, **steps, **grounding, "text": c.text, "error": error, "finish_reason": c.finish_reason,
             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
             "seconds": round(c.seconds, 3), "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

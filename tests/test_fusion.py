@@ -191,7 +191,7 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     assert {f for f in demo if f.startswith("fusion/")} == {"fusion/hybrid-slmrec-student", "fusion/hybrid-sasrec",
                                                              "fusion/text"}
     student_rationales = demo["slim-student-rationales"].config
-    assert student_rationales.template == "slim_student_v1"   # nested defaults survive
+    assert student_rationales.template == "slim_student_v2"   # nested defaults survive
     assert student_rationales.client.max_tokens == 48 and student_rationales.client.timeout_s == 900.0
     assert demo["fusion/text"].config.train.weight_decay == 1e-4
     with pytest.raises(InputError, match="slmrec-teacher.train: unknown setting 'epochz'"):
