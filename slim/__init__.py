@@ -5,6 +5,7 @@ Stages (each a `Stage` of `eval.stage`, a folder of the run, a table of the pres
   slim-student             finetune.SlimStudentStage          `slim finetune-student`     LoRA adapter
   slim-student-rationales  student.StudentRationalesStage     `slim generate`             records.jsonl
   profile-rationales       profile.ProfileRationalesStage     `slim profile`              no-LLM control records
+  quality                  quality.QualityStage               `slim quality`              quality.json, quality.md
   vectors                  encode.VectorsStage                `slim encode`               LanceDB tables
 Serving: serve.Server(model_path, adapter) as a context manager -> .base_url, .model_name (`slim serve`).
 Modules import their heavy dependencies lazily, so `import slim` stays cheap.
