@@ -1,10 +1,17 @@
 """SLIM's fusion of rationale and item-text vectors with an ID-based recommender, and its
 ID-agnostic text-matching variant.
 
-hybrid: user = g_f([g_l(rationale_u); backbone_user(history)]), item = g_f([g_l(text_i); id_i])
+hybrid: user = g_f([g_l(rationale_u); backbone_user(history)]), item = g_f([g_l(text_i); gate_i * id_i])
 text:   user = g_u(rationale_u), item = g_i(text_i)
 A user without a rationale, or an item without text, gets a learned "missing" vector instead.
 g_f starts as the identity on the ID half, so training begins from the backbone's own ranking.
+
+Joint training (`joint`) learns the fused item side with the backbone's own objective, cross-entropy
+over all items at every position of every training history. A rationale written from a prefix of the
+history informs only the positions whose prefix contains all of it (`text_positions`: the last k
+positions of a training row); every earlier position gets the "missing" vector, so no rationale ever
+sees the target of a position it informs. `pop_gate` scales an item's ID half by a learned gate on
+log(1 + training count): an item seen rarely is represented mostly by its text (item cold start).
 """
 from __future__ import annotations
 
@@ -22,8 +29,11 @@ from eval.errors import InputError
 from eval.io import CONFIG, WEIGHTS
 from eval.registry import load_model, load_state, model_config, read_weights, register_model
 from eval.scoring import CachedScorer, DotScorer
+from slmrec.llm import LLMRec
+from slmrec.seqrec import SequentialRecommender
 
 BACKBONE = "backbone"
+TEXT_SIDES = ("both", "items", "users", "none")
 
 
 @dataclass(frozen=True)
@@ -37,10 +47,24 @@ class FusionConfig:
     max_len: int = 50
     freeze_backbone: bool = True
     backbone_path: str = ""      # frozen backbone checkpoint, relative to this model's folder
+    joint: bool = False          # trained over every position (else one example per user)
+    text: str = "both"           # which text the hybrid reads: both, items, users, none
+    pop_gate: bool = False       # item ID half scaled by a learned gate on log(1 + training count)
 
     def __post_init__(self) -> None:
         if self.mode not in ("hybrid", "text"):
             raise InputError(f"fusion mode must be 'hybrid' or 'text', not {self.mode!r}")
+        if self.text not in TEXT_SIDES:
+            raise InputError(f"fusion text must be one of {', '.join(TEXT_SIDES)}, not {self.text!r}")
+
+
+def position_vectors(backbone: nn.Module, histories: torch.Tensor) -> torch.Tensor:
+    """The backbone's user vector after every position [B, L, D] (its last column is `user_vectors`)."""
+    if isinstance(backbone, SequentialRecommender):
+        return backbone.encode(histories)
+    if isinstance(backbone, LLMRec):
+        return backbone.out_proj(backbone.hidden_states(histories)[-1])
+    raise InputError(f"joint fusion: no per-position vectors for a {type(backbone).__name__} backbone")
 
 
 @register_model
@@ -48,13 +72,17 @@ class FusedRecommender(DotScorer, nn.Module):
     model_type = "fusion"
 
     def __init__(self, cfg: FusionConfig, user_text: torch.Tensor, user_has: torch.Tensor,
-                 item_text: torch.Tensor, item_has: torch.Tensor, backbone: nn.Module | None = None):
+                 item_text: torch.Tensor, item_has: torch.Tensor, backbone: nn.Module | None = None,
+                 item_pop: torch.Tensor | None = None):
         super().__init__()
         self.config = cfg
         self.register_buffer("user_text", user_text.float())
         self.register_buffer("user_has", user_has.bool())
         self.register_buffer("item_text", item_text.float())
         self.register_buffer("item_has", item_has.bool())
+        # how many trailing positions of a user's training row the rationale may inform: set by the
+        # training stage from the prefix each rationale saw; 0 (never) unless told
+        self.register_buffer("text_positions", torch.zeros(cfg.num_users, dtype=torch.long), persistent=False)
         self.missing_user = nn.Parameter(torch.zeros(cfg.text_dim))
         self.missing_item = nn.Parameter(torch.zeros(cfg.text_dim))
         self.backbone = backbone
@@ -67,6 +95,12 @@ class FusedRecommender(DotScorer, nn.Module):
                 nn.init.normal_(self.g_f.weight, std=1e-3)
                 self.g_f.weight[:, cfg.id_dim:] += torch.eye(cfg.id_dim)
                 self.g_f.bias.zero_()
+            if cfg.pop_gate:
+                if item_pop is None:
+                    raise InputError("pop_gate needs the items' training counts")
+                self.register_buffer("item_pop", item_pop.float())
+                # gate = sigmoid(a * log(1 + count) + b), starting near 1 for items seen a few times
+                self.gate = nn.Parameter(torch.tensor([1.0, 0.0]))
             if cfg.freeze_backbone:
                 backbone.requires_grad_(False)
         else:
@@ -74,13 +108,24 @@ class FusedRecommender(DotScorer, nn.Module):
             self.g_item = nn.Linear(cfg.text_dim, cfg.hidden)
         # a frozen backbone's vectors never change: compute each user's once
         self.frozen = CachedScorer(backbone) if backbone is not None and cfg.freeze_backbone else None
+        self._positions_cache: dict[tuple[int, bytes], torch.Tensor] = {}
 
     # --- text sides ---
+    @property
+    def reads_user_text(self) -> bool:
+        return self.config.mode == "text" or self.config.text in ("both", "users")
+
+    @property
+    def reads_item_text(self) -> bool:
+        return self.config.mode == "text" or self.config.text in ("both", "items")
+
     def _user_text(self, users: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.user_has[users, None], self.user_text[users], self.missing_user)
+        has = self.user_has[users, None] & self.reads_user_text
+        return torch.where(has, self.user_text[users], self.missing_user)
 
     def _item_text(self) -> torch.Tensor:
-        return torch.where(self.item_has[:, None], self.item_text, self.missing_item)
+        has = self.item_has[:, None] & self.reads_item_text
+        return torch.where(has, self.item_text, self.missing_item)
 
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         text = self._user_text(users)
@@ -89,20 +134,61 @@ class FusedRecommender(DotScorer, nn.Module):
         return self.fuse(text, (self.frozen or self.backbone).user_vectors(users, histories))
 
     def fuse(self, text: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """g_f([g_l(text); ids]): also for users the model was not trained with (a new history)."""
+        """g_f([g_l(text); ids]): also for users the model was not trained with (a new history).
+        A model trained without user text reads its "missing" vector whatever text it is given."""
+        if not self.reads_user_text:
+            text = self.missing_user.expand(*ids.shape[:-1], -1)
         return self.g_f(torch.cat([self.g_l(text), ids], dim=-1))
+
+    def id_gate(self) -> torch.Tensor:
+        """[num_items + 1] weight of each item's ID half: near 0 for items the backbone barely saw."""
+        return torch.sigmoid(self.gate[0] * torch.log1p(self.item_pop) + self.gate[1])
 
     def item_vectors(self) -> torch.Tensor:
         if self.config.mode == "text":
             return self.g_item(self._item_text())
         ids = (self.frozen or self.backbone).item_vectors()
+        if self.config.pop_gate:
+            ids = ids * self.id_gate()[:, None]
         return self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
 
+    def _positions(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """Backbone vectors at every position; a frozen backbone's are computed once per (user, history)."""
+        if not self.config.freeze_backbone:
+            return position_vectors(self.backbone, histories)
+        keys = [(int(u), h.cpu().numpy().tobytes()) for u, h in zip(users, histories)]
+        todo = [i for i, k in enumerate(keys) if k not in self._positions_cache]
+        if todo:
+            was = self.backbone.training
+            self.backbone.eval()
+            with torch.no_grad():
+                vecs = position_vectors(self.backbone, histories[todo]).float()
+            self.backbone.train(was)
+            self._positions_cache.update({keys[i]: v for i, v in zip(todo, vecs)})
+        return torch.stack([self._positions_cache[k] for k in keys])
+
+    def position_user_vectors(self, users: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Fused user vectors after every position of training rows [B, L, D]: the rationale enters only
+        the last `text_positions[u]` positions, every earlier one reads the "missing" vector."""
+        h = self._positions(users, inputs)
+        L = h.shape[1]
+        informed = torch.arange(L, device=h.device)[None] >= L - self.text_positions[users][:, None]
+        text = torch.where(informed[..., None], self._user_text(users)[:, None], self.missing_user)
+        return self.fuse(text, h)
+
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over all items for the last target of each row (one per user)."""
-        logits = self.user_vectors(users, inputs) @ self.item_vectors().T
+        """Cross-entropy over all items: at every real position (joint), or for the last target of each
+        row (one example per user). Joint: the user's rationale only at the last `text_positions[u]`
+        positions of the row, whose prefixes hold everything the rationale saw."""
+        if self.config.mode == "hybrid" and self.config.joint:
+            user = self.position_user_vectors(users, inputs)
+            targets = targets[:, -user.shape[1]:]
+            user, targets = user[targets > 0], targets[targets > 0]
+        else:
+            user, targets = self.user_vectors(users, inputs), targets[:, -1]
+        logits = user @ self.item_vectors().T
         logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets[:, -1])
+        return F.cross_entropy(logits, targets)
 
     # --- checkpoints ---
     def save_pretrained(self, path: str | Path) -> None:
@@ -129,7 +215,7 @@ class FusedRecommender(DotScorer, nn.Module):
             if not (src / CONFIG).exists():
                 raise InputError(f"{path / CONFIG}: backbone checkpoint {src} not found")
             backbone = load_model(src)
-        model = cls(cfg, *(state[b] for b in buffers), backbone)
+        model = cls(cfg, *(state[b] for b in buffers), backbone, item_pop=state.get("item_pop"))
         own = {k for k in model.state_dict() if not k.startswith("backbone.")}
         load_state(model, state, path / WEIGHTS, required=own)
         return model.eval()

@@ -10,10 +10,10 @@ import torch
 
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset, pad_left
+from eval.errors import InputError
 from eval.io import write_json
 from eval.registry import load_model, max_len_of
 from eval.stage import Stage
-from slim.encode import VectorsStage
 from slmrec.pretrain import test_metrics
 from slmrec.trainer import TrainConfig, fit
 
@@ -27,7 +27,20 @@ class FusionTrainConfig:
     mode: str = setting("hybrid", "hybrid (text + ID backbone) | text (ID-agnostic text matching).")
     backbone: str = setting("sasrec", "Backbone model folder of the run (hybrid): sasrec, gru4rec or "
                                       "slmrec-student.")
-    freeze_backbone: bool = setting(True, "Keep the backbone frozen (else it is fine-tuned and saved with the model).")
+    training: str = setting("joint", "joint: the backbone's own objective (cross-entropy over all items) at every "
+                                     "position of every training history, the rationale only after the prefix it "
+                                     "saw; frozen: SLIM's head, one example per user (the history a rationale saw "
+                                     "and the item after it).")
+    freeze_backbone: bool = setting(False, "Keep the backbone frozen (else it is fine-tuned from its checkpoint "
+                                           "and saved with the model).")
+    text: str = setting("both", "Text the hybrid reads: both, items (item text only), users (rationales only), "
+                                "none (the same training without text: what the text adds).")
+    pop_gate: bool = setting(True, "Item cold start: scale each item's ID half by a learned gate on log(1 + "
+                                   "training count), so rarely seen items are represented mostly by their text.")
+    vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
+                                      "vectors-profile over the profile control).")
+    seeds: int = setting(1, "Train with this many seeds (train.seed, +1, ...); the first seed's model is kept and "
+                            "seeds.json holds every seed's test metrics with their mean and std.")
     hidden: int = setting(64, "Size of the text-only model's vectors.")
     user_group: int | None = setting(None, "Train and select on one of the 5 history-length groups "
                                            "(0 = shortest; none: all users).")
@@ -48,9 +61,22 @@ def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = Non
     return users, pad_left(hist, max_len), targets
 
 
+def text_positions(ds: SeqDataset) -> torch.Tensor:
+    """How many trailing positions of each user's training row (the training history shifted by one)
+    a rationale may inform: those whose prefix holds the whole history the rationale was written from
+    (`SeqDataset.rationale_history`), so it never saw the target it helps predict."""
+    counts = []
+    for u, s in enumerate(ds.train_sequences()):
+        row = max(len(s) - 1, 0)
+        counts.append(min(row, max(row - len(ds.rationale_history(u)) + 1, 0)))
+    return torch.tensor(counts, dtype=torch.long)
+
+
 def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone_dir: Path | None,
           out: Path) -> FusedRecommender:
     """A fresh fused model; a frozen backbone is referenced from `out` by relative path."""
+    if cfg.training not in ("joint", "frozen"):
+        raise InputError(f"fusion training must be 'joint' or 'frozen', not {cfg.training!r}")
     users, has_u = vectors_to_tensors(vectors.user_ids, vectors.user_vectors, ds.num_users, vectors.dim)
     items, has_i = vectors_to_tensors(vectors.item_ids, vectors.item_vectors, ds.num_items + 1, vectors.dim)
     backbone, id_dim, max_len, rel = None, 0, cfg.train.max_len, ""
@@ -58,10 +84,26 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
         backbone = load_model(backbone_dir)
         id_dim, max_len = backbone.item_vectors().shape[1], max_len_of(backbone_dir)
         rel = os.path.relpath(backbone_dir, out) if cfg.freeze_backbone else ""
+    hybrid = cfg.mode == "hybrid"
     fc = FusionConfig(mode=cfg.mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=vectors.dim,
                       id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone,
-                      backbone_path=rel)
-    return FusedRecommender(fc, users, has_u, items, has_i, backbone)
+                      backbone_path=rel, joint=hybrid and cfg.training == "joint", text=cfg.text,
+                      pop_gate=hybrid and cfg.pop_gate)
+    model = FusedRecommender(fc, users, has_u, items, has_i, backbone,
+                             item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
+    model.text_positions.copy_(text_positions(ds))
+    return model
+
+
+def seed_summary(runs: list[dict[str, dict]]) -> dict:
+    """Every seed's test metrics with their mean and (sample) std, per protocol and metric."""
+    summary: dict = {"seeds": len(runs), "runs": runs, "mean": {}, "std": {}}
+    for protocol in runs[0]:
+        for metric in runs[0][protocol]:
+            vals = np.array([r[protocol][metric] for r in runs], dtype=float)
+            summary["mean"].setdefault(protocol, {})[metric] = float(vals.mean())
+            summary["std"].setdefault(protocol, {})[metric] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    return summary
 
 
 class FusionStage(Stage):
@@ -76,23 +118,35 @@ class FusionStage(Stage):
         return self.run / self.config.backbone if self.config.mode == "hybrid" else None
 
     def inputs(self) -> dict[str, Path]:
-        files = {"data": self.data_dir, "vectors": self.run / VectorsStage.name}
+        files = {"data": self.data_dir, "vectors": self.run / self.config.vectors}
         if self.backbone_dir is not None:
             files["backbone"] = self.backbone_dir
         return files
 
+    def train_one(self, ds: SeqDataset, seed: int) -> tuple[FusedRecommender, dict, TrainConfig]:
+        """A fused model trained with `seed` (its new heads' initial weights and the data order)."""
+        cfg = self.config
+        torch.manual_seed(seed)  # the new heads' initial weights are part of the seeded run
+        model = build(ds, cfg, load_vectors(self.run / cfg.vectors), self.backbone_dir, self.out)
+        tc = replace(cfg.train, max_len=model.config.max_len, seed=seed)
+        group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
+        examples = None if model.config.joint else fusion_examples(ds, tc.max_len, group)
+        log = fit(model, ds, tc, desc=f"fusion {self.folder} seed {seed}", examples=examples, valid_users=group)
+        return model, log, tc
+
     def build(self, out: Path) -> dict:
         cfg = self.config
+        if cfg.seeds < 1:
+            raise InputError(f"{self.folder}: seeds must be at least 1, not {cfg.seeds}")
         ds = load_dataset(self.data_dir)
-        torch.manual_seed(cfg.train.seed)  # the new heads' initial weights are part of the seeded run
-        model = build(ds, cfg, load_vectors(self.run / VectorsStage.name), self.backbone_dir, self.out)
-        tc = replace(cfg.train, max_len=model.config.max_len)
-        group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
-        log = fit(model, ds, tc, desc=f"fusion {self.folder}", examples=fusion_examples(ds, tc.max_len, group),
-                  valid_users=group)
+        model, log, tc = self.train_one(ds, cfg.train.seed)
         model.save_pretrained(out)
         write_json(out / "train_log.json", log)
-        write_json(out / "metrics.json", test_metrics(model, ds, tc.max_len))
+        metrics = test_metrics(model, ds, tc.max_len)
+        write_json(out / "metrics.json", metrics)
+        runs = [metrics] + [test_metrics(m, ds, tc.max_len) for m, _, _ in
+                            (self.train_one(ds, cfg.train.seed + k) for k in range(1, cfg.seeds))]
+        write_json(out / "seeds.json", seed_summary(runs))
         return {"parameters": sum(p.numel() for p in model.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "users_with_rationale": int(model.user_has.sum()), "items_with_text": int(model.item_has.sum()),

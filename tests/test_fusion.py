@@ -165,20 +165,69 @@ def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
     assert "| fusion/text vs sasrec | G1" in (run / "report" / "report.md").read_text()
 
 
-def test_same_seed_gives_the_same_fused_model_and_it_reloads(run):
+@pytest.mark.parametrize("training,frozen", [("joint", False), ("frozen", True)])
+def test_same_seed_gives_the_same_fused_model_and_it_reloads(run, training, frozen):
     ds = load_dataset(run / "data")
     write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
     for i, name in enumerate(("h", "h2")):
         torch.manual_seed(100 + i)  # whatever ran before in the process must not matter
-        metrics = train_fused(run, name, FusionTrainConfig(mode="hybrid", backbone="sasrec",
-                                                           train=TrainConfig(epochs=2)))
+        metrics = train_fused(run, name, FusionTrainConfig(mode="hybrid", backbone="sasrec", training=training,
+                                                           freeze_backbone=frozen, train=TrainConfig(epochs=2)))
     a = FusedRecommender.from_pretrained(run / "fusion" / "h")
     b = FusedRecommender.from_pretrained(run / "fusion" / "h2")
+    assert a.config.joint == (training == "joint") and a.config.pop_gate
     hist = torch.tensor([[0, 1, 2, 3]])
     assert torch.equal(a.score(torch.tensor([3]), hist, None), b.score(torch.tensor([3]), hist, None))
     assert evaluate(a, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
     cfg = json.loads((run / "fusion" / "h" / "config.json").read_text())
-    assert cfg["backbone_path"] == "../../sasrec"   # the frozen backbone is referenced, not copied
+    if frozen:
+        assert cfg["backbone_path"] == "../../sasrec"   # the frozen backbone is referenced, not copied
+    else:
+        assert (run / "fusion" / "h" / "backbone" / "config.json").exists()
+
+
+def test_seeds_repeat_training_and_differ(run):
+    ds = load_dataset(run / "data")
+    write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
+    train_fused(run, "s", FusionTrainConfig(seeds=2, train=TrainConfig(epochs=3, lr=1e-2)))
+    summary = read_json(run / "fusion" / "s" / "seeds.json")
+    first, second = (r["full ranking"] for r in summary["runs"])
+    assert first == read_json(run / "fusion" / "s" / "metrics.json")["full ranking"]  # seed 0 is the kept model
+    assert first["MRR"] != second["MRR"]
+    assert summary["mean"]["full ranking"]["MRR"] == pytest.approx((first["MRR"] + second["MRR"]) / 2)
+    assert summary["std"]["full ranking"]["MRR"] == pytest.approx(abs(first["MRR"] - second["MRR"]) / 2 ** 0.5)
+    with pytest.raises(InputError, match="seeds must be at least 1"):
+        run_stage(FusionStage(run, FusionTrainConfig(seeds=0), folder="fusion/none"))
+
+
+def test_a_rationale_never_informs_a_position_whose_target_it_saw(run):
+    """Rationales that spell out the targets: a leak would be visible as user vectors that move with them."""
+    from fusion.train import build, text_positions
+    from slmrec.trainer import next_item_pairs
+
+    ds = load_dataset(run / "data")
+    n = text_positions(ds)
+    users, inputs, targets = next_item_pairs(ds, 10)
+    for u in users:
+        s, seen, k = ds.train_sequences()[u], ds.rationale_history(int(u)), int(n[u])
+        assert k >= 1 and np.array_equal(s[:len(seen)], seen)
+        for j in range(len(s) - 1 - k, len(s) - 1):   # the informed positions of the row s[:-1] -> s[1:]
+            assert j + 1 >= len(seen) and s[j + 1] not in seen   # its prefix holds the rationale's, its target is new
+    # each user's "rationale" is the item-text vector of a target inside its prefix: leaking would help
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    item_text = dict(zip(v.item_ids.tolist(), v.item_vectors))
+    leaky = np.stack([item_text[int(t[t > 0][0])] for t in targets])
+    model = build(ds, FusionTrainConfig(), v, run / "sasrec", run / "fusion" / "x").eval()
+    u = torch.as_tensor(users)
+    with torch.no_grad():
+        model.g_f.weight.normal_()  # a text path that matters
+        plain = model.position_user_vectors(u, inputs)
+        model.user_text[u] = torch.as_tensor(leaky)
+        leaked = model.position_user_vectors(u, inputs)
+    for i in range(len(users)):
+        k = int(n[users[i]])
+        assert torch.equal(plain[i, :-k], leaked[i, :-k])          # inside the prefix: the text is not read
+        assert not torch.allclose(plain[i, -k:], leaked[i, -k:])   # after it: it is
 
 
 def stages_of(run, preset, overrides=()) -> dict:
@@ -220,8 +269,8 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
 def test_fine_tuned_backbone_is_saved_with_the_fused_model(run):
     ds = load_dataset(run / "data")
     write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
-    train_fused(run, "ft", FusionTrainConfig(mode="hybrid", backbone="sasrec", freeze_backbone=False,
-                                             train=TrainConfig(epochs=2, lr=1e-2)))
+    train_fused(run, "ft", FusionTrainConfig(mode="hybrid", backbone="sasrec", training="frozen",
+                                             freeze_backbone=False, train=TrainConfig(epochs=2, lr=1e-2)))
     fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
     original = SASRec.from_pretrained(run / "sasrec")
     assert (run / "fusion" / "ft" / "backbone" / "config.json").exists()
