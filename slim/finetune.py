@@ -1,11 +1,15 @@
 """LoRA supervised fine-tuning of the student: student prompt -> the teacher's rationale.
 
 Examples are built with the model's chat template (the same one the server applies at generation
-time) and the loss covers the answer tokens only: prompt positions are labelled -100.
+time) and the loss covers the answer tokens only: prompt positions are labelled -100. A seeded set of
+teacher users is held out of training (`heldout_users.json`) so the student can be judged against the
+teacher on users it never saw. On a CPU with AVX-512 BF16 (or AMX) and on bf16 GPUs the matmuls run in
+bf16 autocast; batches group examples of similar length, so little of a batch is padding.
 """
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from eval.assets import smollm2_path
 from eval.config import setting
 from eval.dataset import load_dataset
 from eval.errors import InputError
+from eval.io import write_json
 from eval.stage import Stage
 from prompts import template_path
 
@@ -25,6 +30,7 @@ from .prompts import STUDENT
 from .records import RECORDS, parse_steps, rationale_text, read_records
 
 IGNORE = -100
+HELDOUT = "heldout_users.json"  # in RUN/slim-student: teacher users kept out of fine-tuning
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,12 @@ class SlimStudentConfig:
     target_modules: list[str] = setting(help="Modules that get LoRA adapters.",
                                         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                          "gate_proj", "up_proj", "down_proj"])
-    val_fraction: float = setting(0.1, "Share of the teacher's records held out for validation.")
+    val_fraction: float = setting(0.1, "Share of the teacher's records (after `heldout`) used for validation.")
+    heldout: int = setting(0, "Teacher users with well-formed records kept out of fine-tuning and validation "
+                              "(seeded), listed in heldout_users.json: the student is compared with the "
+                              "teacher on them.")
+    bf16: bool | None = setting(None, "bf16 autocast (none: where the hardware runs it natively: a bf16 GPU, "
+                                      "a CPU with AVX-512 BF16 or AMX).")
     seed: int = setting(42, "Random seed.")
 
 
@@ -58,9 +69,9 @@ def tokenize_example(tok, prompt: str, answer: str, max_length: int) -> dict[str
 
 
 def training_pairs(data_dir: str | Path, records: str | Path, cfg: SlimStudentConfig,
-                   tokenizer: str | Path) -> list[tuple[str, str]]:
-    """(student prompt, teacher rationale) for every teacher record without an error (parsed again, so
-    records written before a parser fix are judged by the current rules)."""
+                   tokenizer: str | Path) -> dict[int, tuple[str, str]]:
+    """user -> (student prompt, teacher rationale) for every teacher record without an error (parsed
+    again, so records written before a parser fix are judged by the current rules)."""
     recs = {u: r for u, r in read_records(records, ok_only=True).items() if parse_steps(r.get("text", ""))[1] is None}
     if not recs:
         raise InputError(f"{records}: no teacher record without an error to train on")
@@ -69,12 +80,69 @@ def training_pairs(data_dir: str | Path, records: str | Path, cfg: SlimStudentCo
 
     prompts = user_prompts(ds, sorted(recs), GenerationConfig(template=cfg.template, history_tokens=cfg.history_tokens,
                                                               tokenizer=str(tokenizer)))
-    return [(prompts[u], rationale_text(recs[u])) for u in sorted(recs)]
+    return {u: (prompts[u], rationale_text(recs[u])) for u in sorted(recs)}
+
+
+def split_users(users: list[int], heldout: int, val_fraction: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(held out, validation, training) users: one seeded permutation, held-out users first; at least
+    one user is left to train on."""
+    if heldout < 0 or heldout >= len(users):
+        raise InputError(f"heldout = {heldout}: must be at least 0 and below the {len(users)} teacher users "
+                         f"with a well-formed record")
+    order = [users[i] for i in np.random.default_rng(seed).permutation(len(users))]
+    held, rest = sorted(order[:heldout]), order[heldout:]
+    n_val = max(1, int(round(len(rest) * val_fraction))) if len(rest) > 1 and val_fraction > 0 else 0
+    return held, sorted(rest[:n_val]), sorted(rest[n_val:])
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU whose flags (Linux) name
+    AVX-512 BF16 or AMX; elsewhere bf16 autocast is emulated and slower than float32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def training_args(cfg: SlimStudentConfig, out: Path, evaluate: bool, **overrides: Any):
+    """The Trainer's arguments: cosine schedule, length-grouped batches, bf16 autocast where native."""
+    import torch
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, eval_strategy="epoch" if evaluate else "no",
+        save_strategy="no", logging_steps=5, report_to=[], seed=cfg.seed, lr_scheduler_type="cosine",
+        warmup_steps=0, use_cpu=not torch.cuda.is_available(), train_sampling_strategy="group_by_length",
+        bf16=native_bf16() if cfg.bf16 is None else cfg.bf16)
+    return TrainingArguments(**{**kwargs, **overrides})
+
+
+def make_trainer(cfg: SlimStudentConfig, base: Path, tok, train: list[dict], val: list[dict], out: Path,
+                 **overrides: Any):
+    """A Trainer of a fresh LoRA on `base` for tokenized examples (`overrides` go to TrainingArguments)."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    model = get_peft_model(load_causal_lm(base), LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
+    return Trainer(model=model, args=training_args(cfg, out, bool(val), **overrides),
+                   train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(val) if val else None,
+                   data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, padding=True))
 
 
 class SlimStudentStage(Stage):
     """LoRA fine-tuning of the SLIM student on (student prompt -> teacher rationale), loss on the
-    answer only; writes RUN/slim-student (adapter + tokenizer)."""
+    answer only, a seeded set of teacher users held out; writes RUN/slim-student (adapter, tokenizer,
+    heldout_users.json)."""
 
     name = "slim-student"
     config_class = SlimStudentConfig
@@ -89,10 +157,7 @@ class SlimStudentStage(Stage):
         return files
 
     def build(self, out: Path) -> dict[str, Any]:
-        import torch
-        from datasets import Dataset
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+        from transformers import AutoTokenizer, set_seed
 
         cfg = self.config
         base = Path(cfg.base_model or smollm2_path())
@@ -102,30 +167,21 @@ class SlimStudentStage(Stage):
         tok = AutoTokenizer.from_pretrained(base)
         tok.pad_token = tok.pad_token or tok.eos_token
         pairs = training_pairs(self.data_dir, self.inputs()["records"] / RECORDS, cfg, base)
-        rows = [tokenize_example(tok, p, a, cfg.max_length) for p, a in pairs]
-        order = np.random.default_rng(cfg.seed).permutation(len(rows))
-        n_val = max(1, int(round(len(rows) * cfg.val_fraction))) if len(rows) > 1 else 0
-        val = Dataset.from_list([rows[i] for i in order[:n_val]]) if n_val else None
-        train = Dataset.from_list([rows[i] for i in order[n_val:]])
-
-        model = get_peft_model(load_causal_lm(base), LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
-        args = TrainingArguments(output_dir=str(out / "trainer"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
-                                 per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-                                 gradient_accumulation_steps=cfg.grad_accum, eval_strategy="epoch" if val else "no",
-                                 save_strategy="no", logging_steps=5, report_to=[], seed=cfg.seed,
-                                 lr_scheduler_type="cosine", warmup_steps=0, use_cpu=not torch.cuda.is_available())
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-                          data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, padding=True))
+        held, val_users, train_users = split_users(sorted(pairs), cfg.heldout, cfg.val_fraction, cfg.seed)
+        rows = {u: tokenize_example(tok, *pairs[u], cfg.max_length) for u in val_users + train_users}
+        trainer = make_trainer(cfg, base, tok, [rows[u] for u in train_users], [rows[u] for u in val_users], out)
         result = trainer.train()
-        val_loss = trainer.evaluate()["eval_loss"] if val else None
-        model.save_pretrained(out)
+        val_loss = trainer.evaluate()["eval_loss"] if val_users else None
+        trainer.model.save_pretrained(out)
         tok.save_pretrained(out)
+        write_json(out / HELDOUT, held)
         shutil.rmtree(out / "trainer", ignore_errors=True)
-        return {"train_examples": len(train), "val_examples": n_val, "train_loss": round(result.training_loss, 4),
+        seconds = result.metrics["train_runtime"]
+        return {"train_examples": len(train_users), "val_examples": len(val_users), "heldout_users": len(held),
+                "train_loss": round(result.training_loss, 4),
                 "val_loss": None if val_loss is None else round(val_loss, 4),
                 "val_perplexity": None if val_loss is None else round(math.exp(val_loss), 2),
-                "answer_tokens": int(sum(sum(x != IGNORE for x in r["labels"]) for r in rows)),
-                "seconds": round(result.metrics["train_runtime"], 1),
+                "answer_tokens": int(sum(sum(x != IGNORE for x in r["labels"]) for r in rows.values())),
+                "bf16": trainer.args.bf16, "seconds": round(seconds, 1),
+                "examples_per_s": round(len(train_users) * cfg.epochs / seconds, 3) if seconds else None,
                 "history": [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]}

@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .client import Completion, Generator
+from .client import Completion
 from .lora import load_causal_lm, load_merged
+from .vllm_engine import VllmGenerator, announce, choose_engine, vllm_status
 
 
 class LocalGenerator:
     """Greedy (temperature 0) or sampled batched generation with the chat template, length-sorted batches."""
+
+    engine = "transformers"
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42):
@@ -78,12 +81,10 @@ class LocalGenerator:
 
 def make_generator(model_path: str | Path | None = None, adapter: str | Path | None = None, batch_size: int = 16,
                    max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42, engine: str = "auto",
-                   **vllm_options: Any) -> Generator:
+                   **vllm_options: Any) -> LocalGenerator | VllmGenerator:
     """In-process generation with vLLM where it imports and starts, else `LocalGenerator`
     (transformers); one line on stderr says which and why. engine: auto | vllm | transformers
     (vllm where it cannot run is an error). `vllm_options` go to VllmGenerator (dtype, prefix_caching, ...)."""
-    from .vllm_engine import VllmGenerator, announce, choose_engine, vllm_status
-
     name, why = choose_engine(engine)
     if name == "vllm":
         status = vllm_status()

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from eval.assets import smollm2_path
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
+from eval.errors import InputError
 from eval.io import file_hash
 from eval.stage import Stage
 from prompts import template_path
@@ -25,6 +26,7 @@ from .client import ClientConfig, Completion, Generator, Usage
 from .grounding import catalogue_of
 from .prompts import TEACHER, PromptBuilder, load_template
 from .records import RECORDS, RecordLog, parse_steps
+from .vllm_engine import ENGINES
 
 EMBEDDED = "embedded"  # `serve = "embedded"`: serve the embedded SmolLM2-135M-Instruct
 
@@ -40,6 +42,12 @@ class GenerationConfig:
     client: ClientConfig = setting(factory=ClientConfig)
     format_retries: int = setting(2, "Times an off-format answer is asked again (with another seed) before it "
                                      "is recorded with its error.")
+    engine: str = setting("auto", "Engine of a model served or loaded for the run: auto (vLLM where it runs, "
+                                  "else transformers) | vllm | transformers.")
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise InputError(f"unknown generation engine '{self.engine}' (choose {', '.join(ENGINES)})")
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class TeacherRationalesStage(RationaleStage):
     def build(self, out: Path) -> dict[str, Any]:
         from .serve import endpoint
 
-        serve = str(smollm2_path()) if self.config.serve == EMBEDDED else self.config.serve
-        with endpoint(self.config.client, serve, log_path=out / "server.log") as client:
-            return run_generation(self.data_dir, out, self.config, client, stage=self.name)
+        cfg = self.config
+        serve = str(smollm2_path()) if cfg.serve == EMBEDDED else cfg.serve
+        with endpoint(cfg.client, serve, log_path=out / "server.log", engine=cfg.engine) as (chat, engine):
+            return {**run_generation(self.data_dir, out, cfg, chat, stage=self.name), "engine": engine}

@@ -196,10 +196,11 @@ class Server:
 
 @contextlib.contextmanager
 def endpoint(client: ClientConfig, serve: str | Path | None = None, adapter: str | Path | None = None,
-             log_path: str | Path | None = None) -> Iterator[ChatClient]:
-    """A client for `client.base_url`, or, given a model folder / adapter, for a local server run for the block."""
+             log_path: str | Path | None = None, engine: str = "auto") -> Iterator[tuple[ChatClient, str]]:
+    """(client, engine) for `client.base_url` (engine "endpoint"), or, given a model folder / adapter,
+    for a local server run for the block (engine "vllm" or "transformers", what actually serves)."""
     if serve is None and adapter is None:
-        yield ChatClient(client)
+        yield ChatClient(client), "endpoint"
         return
-    with Server(serve, adapter, log_path=log_path) as server:
-        yield ChatClient(replace(client, base_url=server.base_url, model=client.model or server.model_name))
+    with Server(serve, adapter, log_path=log_path, backend=engine) as server:
+        yield ChatClient(replace(client, base_url=server.base_url, model=client.model or server.model_name)), server.backend

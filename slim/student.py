@@ -26,12 +26,14 @@ class StudentRationalesConfig(GenerationConfig):
     template: str = setting(STUDENT, "Prompt version in prompts/, or a template file (the fine-tuning one).")
     client: ClientConfig = setting(factory=lambda: ClientConfig(base_url="", max_tokens=96, temperature=0.0,
                                                                 timeout_s=900.0))
-    backend: str = setting("local", "local (batched model.generate in-process) | endpoint (OpenAI-compatible "
-                                    "server: client.base_url, or the adapter served for the run when empty).")
+    backend: str = setting("local", "local (in-process: vLLM or batched transformers generate, see engine) | "
+                                    "endpoint (OpenAI-compatible server: client.base_url, or the adapter served "
+                                    "for the run when empty).")
     base_model: str | None = setting(None, "Base model folder (none: the one the adapter was trained on).")
-    batch_size: int = setting(16, "Users per batch (local backend).")
+    batch_size: int = setting(16, "Users per batch (local backend, transformers engine; vLLM batches itself).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.backend not in BACKENDS:
             raise InputError(f"unknown generation backend '{self.backend}' (choose {' or '.join(BACKENDS)})")
 
@@ -55,15 +57,15 @@ class StudentRationalesStage(RationaleStage):
         return {**super().inputs(), "adapter": self.adapter}
 
     def build(self, out: Path) -> dict[str, Any]:
-        from .local import LocalGenerator
+        from .local import make_generator
         from .serve import endpoint
 
         cfg, label = self.config, student_label(self.adapter)
         if cfg.backend == "local":
-            gen = LocalGenerator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
-                                 cfg.client.temperature, cfg.seed)
-            return run_generation(self.data_dir, out, cfg, gen, label, stage=self.name)
+            with make_generator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
+                                cfg.client.temperature, cfg.seed, engine=cfg.engine) as gen:
+                return {**run_generation(self.data_dir, out, cfg, gen, label, stage=self.name), "engine": gen.engine}
         own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run
         with endpoint(cfg.client, cfg.base_model if own else None, self.adapter if own else None,
-                      out / "server.log") as chat:
-            return run_generation(self.data_dir, out, cfg, chat, label, stage=self.name)
+                      out / "server.log", engine=cfg.engine) as (chat, engine):
+            return {**run_generation(self.data_dir, out, cfg, chat, label, stage=self.name), "engine": engine}

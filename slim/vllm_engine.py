@@ -221,6 +221,8 @@ class VllmGenerator:
     "float32" matches transformers' greedy output. `prefix_caching` False for fair benchmarks;
     `engine_args` go to `vllm.LLM` as they are."""
 
+    engine = "vllm"
+
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42,
                  dtype: str | None = None, prefix_caching: bool = True, enforce_eager: bool | None = None,

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
+from eval.errors import InputError
 from eval.stage import run_stage
 from slim.client import ClientConfig
-from slim.finetune import IGNORE, SlimStudentConfig, SlimStudentStage, tokenize_example
+from slim.finetune import HELDOUT, IGNORE, SlimStudentConfig, SlimStudentStage, split_users, tokenize_example
 from slim.prompts import STUDENT
 from slim.rationales import TeacherRationalesStage
 from slim.records import RecordLog, read_records
@@ -60,14 +61,31 @@ def test_prompt_tokens_are_masked_in_labels(tiny):
     assert len(tokenize_example(tok, "p " * 600, "a", max_length=64)["input_ids"]) == 64
 
 
+def test_heldout_split_is_seeded_and_checked():
+    users = list(range(100, 140))
+    held, val, train = split_users(users, 5, 0.1, seed=3)
+    assert (held, val, train) == split_users(users, 5, 0.1, seed=3) and held != split_users(users, 5, 0.1, 4)[0]
+    assert len(held) == 5 and len(val) == 4 and len(train) == 31 and sorted(held + val + train) == users
+    assert split_users(users, 0, 0.0, seed=3)[:2] == ([], [])
+    for bad in (-1, 40):
+        with pytest.raises(InputError, match=f"heldout = {bad}"):
+            split_users(users, bad, 0.1, seed=3)
+    with pytest.raises(InputError, match="unknown generation engine 'tgi'"):
+        StudentRationalesConfig(engine="tgi")
+
+
 def test_finetune_then_generate_locally(tiny, tmp_path):
     root = tiny["root"]
     adapter = root / ADAPTER
-    cfg = SlimStudentConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4, val_fraction=0.25)
+    cfg = SlimStudentConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4, val_fraction=0.25, heldout=4)
     result = run_stage(SlimStudentStage(root, cfg))
     counts = result.counts
     assert result.status == "ran" and SlimStudentStage(root, cfg).out == adapter
-    assert counts["train_examples"] == 9 and counts["val_examples"] == 3  # the errored record is skipped
+    # 12 well-formed records (the errored one is skipped): 4 held out, then 2 of 8 for validation
+    assert counts["heldout_users"] == 4 and counts["train_examples"] == 6 and counts["val_examples"] == 2
+    held = json.loads((adapter / HELDOUT).read_text())
+    assert len(held) == 4 and all(isinstance(u, int) and 0 <= u < 12 for u in held) and held == sorted(held)
+    assert counts["examples_per_s"] > 0 and isinstance(counts["bf16"], bool)
     assert counts["val_loss"] is not None and counts["answer_tokens"] > 0
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny["model"])
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "manifest.json").exists()
@@ -75,9 +93,10 @@ def test_finetune_then_generate_locally(tiny, tmp_path):
     assert again.status == "up to date" and again.counts == counts  # up to date: skipped
 
     run = run_with_data(root, tmp_path / "run", ADAPTER)  # a run of its own: data and the trained adapter
-    gen = StudentRationalesConfig(backend="local", batch_size=3, template=STUDENT, users=5,
+    gen = StudentRationalesConfig(backend="local", batch_size=3, template=STUDENT, users=5, engine="transformers",
                                   client=ClientConfig(base_url="", max_tokens=6, temperature=0))
     summary = run_stage(StudentRationalesStage(run, gen)).counts
+    assert summary["engine"] == "transformers"
     recs = read_records(run / RECORDS / "records.jsonl")
     assert summary["complete"] == 5 and len(recs) == 5
     r = next(iter(recs.values()))
@@ -92,8 +111,9 @@ def test_served_student_through_transformers_serve(tiny, tmp_path):
         run_stage(SlimStudentStage(root, SlimStudentConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4)))
     run = run_with_data(root, tmp_path / "run", ADAPTER)
     gen = StudentRationalesConfig(backend="endpoint", template=STUDENT, users=2,  # base_url "": serve the adapter
+                                  engine="transformers",
                                   client=ClientConfig(base_url="", max_tokens=4, temperature=0, concurrency=2))
     summary = run_stage(StudentRationalesStage(run, gen)).counts
-    assert summary["complete"] == 2 and summary["completion_tokens"] > 0
+    assert summary["complete"] == 2 and summary["completion_tokens"] > 0 and summary["engine"] == "transformers"
     assert (run / f"{ADAPTER}-merged" / "model.safetensors").exists()
     assert len(read_records(run / RECORDS / "records.jsonl")) == 2

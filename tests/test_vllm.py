@@ -1,9 +1,10 @@
 """vLLM as the generation engine, for real, on a tiny random LLaMA with the SmolLM2 tokenizer.
 
-The served path (`Server`/`endpoint` picking vLLM, answering the project's `ChatClient`) and the
-offline path (`make_generator` picking `VllmGenerator`) each start one engine per module (about a
-minute on 2 CPU cores). Skipped with the reason where vLLM does not run; the quantization_config
-trap and the engine choice are tested everywhere.
+The served path (`Server`/`endpoint` picking vLLM, answering the project's `ChatClient`), the
+offline path (`make_generator` picking `VllmGenerator`) and the student's rationale stage each start
+one engine (eager, a 1 GiB KV cache: 30-90 s each on 2 CPU cores). Skipped with the reason where
+vLLM does not run; the quantization_config trap, the engine choice and its message, and the merged
+adapter are tested everywhere.
 """
 import json
 from dataclasses import replace
@@ -114,7 +115,8 @@ def served(tiny, vllm_env):
     from slim.serve import endpoint
 
     cfg = ClientConfig(base_url="", temperature=0.0, max_tokens=8, concurrency=3, max_retries=0, timeout_s=120)
-    with endpoint(cfg, tiny["model"], log_path=tiny["root"] / "server.log") as client:
+    with endpoint(cfg, tiny["model"], log_path=tiny["root"] / "server.log") as (client, engine):
+        assert engine == "vllm"
         yield client
 
 
@@ -126,6 +128,64 @@ def offline(tiny, vllm_env):
     gen = make_generator(None, tiny["adapter"], max_new_tokens=8, temperature=0.0, seed=7)
     yield gen
     gen.close()
+
+
+def test_engine_choice_is_one_line_with_its_reason(tiny, capsys):
+    """Every engine choice prints one line naming the engine and why, before anything starts."""
+    from slim.local import LocalGenerator, make_generator
+    from slim.serve import Server
+
+    with make_generator(tiny["model"], None, batch_size=2, max_new_tokens=2, engine="transformers") as gen:
+        assert isinstance(gen, LocalGenerator) and gen.engine == "transformers"
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "engine" in ln]
+    assert lines == ["slim generation engine: transformers (batch 2) - asked for"]
+    Server(tiny["model"], backend="auto")  # constructed, not started: only the choice is printed
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and line.startswith(f"slim serve engine: {'vllm' if STATUS.ok else 'transformers'} (")
+    assert line.endswith(f" - {STATUS.reason}" if STATUS.ok else f" - fallback: {STATUS.reason}")
+
+
+def test_cpu_vllm_loads_the_merged_adapter(tiny, vllm_env):
+    """On CPU vLLM loads base + adapter merged (peft merge_and_unload) into a folder of its own, with
+    the GGUF trap gone; on a GPU it loads the cleaned base and the adapter with LoRA support."""
+    import torch
+    from safetensors.torch import load_file
+
+    from slim.lora import load_merged
+    from slim.vllm_engine import VllmStatus, model_to_load
+
+    model, lora = model_to_load(VllmStatus(True, "test", "cpu"), None, tiny["adapter"])
+    assert lora is None and model.name == "slim-student-merged" and not gguf_quantized(model)
+    assert json.loads((model / "merged_from.json").read_text())["base"] == str(tiny["model"])
+    merged = load_file(model / "model.safetensors")
+    expected = load_merged(tiny["adapter"])[0].state_dict()
+    base = load_file(tiny["model"] / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[name], expected[name]) and not torch.equal(merged[name], base[name])
+    gpu_model, gpu_lora = model_to_load(VllmStatus(True, "test", "cuda"), None, tiny["adapter"])
+    assert gpu_lora == tiny["adapter"] and not gguf_quantized(gpu_model) and gpu_model != tiny["model"]
+
+
+@needs_vllm
+def test_student_rationales_stage_generates_with_vllm(tiny, vllm_env, tmp_path, capfd):
+    """The slim-student-rationales stage (backend local, engine auto) writes its records with vLLM
+    and says so in its manifest counts."""
+    import shutil
+
+    from eval.stage import run_stage
+    from slim.finetune import SlimStudentStage
+    from slim.records import read_records
+    from slim.student import StudentRationalesConfig, StudentRationalesStage
+    from tests.slim_fake_openai import make_dataset
+
+    run = make_dataset(tmp_path / "run")
+    shutil.copytree(tiny["adapter"], run / SlimStudentStage.name)
+    cfg = StudentRationalesConfig(backend="local", users=3, client=ClientConfig(base_url="", max_tokens=4,
+                                                                                temperature=0.0))
+    counts = run_stage(StudentRationalesStage(run, cfg)).counts
+    assert counts["engine"] == "vllm" and counts["complete"] == 3 and counts["completion_tokens"] > 0
+    assert "slim generation engine: vllm (cpu, bfloat16, merged adapter)" in capfd.readouterr().err or not STATUS.cpu
+    assert len(read_records(run / StudentRationalesStage.name / "records.jsonl")) == 3
 
 
 def template_tokens(tok, prompt):
