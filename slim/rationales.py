@@ -100,7 +100,9 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
         pending = dict(prompts)
         t0 = time.perf_counter()  # generation time only: tokens/s is not diluted by prompt rendering
         with tqdm(total=len(todo), unit="user", desc=f"{stage} ({model})") as bar:
-            for attempt in range(cfg.format_retries + 1):
+            # greedy decoding answers again exactly as before: asking again only costs time
+            retries = cfg.format_retries if cfg.client.temperature > 0 else 0
+            for attempt in range(retries + 1):
                 again: dict[int, str] = {}
                 for user, result in gen.stream(pending.items(), attempt):
                     if isinstance(result, Exception):  # the client gave up after its retries: retry next run
@@ -110,7 +112,7 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
                         continue
                     usage.add(result)
                     rec = {**make_record(ds, user, version, model, prompts[user], result), "attempt": attempt}
-                    if rec["error"] is not None and attempt < cfg.format_retries:
+                    if rec["error"] is not None and attempt < retries:
                         again[user] = prompts[user]
                         continue
                     malformed += rec["error"] is not None

@@ -141,6 +141,15 @@ def test_off_format_after_every_retry_is_recorded_with_its_error(run):
     assert summary["malformed"] == 1 and summary["retried"] == 2 and summary["complete"] == 1
 
 
+def test_greedy_off_format_answer_is_not_asked_again(run):
+    """Greedy decoding would answer the same again: the off-format answer is recorded at once."""
+    with FakeOpenAI(faults=["malformed"]) as server:
+        cfg = config(server.base_url, users=1)
+        summary = generate_rationales(run, replace(cfg, client=replace(cfg.client, temperature=0.0)))
+    (rec,) = lines(run / OUT / "records.jsonl")
+    assert len(server.requests) == 1 and rec["error"] and summary["retried"] == 0 and summary["malformed"] == 1
+
+
 def test_cut_off_and_empty_bodies_are_retried(run):
     with FakeOpenAI(faults=["truncated", "empty"]) as server:
         summary = generate_rationales(run, config(server.base_url, users=2))
