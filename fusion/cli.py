@@ -74,11 +74,17 @@ def serve_cmd(
     student_model: Optional[str] = typer.Option(None, help="Model name at that endpoint (default: its one model)."),
     student_timeout: float = typer.Option(120.0, help="Seconds a new user's rationale may take before the request "
                                                       "fails with 502."),
+    serve_student: bool = typer.Option(False, help="Serve the run's SLIM student (RUN/slim-student, as `slim serve` "
+                                                   "does: vLLM where it runs) for new users while the service runs."),
 ) -> None:
     """Recommendations over HTTP (known users, new users' histories, items) and a page at /."""
+    import contextlib
     import os
 
     import uvicorn
+
+    from slim.finetune import SlimStudentStage
+    from slim.serve import Server
 
     from .recommend import Recommender
     from .service import StudentWriter, create_app, student_settings
@@ -88,12 +94,18 @@ def serve_cmd(
         token = os.environ.get(token_env)
         if not token:
             raise InputError(f"--token-env: environment variable {token_env} is not set or empty")
+    if serve_student and student_url:
+        raise InputError("--serve-student and --student-url: give one of them")
     rec = Recommender(run, model)
     cfg = student_settings(rec.run)
     url = student_url or (cfg.client.base_url if cfg.backend == "endpoint" else None)
-    writer = StudentWriter(rec, url, student_model, student_timeout) if url else None
-    typer.echo(f"serving {rec.run / rec.name} on http://{host}:{port}/ (new users: {url or 'off'})")
-    uvicorn.run(create_app(rec, writer, token), host=host, port=port)
+    with contextlib.ExitStack() as stack:
+        if serve_student:
+            server = stack.enter_context(Server(adapter=rec.run / SlimStudentStage.name))
+            url, student_model = server.base_url, student_model or server.model_name
+        writer = StudentWriter(rec, url, student_model, student_timeout) if url else None
+        typer.echo(f"serving {rec.run / rec.name} on http://{host}:{port}/ (new users: {url or 'off'})")
+        uvicorn.run(create_app(rec, writer, token), host=host, port=port)
 
 
 main = guarded(app)

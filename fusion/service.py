@@ -31,6 +31,7 @@ from eval.config import from_dict
 from eval.errors import InputError
 from eval.io import read_json
 from slim.client import ChatClient
+from slim.finetune import SlimStudentStage
 from slim.prompts import PromptBuilder
 from slim.records import parse_steps, rationale_text
 from slim.student import StudentRationalesConfig, StudentRationalesStage
@@ -43,10 +44,14 @@ MAX_HISTORY = 1000  # most item ids a new user's history may have (the model and
 
 def student_settings(run: Path) -> StudentRationalesConfig:
     """The settings the run's student rationales were written with (template, history budget, client),
-    so a new user's prompt is rendered as every other user's was; the defaults for a run without them."""
+    so a new user's prompt is rendered as every other user's was. A run without them (not written
+    yet): the prompt the student was fine-tuned on, the other settings' defaults."""
     manifest = run / StudentRationalesStage.name / "manifest.json"
     if not manifest.exists():
-        return StudentRationalesConfig()
+        trained = run / SlimStudentStage.name / "manifest.json"
+        cfg = read_json(trained).get("config", {}) if trained.exists() else {}
+        return from_dict(StudentRationalesConfig, {k: cfg[k] for k in ("template", "history_tokens") if k in cfg},
+                         str(trained))
     known = {f.name for f in fields(StudentRationalesConfig)}  # older manifests hold settings since renamed
     cfg = {k: v for k, v in read_json(manifest).get("config", {}).items() if k in known}
     return from_dict(StudentRationalesConfig, cfg, str(manifest))

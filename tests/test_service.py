@@ -21,10 +21,11 @@ import uvicorn
 from eval.dataset import pad_left
 from eval.errors import InputError
 from fusion.recommend import MAX_K, Recommender, new_user_vector
-from fusion.service import MAX_HISTORY, StudentWriter, create_app
+from fusion.service import MAX_HISTORY, StudentWriter, create_app, student_settings
 from slim.client import ChatClient
 from slim.records import rationale_text
 from slim.serve import Server
+from slim.student import StudentRationalesConfig
 from tests.slim_fake_openai import SERVED_MODEL, FakeOpenAI
 from tests.test_pipeline import tiny_lm
 from tests.test_recommend import build_run
@@ -210,6 +211,21 @@ def test_student_failure_is_502_and_no_student_is_503(service, monkeypatch):
         assert call(plain, "/users/u3/recommendations", token=None)[0] == 200
 
 
+def test_new_users_prompt_is_the_runs_then_the_one_the_student_was_trained_on(tmp_path):
+    assert student_settings(tmp_path) == StudentRationalesConfig()
+    (tmp_path / "slim-student").mkdir()
+    (tmp_path / "slim-student" / "manifest.json").write_text(json.dumps(
+        {"config": {"template": "slim_student_v1", "history_tokens": 64, "lora_r": 16}}))
+    trained = student_settings(tmp_path)
+    assert (trained.template, trained.history_tokens, trained.client) == ("slim_student_v1", 64,
+                                                                         StudentRationalesConfig().client)
+    (tmp_path / "slim-student-rationales").mkdir()
+    (tmp_path / "slim-student-rationales" / "manifest.json").write_text(json.dumps(
+        {"config": {"template": "slim_student_v1", "history_tokens": 96, "client": {"max_tokens": 48}}}))
+    written = student_settings(tmp_path)
+    assert (written.history_tokens, written.client.max_tokens) == (96, 48)
+
+
 def test_new_users_need_vectors_of_the_students_rationales(service, monkeypatch):
     url, rec, _, student = service
     monkeypatch.setattr(rec, "vectors_config", lambda: {"records": "profile-rationales"})
@@ -217,13 +233,15 @@ def test_new_users_need_vectors_of_the_students_rationales(service, monkeypatch)
         StudentWriter(rec, student.base_url)
 
 
-def test_serve_command_needs_the_token_variable_it_names(service, monkeypatch, capsys):
+def test_serve_command_needs_the_token_variable_it_names_and_one_student(service, monkeypatch, capsys):
     from tests.test_recommend import cli
 
     url, rec, _, _ = service
     monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
     code, out, err = cli(monkeypatch, capsys, "serve", "--run", str(rec.run), "--token-env", "NO_SUCH_TOKEN_VAR")
     assert code == 1 and "NO_SUCH_TOKEN_VAR is not set" in err and err.count("\n") == 1
+    code, out, err = cli(monkeypatch, capsys, "serve", "--run", str(rec.run), "--serve-student", "--student-url", url)
+    assert code == 1 and "--serve-student and --student-url: give one of them" in err and err.count("\n") == 1
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
