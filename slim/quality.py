@@ -66,10 +66,14 @@ def rouge_l_f1(candidate: str, reference: str) -> float:
     return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
 
 
-def graded(records: dict[int, dict[str, Any]], ds: SeqDataset, catalogue: Catalogue) -> dict[int, dict[str, Any]]:
-    """Each record's steps re-parsed from its text and grounded against the catalogue and the history."""
+def graded(folder: Path, ds: SeqDataset, catalogue: Catalogue) -> dict[int, dict[str, Any]]:
+    """A rationale stage's records of its latest run (its manifest's prompt version and model), each
+    with its steps re-parsed from its text and grounded against the catalogue and the user's history."""
+    counts = read_json(folder / MANIFEST).get("counts", {}) if (folder / MANIFEST).exists() else {}
     out = {}
-    for u, rec in records.items():
+    for u, rec in read_records(folder / RECORDS, counts.get("prompt_version"), counts.get("model")).items():
+        if not 0 <= u < ds.num_users:
+            raise InputError(f"{folder / RECORDS}: a record of user {u}, who is not in {ds.path}")
         steps, error = parse_steps(rec.get("text") or "")
         grounding = catalogue.ground(steps, ds.rationale_history(u).tolist())
         out[u] = {**rec, **steps, **grounding, "error": error, "next_item": int(ds.sequences[u][-3])}
@@ -114,12 +118,6 @@ def heldout_metrics(sources: dict[str, dict[int, dict[str, Any]]], users: list[i
             row["cosine"] = round(float(np.mean(np.sum(encode(texts) * encode(refs), axis=1))), 4)
         rows[name] = row
     return rows
-
-
-def _source_records(folder: Path) -> dict[int, dict[str, Any]]:
-    """A rationale stage's records of its latest run (its manifest's prompt version and model)."""
-    counts = read_json(folder / MANIFEST).get("counts", {}) if (folder / MANIFEST).exists() else {}
-    return read_records(folder / RECORDS, counts.get("prompt_version"), counts.get("model"))
 
 
 def quality_markdown(q: dict[str, Any]) -> str:
@@ -180,8 +178,7 @@ class QualityStage(Stage):
     def build(self, out: Path) -> dict[str, Any]:
         ds = load_dataset(self.data_dir)
         catalogue = catalogue_of(ds.items)
-        graded_sources = {name: graded(_source_records(folder), ds, catalogue)
-                          for name, folder in self.sources().items()}
+        graded_sources = {name: graded(folder, ds, catalogue) for name, folder in self.sources().items()}
         q: dict[str, Any] = {"domain": ds.domain, "sources": {name: source_metrics(list(recs.values()))
                                                               for name, recs in graded_sources.items()}}
         users = self.heldout_users()

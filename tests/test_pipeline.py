@@ -144,6 +144,7 @@ def test_killed_run_resumes_without_redoing_finished_stages(synthetic, tmp_path)
     report = json.loads((run / "report" / "metrics.json").read_text())
     assert set(report["efficiency"]) == {"sasrec", "slmrec-teacher", "slmrec-student", "fusion/hybrid-slmrec-student",
                                          "fusion/text"}
+    assert "## Rationale quality" in (run / "report" / "report.md").read_text()  # the quality stage's section
 
     run_pipeline(run, build_stages(run, str(preset)))   # a third run has nothing left to do
     assert {s["status"] for s in stages(run)[4 + len(second):]} == {"up to date"}

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from eval.dataset import prepare_dataset
+from eval.errors import InputError
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from slim.profile import ProfileRationalesStage
@@ -79,3 +80,7 @@ def test_stage_measures_teacher_student_and_the_control_on_held_out_users(synthe
     section = quality_section(tmp_path)
     assert section.startswith("\n## Rationale quality") and "| profile | " in section and teacher[1] in section
     assert run_stage(QualityStage(tmp_path)).status == "up to date"
+
+    write_records(tmp_path / "slim-teacher-rationales" / RECORDS, {999: teacher[0]}, "t")  # not a user of the data
+    with pytest.raises(InputError, match="records.jsonl: a record of user 999, who is not in"):
+        run_stage(QualityStage(tmp_path))
