@@ -4,7 +4,8 @@ Examples are built with the model's chat template (the same one the server appli
 time) and the loss covers the answer tokens only: prompt positions are labelled -100. A seeded set of
 teacher users is held out of training (`heldout_users.json`) so the student can be judged against the
 teacher on users it never saw. On a CPU with AVX-512 BF16 (or AMX) and on bf16 GPUs the matmuls run in
-bf16 autocast; batches group examples of similar length, so little of a batch is padding.
+bf16 autocast; batches group examples of similar length, so little of a batch is padding, and the LM
+head scores answer positions only (`AnswerCollator`).
 """
 from __future__ import annotations
 
@@ -124,19 +125,40 @@ def training_args(cfg: SlimStudentConfig, out: Path, evaluate: bool, **overrides
     return TrainingArguments(**{**kwargs, **overrides})
 
 
+class AnswerCollator:
+    """Pads a batch (DataCollatorForSeq2Seq) and has the LM head score only the positions from just
+    before the batch's earliest answer token (`logits_to_keep`): prompt positions carry no loss, and
+    the head over a 49k vocabulary is a fifth of a small model's work per token. The labels are cut
+    to the same window; what is cut is all -100, so the loss and its token count are unchanged."""
+
+    def __init__(self, tok):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, padding=True)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.pad(rows)
+        labels = batch["labels"]
+        answer = (labels != IGNORE).any(dim=0).nonzero()
+        if len(answer):  # logits at position t predict the label at t + 1: keep from first answer - 1
+            keep = labels.shape[1] - max(int(answer[0]) - 1, 0)
+            batch["labels"], batch["logits_to_keep"] = labels[:, -keep:], keep
+        return batch
+
+
 def make_trainer(cfg: SlimStudentConfig, base: Path, tok, train: list[dict], val: list[dict], out: Path,
                  **overrides: Any):
     """A Trainer of a fresh LoRA on `base` for tokenized examples (`overrides` go to TrainingArguments)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import Trainer
 
     model = get_peft_model(load_causal_lm(base), LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
     return Trainer(model=model, args=training_args(cfg, out, bool(val), **overrides),
                    train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(val) if val else None,
-                   data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, padding=True))
+                   data_collator=AnswerCollator(tok))
 
 
 class SlimStudentStage(Stage):

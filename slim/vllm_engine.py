@@ -16,6 +16,9 @@ What vLLM needs here, handled once:
   model (`slim.lora.merged_dir`) is used instead; on a GPU the adapter is loaded with LoRA support;
 - on CPU vLLM sizes its KV cache from `VLLM_CPU_KVCACHE_SPACE` (GiB) and binds its OpenMP threads
   from `VLLM_CPU_OMP_THREADS_BIND`: `cpu_env` sets both (and no reserved core) unless already set;
+- on CPU a seeded sampling request whose prompt is split over two engine steps (chunked prefill)
+  kills the engine ("CPU Generator does not use offset": vLLM rewinds the request's generator as on a
+  GPU): `cpu_scheduler_args` turns chunked prefill off, with a step budget that holds a whole prompt;
 - bf16 on CPU (1.8x float32 vLLM; 61-72% of greedy student outputs identical to float32
   transformers, float32 vLLM: all of them), eager mode on CPU (torch.compile costs minutes of
   start-up for 1.15-1.5x).
@@ -131,6 +134,16 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def cpu_scheduler_args(model_dir: str | Path) -> dict[str, Any]:
+    """vLLM engine arguments for CPU: no chunked prefill (seeded sampling of a split prompt crashes the
+    CPU engine), so a step must hold a whole prompt: a budget of the model's context length (at least
+    vLLM's default of 2,048 tokens)."""
+    from eval.io import read_json
+
+    context = int(read_json(Path(model_dir) / "config.json").get("max_position_embeddings") or 0)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(context, 2048)}
+
+
 def gguf_quantized(model_dir: str | Path) -> bool:
     """Whether config.json carries a GGUF quantization_config (left over on de-quantized weights)."""
     cfg = Path(model_dir) / "config.json"
@@ -200,7 +213,8 @@ def serve_command(status: VllmStatus, model_path: str | Path | None, adapter: st
 
         cmd += ["--enable-lora", "--lora-modules", f"{LORA_NAME}={lora}", "--max-lora-rank", str(lora_rank(lora))]
     if status.cpu:
-        cmd += ["--dtype", dtype or "bfloat16", "--enforce-eager"]
+        cmd += ["--dtype", dtype or "bfloat16", "--enforce-eager", "--no-enable-chunked-prefill",
+                "--max-num-batched-tokens", str(cpu_scheduler_args(model)["max_num_batched_tokens"])]
     elif dtype:
         cmd += ["--dtype", dtype]
     if not prefix_caching:
@@ -248,6 +262,8 @@ class VllmGenerator:
         kwargs: dict[str, Any] = dict(model=str(model), dtype=self.dtype, seed=seed,
                                       enable_prefix_caching=prefix_caching, generation_config="vllm",
                                       enforce_eager=self.status.cpu if enforce_eager is None else enforce_eager)
+        if self.status.cpu:
+            kwargs.update(cpu_scheduler_args(model))
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
         kwargs.update(engine_args)  # anything else vllm.LLM takes (max_model_len, ...)

@@ -61,6 +61,29 @@ def test_prompt_tokens_are_masked_in_labels(tiny):
     assert len(tokenize_example(tok, "p " * 600, "a", max_length=64)["input_ids"]) == 64
 
 
+def test_answer_collator_scores_answers_only_with_the_same_loss(tiny):
+    """The LM head runs on the answer window only; the loss equals the full-sequence loss."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from slim.finetune import AnswerCollator
+    from slim.lora import load_causal_lm
+
+    tok = tiny["tok"]
+    rows = [tokenize_example(tok, "User history: " + "Fargo; " * n, "Step 1: likes crime." * (3 - n), 512)
+            for n in (1, 2)]
+    full = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE, padding=True)(rows)
+    cut = AnswerCollator(tok)(rows)
+    n_prompt = min(r["labels"].index(next(x for x in r["labels"] if x != IGNORE)) for r in rows)
+    assert cut["logits_to_keep"] == full["input_ids"].shape[1] - n_prompt + 1 < full["input_ids"].shape[1]
+    assert (cut["labels"] != IGNORE).sum() == (full["labels"] != IGNORE).sum()
+    model = load_causal_lm(tiny["model"]).eval()
+    with torch.no_grad():
+        out = model(**cut)
+        assert out.logits.shape[1] == cut["logits_to_keep"]
+        assert torch.allclose(out.loss, model(**full).loss, atol=1e-6)
+
+
 def test_heldout_split_is_seeded_and_checked():
     users = list(range(100, 140))
     held, val, train = split_users(users, 5, 0.1, seed=3)

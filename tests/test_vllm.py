@@ -215,6 +215,17 @@ def test_served_stream_keeps_every_key(served):
 
 
 @needs_vllm
+def test_served_seeded_sampling_of_prompts_over_one_engine_step(served):
+    """Seeded sampled requests whose prompts together exceed vLLM's default step budget (2,048 tokens):
+    with chunked prefill a split prompt's seeded generator crashed the CPU engine."""
+    client = ChatClient(replace(served.cfg, model=served.model_name, concurrency=8, temperature=1.0, seed=5))
+    prompts = ["User history: " + "Fargo (1996); Crime; " * 40 + str(i) for i in range(8)]
+    results = dict(client.stream(enumerate(prompts)))
+    assert sorted(results) == list(range(8))
+    assert all(isinstance(c, Completion) and c.prompt_tokens > 256 for c in results.values())
+
+
+@needs_vllm
 def test_offline_generator_streams_completions(offline, tiny):
     assert isinstance(offline, VllmGenerator)
     assert offline.model_name == str(tiny["adapter"])
