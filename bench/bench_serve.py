@@ -7,9 +7,10 @@ The service runs as its own process (`fusion serve`); the SLIM student is the en
 `slim serve`'s engine (--student-backend: vLLM where it runs, `transformers serve` otherwise);
 --fake-student answers instantly instead (tests/slim_fake_openai.py), so new users measure the
 service's own work (prompt, encoding, fusion, retrieval) without the generation. Each level sends at
-most --requests requests (--new-requests for new users) and stops sending after --seconds (requests
-in flight then finish, each within the service's --student-timeout); histories are the last
---history items of randomly drawn users of the run. One request of each kind warms up first.
+most --requests requests (--new-requests for new users) and stops sending after --seconds
+(--new-seconds; requests in flight then finish, each within the service's --student-timeout);
+histories are the last --history items of randomly drawn users of the run. One request of each
+kind warms up first.
 
 The bench writes into the run what the service and the student's server write there: RUN/serving
 (the model's item vectors in LanceDB) and, for a served adapter, RUN/slim-student-merged. Bench a
@@ -157,7 +158,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=300, help="Most known-user requests per level.")
     ap.add_argument("--new-requests", type=int, default=32, help="Most new-user requests per level.")
-    ap.add_argument("--seconds", type=float, default=60.0, help="No new request after this long in a level.")
+    ap.add_argument("--seconds", type=float, default=60.0, help="No new request after this long (known users).")
+    ap.add_argument("--new-seconds", type=float, default=120.0, help="No new request after this long (new users).")
     ap.add_argument("--history", type=int, default=20, help="Items in a new user's history.")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -195,7 +197,7 @@ def main() -> None:
         if args.new_users:
             for c in levels:
                 jobs = [("POST", "/recommendations", {"history": h, "k": args.k}) for h in histories]
-                results[f"new users, c={c}"] = level(call, jobs, c, args.seconds)
+                results[f"new users, c={c}"] = level(call, jobs, c, args.new_seconds)
 
     title = (f"fusion serve on {args.run} (k={args.k}; new users: {args.history}-item histories, {what}; "
              f"load average {load:.1f} on {os.cpu_count()} cores at the start)")
