@@ -1,7 +1,7 @@
 """SLIM's fusion of rationale and item-text vectors with an ID-based recommender, and its
 ID-agnostic text-matching variant.
 
-hybrid: user = g_f([g_l(rationale_u); backbone_user(history)]), item = g_f([g_l(text_i); gate_i * id_i])
+hybrid: user = g_f([g_l(rationale_u); backbone_user(history)]), item = g_f([g_l(text_i); id_i])
 text:   user = g_u(rationale_u), item = g_i(text_i)
 A user without a rationale, or an item without text, gets a learned "missing" vector instead.
 g_f starts as the identity on the ID half, so training begins from the backbone's own ranking.
@@ -10,12 +10,14 @@ Joint training (`joint`) learns the fused item side with the backbone's own obje
 over all items at every position of every training history. A rationale written from a prefix of the
 history informs only the positions whose prefix contains all of it (`text_positions`: the last k
 positions of a training row); every earlier position gets the "missing" vector, so no rationale ever
-sees the target of a position it informs. `pop_gate` scales an item's ID half by a learned gate on
-log(1 + training count): an item seen rarely is represented mostly by its text (item cold start).
+sees the target of a position it informs. Item cold start (`pop_gate`): an item's ID half mixes its own
+ID vector with those of the seen items its text is closest to, by a learned gate on log(1 + training
+count), so an item seen rarely is placed by its text.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from slmrec.seqrec import SequentialRecommender
 
 BACKBONE = "backbone"
 TEXT_SIDES = ("both", "items", "users", "none")
+RARE = 5  # training interactions at which the cold-start gate starts at 0.5
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,23 @@ class FusionConfig:
             raise InputError(f"fusion mode must be 'hybrid' or 'text', not {self.mode!r}")
         if self.text not in TEXT_SIDES:
             raise InputError(f"fusion text must be one of {', '.join(TEXT_SIDES)}, not {self.text!r}")
+
+
+def text_neighbours(text: torch.Tensor, candidates: torch.Tensor, k: int = 10, temperature: float = 0.1,
+                    chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's k nearest `candidates` by text cosine (never itself) and softmax(cos / t) weights."""
+    unit = F.normalize(text, dim=-1)
+    k = max(1, min(k, int(candidates.sum())))
+    idx, weights = [], []
+    for start in range(0, len(unit), chunk):
+        sim = unit[start:start + chunk] @ unit.T
+        sim[:, ~candidates] = float("-inf")
+        rows = torch.arange(len(sim))
+        sim[rows, rows + start] = float("-inf")
+        top, i = sim.topk(k, dim=1)
+        idx.append(i)
+        weights.append(torch.softmax(top / temperature, dim=1).nan_to_num(0.0))
+    return torch.cat(idx), torch.cat(weights)
 
 
 def position_vectors(backbone: nn.Module, histories: torch.Tensor) -> torch.Tensor:
@@ -99,8 +119,11 @@ class FusedRecommender(DotScorer, nn.Module):
                 if item_pop is None:
                     raise InputError("pop_gate needs the items' training counts")
                 self.register_buffer("item_pop", item_pop.float())
-                # gate = sigmoid(a * log(1 + count) + b), starting near 1 for items seen a few times
-                self.gate = nn.Parameter(torch.tensor([1.0, 0.0]))
+                # gate = sigmoid(a * log(1 + count) + b): 0.5 at RARE training interactions, near 1 far above
+                self.gate = nn.Parameter(torch.tensor([2.0, -2.0 * math.log1p(RARE)]))
+                nbr, weight = text_neighbours(self.item_text, self.item_has & (self.item_pop > 0))
+                self.register_buffer("neighbours", nbr, persistent=False)
+                self.register_buffer("neighbour_weights", weight, persistent=False)
             if cfg.freeze_backbone:
                 backbone.requires_grad_(False)
         else:
@@ -141,15 +164,17 @@ class FusedRecommender(DotScorer, nn.Module):
         return self.g_f(torch.cat([self.g_l(text), ids], dim=-1))
 
     def id_gate(self) -> torch.Tensor:
-        """[num_items + 1] weight of each item's ID half: near 0 for items the backbone barely saw."""
+        """[num_items + 1] weight of each item's own ID vector: near 0 for items the backbone barely saw."""
         return torch.sigmoid(self.gate[0] * torch.log1p(self.item_pop) + self.gate[1])
 
     def item_vectors(self) -> torch.Tensor:
         if self.config.mode == "text":
             return self.g_item(self._item_text())
         ids = (self.frozen or self.backbone).item_vectors()
-        if self.config.pop_gate:
-            ids = ids * self.id_gate()[:, None]
+        if self.config.pop_gate:  # a rare item borrows the ID vectors of the seen items its text is closest to
+            borrowed = (self.neighbour_weights[..., None] * ids[self.neighbours]).sum(1)
+            gate = self.id_gate()[:, None]
+            ids = gate * ids + (1 - gate) * borrowed
         return self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
 
     def _positions(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from eval.errors import InputError
 from eval.io import read_json, write_json
 from eval.stage import Stage, run_stage
 from eval.presets import expand
-from slim.encode import VectorsStage
+from slim.encode import ProfileVectorsStage, VectorsStage
 from slim.finetune import SlimStudentStage
 from slim.profile import ProfileRationalesStage
 from slim.quality import QualityStage
@@ -43,6 +43,7 @@ PIPELINE: list[type[Stage]] = [
     ProfileRationalesStage,    # profile-rationales (the no-LLM control)
     QualityStage,              # quality
     VectorsStage,              # vectors
+    ProfileVectorsStage,       # vectors-profile (the control's vectors)
     FusionStage,               # fusion/<name>, one per [fusion.<name>] table
     ReportStage,               # report
 ]

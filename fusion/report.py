@@ -27,6 +27,7 @@ from eval.tables import floor_of, markdown_table, print_table
 from slim.quality import QualityStage, quality_section
 
 from .groups import item_popularity_groups, user_length_groups, users_by_test_item
+from .model import RARE  # "items seen at most RARE times in training"
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,7 +35,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 GROUP_COLUMNS = ["users", "HR@10", "NDCG@10", "MRR"]
 POP_COLUMNS = ["avg_popularity@10", "long_tail_share@10", "coverage@10", "gini@10", "EPC@10", "EFD@10"]
 EFF_COLUMNS = ["parameters", "trainable_parameters", "train_seconds", "users_per_s"]
-RARE = 5  # "items seen at most k times in training"
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,47 @@ def baseline_of(name: str, path: Path, models: dict[str, Path]) -> str | None:
     if name.startswith("fusion/"):
         return config.get("backbone") if config.get("mode") == "hybrid" else "sasrec"
     return {"slmrec-student": "slmrec-teacher"}.get(name)
+
+
+def _fusion_settings(path: Path) -> dict:
+    """The settings that tell two hybrids apart (defaults for models trained before they existed)."""
+    c = read_json(path / MANIFEST).get("config", {})
+    return {"mode": c.get("mode"), "backbone": c.get("backbone"), "training": c.get("training", "frozen"),
+            "text": c.get("text", "both"), "vectors": c.get("vectors", "vectors")}
+
+
+def controls_of(name: str, models: dict[str, Path]) -> list[str]:
+    """The run's fused models that differ from hybrid `name` in one thing that isolates what text adds:
+    the same model without text (text = none), and the same one over the profile control's vectors."""
+    if not name.startswith("fusion/"):
+        return []
+    mine = _fusion_settings(models[name])
+    if mine["mode"] != "hybrid":
+        return []
+    out = []
+    for other, path in models.items():
+        theirs = _fusion_settings(path) if other.startswith("fusion/") and other != name else None
+        if theirs is None:
+            continue
+        diff = {k for k in mine if mine[k] != theirs[k]}
+        if (diff == {"text"} and theirs["text"] == "none") or \
+                (diff == {"vectors"} and mine["vectors"] == "vectors" and mine["text"] in ("both", "users")):
+            out.append(other)
+    return out
+
+
+def seed_rows(models: dict[str, Path], protocol: str) -> dict[str, dict[str, str]]:
+    """Mean +- std over seeds of the fused models trained with several (their seeds.json)."""
+    rows = {}
+    for name, path in models.items():
+        file = path / "seeds.json"
+        summary = read_json(file) if file.exists() else {}
+        if summary.get("seeds", 1) > 1:
+            label = protocol_label(protocol)
+            mean, std = summary["mean"][label], summary["std"][label]
+            rows[name] = {"seeds": str(summary["seeds"]),
+                          **{m: f"{mean[m]:.4f} ± {std[m]:.4f}" for m in ("NDCG@10", "HR@10", "MRR")}}
+    return rows
 
 
 def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqDataset) -> dict:
@@ -162,7 +203,9 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
                 r, n, _ = rank_users(model, ds, "test", protocol, max_len=max_len)
                 results["overall"].setdefault(protocol, {})[name] = metrics_of(r, n)
     pairs = [(a, b) for a, path in models.items() if (b := baseline_of(a, path, models)) in models]
+    pairs += [(a, b) for a in models for b in controls_of(a, models)]
     results["comparisons"] = compare(ranks, pairs, ds)
+    results["seeds"] = seed_rows(models, analysis_protocol)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "ranks.npz", **ranks)  # per-user test ranks: any further paired analysis
     write_json(out / "metrics.json", results)
@@ -199,6 +242,10 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
         parts += ["", "## Paired comparisons (A - B over the same test users)", "",
                   "Difference of the means, bootstrap 95 % interval, sign-flip permutation p-value; "
                   "**bold**: p < 0.05.", "", comparisons_table(results["comparisons"])]
+    if results.get("seeds"):
+        parts += ["", f"## Fused models over several seeds ({protocol_label(ap)}, test)", "",
+                  "Mean ± std over seeds; the model scored above is the first seed's.", "",
+                  markdown_table(results["seeds"], columns=["seeds", "NDCG@10", "HR@10", "MRR"])]
     parts += ["", "## Popularity bias of the top 10", "", markdown_table(results["popularity"], columns=POP_COLUMNS),
               "", "## Efficiency", "", markdown_table(results["efficiency"], columns=EFF_COLUMNS)]
     print_table("popularity bias (top 10)", results["popularity"], columns=POP_COLUMNS)

@@ -44,7 +44,7 @@ class FusionTrainConfig:
     hidden: int = setting(64, "Size of the text-only model's vectors.")
     user_group: int | None = setting(None, "Train and select on one of the 5 history-length groups "
                                            "(0 = shortest; none: all users).")
-    train: TrainConfig = setting(factory=lambda: TrainConfig(epochs=100, patience=10, lr=1e-3, weight_decay=1e-4))
+    train: TrainConfig = setting(factory=lambda: TrainConfig(epochs=50, patience=5, lr=1e-3, weight_decay=1e-4))
 
 
 def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = None
@@ -88,7 +88,7 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     fc = FusionConfig(mode=cfg.mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=vectors.dim,
                       id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone,
                       backbone_path=rel, joint=hybrid and cfg.training == "joint", text=cfg.text,
-                      pop_gate=hybrid and cfg.pop_gate)
+                      pop_gate=hybrid and cfg.pop_gate and cfg.text in ("both", "items"))
     model = FusedRecommender(fc, users, has_u, items, has_i, backbone,
                              item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
     model.text_positions.copy_(text_positions(ds))

@@ -14,7 +14,7 @@ from eval.cli import guarded, stage_command
 from eval.io import read_json
 from eval.stage import Stage
 
-from .encode import VectorsStage
+from .encode import ProfileVectorsStage, VectorsStage
 from .finetune import SlimStudentStage
 from .profile import ProfileRationalesStage
 from .quality import QUALITY_MD, QualityStage
@@ -31,7 +31,7 @@ def _print_counts(stage: Stage) -> None:
 
 for command, stage_class in (("generate-rationales", TeacherRationalesStage), ("finetune-student", SlimStudentStage),
                              ("generate", StudentRationalesStage), ("profile", ProfileRationalesStage),
-                             ("encode", VectorsStage)):
+                             ("encode", VectorsStage), ("encode-profile", ProfileVectorsStage)):
     stage_command(app, command, stage_class, _print_counts)
 stage_command(app, "quality", QualityStage, lambda stage: typer.echo((stage.out / QUALITY_MD).read_text()))
 

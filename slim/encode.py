@@ -137,3 +137,17 @@ class VectorsStage(Stage):
     def digest(self, out: Path, counts: dict[str, Any]) -> str:
         """The tables' content (ids, text hashes, encoder), not LanceDB's files, which change on every write."""
         return sha256(counts[USERS_TABLE]["content_sha256"] + counts[ITEMS_TABLE]["content_sha256"])
+
+
+@dataclass(frozen=True)
+class ProfileEncodeConfig(EncodeConfig):
+    records: str = setting("profile-rationales", "The rationale stage whose records are encoded (the no-LLM "
+                                                 "profile control by default).")
+
+
+class ProfileVectorsStage(VectorsStage):
+    """The same encoding over the no-LLM profile records, so any fused model can read the control
+    (`vectors = "vectors-profile"` in its table); writes RUN/vectors-profile."""
+
+    name = "vectors-profile"
+    config_class = ProfileEncodeConfig

@@ -230,6 +230,41 @@ def test_a_rationale_never_informs_a_position_whose_target_it_saw(run):
         assert not torch.allclose(plain[i, -k:], leaked[i, -k:])   # after it: it is
 
 
+@pytest.mark.parametrize("text", ["both", "items", "users", "none"])
+def test_text_sides_read_only_the_text_they_name(run, text):
+    from fusion.train import build
+
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    model = build(ds, FusionTrainConfig(text=text), v, run / "sasrec", run / "fusion" / "x").eval()
+    users, hist = torch.tensor([0, 1]), torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6]])
+    with torch.no_grad():
+        model.g_f.weight.normal_()
+        before = model.score(users, hist, None), model.fuse(model.user_text[:2], hist[:, -1:].float().expand(-1, 16))
+        model.user_text.normal_()
+        model.item_text.normal_()
+        after = model.score(users, hist, None), model.fuse(model.user_text[:2], hist[:, -1:].float().expand(-1, 16))
+    assert torch.equal(before[0], after[0]) == (text == "none")
+    assert torch.equal(before[1], after[1]) == (text in ("items", "none"))  # new users too: no rationale read
+    assert model.config.pop_gate == (text in ("both", "items"))
+
+
+def test_report_compares_each_hybrid_with_its_text_controls(tmp_path):
+    from fusion.report import controls_of
+
+    models = {}
+    for name, cfg in {"fusion/a": {}, "fusion/a-none": {"text": "none"}, "fusion/a-profile": {"vectors": "vp"},
+                      "fusion/a-items": {"text": "items"}, "fusion/gru": {"backbone": "gru4rec", "text": "none"},
+                      "fusion/t": {"mode": "text"}}.items():
+        write_json(tmp_path / name / "manifest.json", manifest("fusion", inputs={}, seed=0, counts={}, config={
+            "mode": "hybrid", "backbone": "sasrec", "training": "joint", "text": "both", "vectors": "vectors", **cfg}))
+        models[name] = tmp_path / name
+    assert controls_of("fusion/a", models) == ["fusion/a-none", "fusion/a-profile"]
+    assert controls_of("fusion/a-items", models) == ["fusion/a-none"]
+    assert controls_of("fusion/a-profile", models) == []   # the control is compared the other way round
+    assert controls_of("fusion/t", models) == [] and controls_of("sasrec", models) == []
+
+
 def stages_of(run, preset, overrides=()) -> dict:
     """The configured stages of a preset by their folder in the run."""
     return {s.folder: s for s in build_stages(run, preset, list(overrides))}
@@ -237,8 +272,11 @@ def stages_of(run, preset, overrides=()) -> dict:
 
 def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     demo = stages_of(tmp_path, "demo")
-    assert {f for f in demo if f.startswith("fusion/")} == {"fusion/hybrid-slmrec-student", "fusion/hybrid-sasrec",
-                                                             "fusion/text"}
+    assert {f for f in demo if f.startswith("fusion/")} == {
+        "fusion/hybrid-sasrec", "fusion/hybrid-sasrec-items", "fusion/hybrid-sasrec-users", "fusion/hybrid-sasrec-none",
+        "fusion/hybrid-sasrec-profile", "fusion/hybrid-slmrec-student", "fusion/hybrid-slmrec-student-none", "fusion/text"}
+    assert demo["fusion/hybrid-sasrec-profile"].inputs()["vectors"] == tmp_path / "vectors-profile"
+    assert demo["vectors-profile"].config.records == "profile-rationales"
     student_rationales = demo["slim-student-rationales"].config
     assert student_rationales.template == "slim_student_v2"   # nested defaults survive
     assert student_rationales.client.max_tokens == 48 and student_rationales.client.timeout_s == 900.0
@@ -267,11 +305,17 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
 
 
 def test_fine_tuned_backbone_is_saved_with_the_fused_model(run):
+    from fusion.train import build
+
     ds = load_dataset(run / "data")
-    write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
-    train_fused(run, "ft", FusionTrainConfig(mode="hybrid", backbone="sasrec", training="frozen",
-                                             freeze_backbone=False, train=TrainConfig(epochs=2, lr=1e-2)))
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    model = build(ds, FusionTrainConfig(), v, run / "sasrec", run / "fusion" / "ft")
+    with torch.no_grad():
+        model.backbone.item_emb.weight.add_(1.0)   # what fine-tuning did
+        model.gate.add_(0.5)
+    model.save_pretrained(run / "fusion" / "ft")
     fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
     original = SASRec.from_pretrained(run / "sasrec")
     assert (run / "fusion" / "ft" / "backbone" / "config.json").exists()
+    assert torch.equal(fused.item_vectors(), model.eval().item_vectors())
     assert not torch.equal(fused.backbone.item_vectors(), original.item_vectors())
