@@ -249,6 +249,16 @@ def test_text_sides_read_only_the_text_they_name(run, text):
     assert model.config.pop_gate == (text in ("both", "items"))
 
 
+def test_rare_items_borrow_the_id_vectors_of_their_text_neighbours():
+    from fusion.model import text_neighbours
+
+    text = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    seen = torch.tensor([False, True, False, True, True])          # item 2 was never seen in training
+    nbr, w = text_neighbours(text, seen, k=1, chunk=2)
+    assert nbr[1:, 0].tolist() == [4, 1, 4, 3]                      # never itself, never an unseen item
+    assert torch.allclose(w, torch.ones(5, 1))
+
+
 def test_report_compares_each_hybrid_with_its_text_controls(tmp_path):
     from fusion.report import controls_of
 
