@@ -147,8 +147,9 @@ class AnswerCollator:
 
 
 def make_trainer(cfg: SlimStudentConfig, base: Path, tok, train: list[dict], val: list[dict], out: Path,
-                 **overrides: Any):
-    """A Trainer of a fresh LoRA on `base` for tokenized examples (`overrides` go to TrainingArguments)."""
+                 collator: Any = None, **overrides: Any):
+    """A Trainer of a fresh LoRA on `base` for tokenized examples (`collator` None: AnswerCollator;
+    `overrides` go to TrainingArguments)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer
@@ -158,7 +159,7 @@ def make_trainer(cfg: SlimStudentConfig, base: Path, tok, train: list[dict], val
         target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
     return Trainer(model=model, args=training_args(cfg, out, bool(val), **overrides),
                    train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(val) if val else None,
-                   data_collator=AnswerCollator(tok))
+                   data_collator=collator or AnswerCollator(tok))
 
 
 class SlimStudentStage(Stage):
