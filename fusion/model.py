@@ -4,7 +4,8 @@ ID-agnostic text-matching variant.
 hybrid: user = g_f([g_l(rationale_u); backbone_user(history)]), item = g_f([g_l(text_i); id_i])
 text:   user = g_u(rationale_u), item = g_i(text_i)
 A user without a rationale, or an item without text, gets a learned "missing" vector instead.
-g_f starts as the identity on the ID half, so training begins from the backbone's own ranking.
+g_f starts as the identity on the ID half (frozen training begins from the backbone's own ranking);
+jointly trained, it starts as the sum of both halves, so the text path is not stuck near zero.
 
 Joint training (`joint`) learns the fused item side with the backbone's own objective, cross-entropy
 over all items at every position of every training history. A rationale written from a prefix of the
@@ -111,9 +112,11 @@ class FusedRecommender(DotScorer, nn.Module):
                 raise InputError("hybrid fusion needs a backbone recommender")
             self.g_l = nn.Linear(cfg.text_dim, cfg.id_dim)
             self.g_f = nn.Linear(2 * cfg.id_dim, cfg.id_dim)
-            with torch.no_grad():  # start as the backbone: g_f passes the ID half through
+            with torch.no_grad():  # g_f starts as the sum of the ID half and, jointly trained, g_l's text half
                 nn.init.normal_(self.g_f.weight, std=1e-3)
                 self.g_f.weight[:, cfg.id_dim:] += torch.eye(cfg.id_dim)
+                if cfg.joint:  # a 1e-3 text half stays near zero in the few epochs joint training takes
+                    self.g_f.weight[:, :cfg.id_dim] += torch.eye(cfg.id_dim)
                 self.g_f.bias.zero_()
             if cfg.pop_gate:
                 if item_pop is None:
