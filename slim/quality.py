@@ -27,7 +27,7 @@ from eval.io import MANIFEST, read_json, write_json
 from eval.stage import Stage
 from eval.tables import markdown_table
 
-from .finetune import SlimStudentStage
+from .finetune import HELDOUT, SlimStudentStage
 from .grounding import Catalogue, catalogue_of
 from .profile import ProfileRationalesStage
 from .rationales import TeacherRationalesStage
@@ -36,7 +36,6 @@ from .student import StudentRationalesStage
 
 SOURCES = {"teacher": TeacherRationalesStage.name, "student": StudentRationalesStage.name,
            "profile": ProfileRationalesStage.name}  # the control: no LLM
-HELDOUT = "heldout_users.json"  # in RUN/slim-student: teacher users the student was not fine-tuned on
 QUALITY_MD = "quality.md"
 SOURCE_COLUMNS = ["records", "well_formed", "distinct", "step3_grounded", "step2_grounded", "step3_items",
                   "step3_from_history", "next_item_hit"]
