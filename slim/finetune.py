@@ -98,7 +98,7 @@ def split_users(users: list[int], heldout: int, val_fraction: float, seed: int) 
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU whose flags (Linux) name
-    AVX-512 BF16 or AMX; elsewhere bf16 autocast is emulated and slower than float32."""
+    AVX-512 BF16 or AMX; elsewhere training stays in float32 (no native bf16 matmul to gain from)."""
     import torch
 
     if torch.cuda.is_available():
@@ -194,7 +194,8 @@ class SlimStudentStage(Stage):
         rows = {u: tokenize_example(tok, *pairs[u], cfg.max_length) for u in val_users + train_users}
         trainer = make_trainer(cfg, base, tok, [rows[u] for u in train_users], [rows[u] for u in val_users], out)
         result = trainer.train()
-        val_loss = trainer.evaluate()["eval_loss"] if val_users else None
+        last = [h for h in trainer.state.log_history if "eval_loss" in h and h["step"] == trainer.state.global_step]
+        val_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"] if val_users else None
         trainer.model.save_pretrained(out)
         tok.save_pretrained(out)
         write_json(out / HELDOUT, held)
