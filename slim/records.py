@@ -17,7 +17,8 @@ from eval.errors import InputError
 
 RECORDS = "records.jsonl"  # the file of records in a rationale stage's folder
 STEPS = ("step1", "step2", "step3")
-_LABEL = re.compile(r"^[#*\s-]*step\s*([123])\s*\**\s*[:.)-]?\s*\**\s*", re.I | re.M)
+# any "Step N" line label: a step past the third ends the third (small models run on to "Step 4...")
+_LABEL = re.compile(r"^[#*\s-]*step\s*(\d+)\s*\**\s*[:.)-]?\s*\**\s*", re.I | re.M)
 _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 
 Key = tuple[int, str, str]
@@ -34,7 +35,7 @@ def parse_steps(text: str) -> tuple[dict[str, str], str | None]:
     for m, nxt in zip(marks, [*marks[1:], None]):
         name = f"step{m.group(1)}"
         body = text[m.end():nxt.start() if nxt else len(text)].strip()
-        if name not in steps and body:
+        if name in STEPS and name not in steps and body:
             steps[name] = body
     missing = [s for s in STEPS if s not in steps]
     if missing:

@@ -199,6 +199,7 @@ def test_record_log_drops_torn_line_and_never_duplicates(tmp_path):
 @pytest.mark.parametrize("text,missing", [
     ("Step 1: likes drama\nStep 2: Drama\nStep 3: Fargo", None),
     ("**Step 1.** likes drama\n**Step 2:** Drama\n### Step 3 - Fargo", None),
+    ("Step 1: likes drama\nStep 2: Drama\nStep 3: Fargo\nStep 4: Heat\nStep 10: Big", None),
     ("Step 1: likes drama\nStep 3: Fargo", "missing step2"),
     ("no steps at all", "missing step1, step2, step3"),
     ("Step 1: <summary>\nStep 2: Drama\nStep 3: <five items>", "placeholder in step1, step3"),
