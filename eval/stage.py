@@ -47,6 +47,7 @@ class Stage(ABC):
     # files that describe how the build went (timings, test metrics), not what it built: a rebuild
     # that writes the same artifact with other timings keeps the stages downstream up to date
     notes: ClassVar[tuple[str, ...]] = ("metrics.json", "train_log.json")
+    optional: ClassVar[bool] = False  # `fusion run` builds it only when the preset has its table
 
     def __init__(self, run: str | Path, config: Any = None, folder: str | None = None):
         self.run = Path(run)

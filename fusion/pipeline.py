@@ -25,7 +25,7 @@ from slim.quality import QualityStage
 from slim.rationales import TeacherRationalesStage
 from slim.student import StudentRationalesStage
 from slmrec.llm_train import StudentStage, TeacherStage
-from slmrec.pretrain import BackboneStage
+from slmrec.pretrain import BackboneStage, GRU4RecStage
 
 from .report import ReportStage
 from .train import FusionStage
@@ -35,6 +35,7 @@ console = Console(width=160)
 PIPELINE: list[type[Stage]] = [
     DataStage,                 # data
     BackboneStage,             # sasrec
+    GRU4RecStage,              # gru4rec (only with a [gru4rec] table)
     TeacherStage,              # slmrec-teacher
     StudentStage,              # slmrec-student
     TeacherRationalesStage,    # slim-teacher-rationales
@@ -64,12 +65,12 @@ def build_stages(run: str | Path, preset: str, overrides: list[str] = ()) -> lis
                 raise InputError(f"{preset}: fusion: expected one table per fused model")
             stages += [cls(run, from_dict(cls.config_class, expand(t, f"fusion.{name}"), f"fusion.{name}"),
                            folder=f"fusion/{name}") for name, t in table.items()]
-        else:
+        elif cls.name in data or not cls.optional:
             stages.append(cls(run, from_dict(cls.config_class, expand(table, cls.name), cls.name)))
-    backbone = stages[1].config.model
-    if backbone != "sasrec":  # RUN/sasrec is what SLMRec and the presets' fused models read
-        raise InputError(f"{preset}: sasrec.model must be 'sasrec'; train other backbones with "
-                         f"`slmrec pretrain --model {backbone}`")
+    for stage in stages:  # RUN/<backbone> is what SLMRec and the fused models read
+        if isinstance(stage, BackboneStage) and stage.config.model != stage.name:
+            raise InputError(f"{preset}: {stage.name}.model must be '{stage.name}'; train other backbones "
+                             f"with `slmrec pretrain --model {stage.config.model}`")
     return stages
 
 

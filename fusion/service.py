@@ -32,7 +32,7 @@ from eval.errors import InputError
 from eval.io import read_json
 from slim.client import ChatClient
 from slim.finetune import SlimStudentStage
-from slim.prompts import PromptBuilder
+from slim.prompts import PromptBuilder, instruction_words
 from slim.records import parse_steps, rationale_text
 from slim.student import StudentRationalesConfig, StudentRationalesStage
 
@@ -77,6 +77,7 @@ class StudentWriter:
                                        timeout_s=timeout_s, max_retries=1))
         self.prompt = PromptBuilder(rec.ds.items, self.cfg.template, self.cfg.history_tokens,
                                     self.cfg.tokenizer or smollm2_path(), rec.ds.domain)
+        self.instructions = instruction_words(self.prompt.template.version, rec.ds.domain)
         encode = rec.vectors_config()
         self.encoder = SentenceTransformer(str(encode.get("model") or minilm_path()), device=encode.get("device"))
         dim = self.encoder.get_embedding_dimension()
@@ -99,7 +100,7 @@ class StudentWriter:
             text = self.chat.complete(self.prompt(items)).text
         except Exception as e:  # noqa: BLE001 - any client failure is one line for the caller
             raise GenerationFailed(f"the SLIM student's endpoint gave no answer ({type(e).__name__})") from None
-        steps, error = parse_steps(text)
+        steps, error = parse_steps(text, self.instructions)
         rec = {**steps, "text": text, "error": error, "model": self.chat.model_name}
         canonical = rationale_text(rec)
         if not canonical:

@@ -17,7 +17,9 @@ from eval.errors import InputError
 from eval.preprocess import item_title
 from prompts import template_path
 
-TEACHER = "slim_teacher_v3"
+from .records import words_of
+
+TEACHER = "slim_teacher_v4"
 STUDENT = "slim_student_v2"
 
 _DELIMS = re.compile(r"</?\s*history\s*>|[<>]", re.I)
@@ -33,6 +35,16 @@ class PromptTemplate:
 
     def render(self, history: str, domain: str) -> str:
         return Template(self.text).substitute(history=history, domain=domain)
+
+
+@lru_cache
+def instruction_words(version: str, domain: str) -> frozenset[str]:
+    """The words of a template's own instructions (rendered without a history), to tell an answer that
+    copies them; empty for a template that is no longer at hand."""
+    try:
+        return frozenset(words_of(load_template(version).render("", domain)))
+    except InputError:
+        return frozenset()
 
 
 @lru_cache

@@ -31,6 +31,7 @@ from .finetune import HELDOUT, SlimStudentStage
 from .grounding import Catalogue, catalogue_of
 from .profile import ProfileRationalesStage
 from .rationales import TeacherRationalesStage
+from .prompts import instruction_words
 from .records import RECORDS, parse_steps, rationale_text, read_records
 from .student import StudentRationalesStage
 
@@ -73,7 +74,7 @@ def graded(folder: Path, ds: SeqDataset, catalogue: Catalogue) -> dict[int, dict
     for u, rec in read_records(folder / RECORDS, counts.get("prompt_version"), counts.get("model")).items():
         if not 0 <= u < ds.num_users:
             raise InputError(f"{folder / RECORDS}: a record of user {u}, who is not in {ds.path}")
-        steps, error = parse_steps(rec.get("text") or "")
+        steps, error = parse_steps(rec.get("text") or "", instruction_words(rec["prompt_version"], ds.domain))
         grounding = catalogue.ground(steps, ds.rationale_history(u).tolist())
         out[u] = {**rec, **steps, **grounding, "error": error, "next_item": int(ds.sequences[u][-3])}
     return out

@@ -24,7 +24,7 @@ from prompts import template_path
 
 from .client import ClientConfig, Completion, Generator, Usage
 from .grounding import catalogue_of
-from .prompts import TEACHER, PromptBuilder, load_template
+from .prompts import TEACHER, PromptBuilder, instruction_words, load_template
 from .records import RECORDS, RecordLog, parse_steps
 from .vllm_engine import ENGINES
 
@@ -71,7 +71,7 @@ def user_prompts(ds: SeqDataset, users: list[int], cfg: GenerationConfig) -> dic
 
 def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str, c: Completion) -> dict[str, Any]:
     """The parsed answer with its grounding in the catalogue (the history is what the prompt showed)."""
-    steps, error = parse_steps(c.text)
+    steps, error = parse_steps(c.text, instruction_words(version, ds.domain))
     grounding = catalogue_of(ds.items).ground(steps, ds.rationale_history(user).tolist())
     return {"user": user, "raw_user": str(ds.users["raw_id"].iat[user]), "prompt_version": version,
             "model": model, **steps, **grounding, "text": c.text, "error": error, "finish_reason": c.finish_reason,

@@ -20,6 +20,8 @@ STEPS = ("step1", "step2", "step3")
 # any "Step N" line label: a step past the third ends the third (small models run on to "Step 4...")
 _LABEL = re.compile(r"^[#*\s-]*step\s*(\d+)\s*\**\s*[:.)-]?\s*\**\s*", re.I | re.M)
 _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
+_WORD = re.compile(r"[a-z0-9]+")
+ECHO_SHARE = 0.8  # a step with this share of its words from the prompt's instructions copies them
 
 Key = tuple[int, str, str]
 
@@ -28,8 +30,15 @@ def key_of(rec: dict[str, Any]) -> Key:
     return int(rec["user"]), rec["prompt_version"], rec["model"]
 
 
-def parse_steps(text: str) -> tuple[dict[str, str], str | None]:
-    """The three steps of an answer as fields, and an error naming what is missing (None if complete)."""
+def words_of(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def parse_steps(text: str, instructions: frozenset[str] = frozenset()) -> tuple[dict[str, str], str | None]:
+    """The three steps of an answer as fields, and an error naming what is missing (None if complete).
+
+    `instructions` are the words of the prompt's own instructions (without the history): a step made
+    of them is a small model copying the format line ("Step 2: categories of movies to recommend")."""
     marks = list(_LABEL.finditer(text or ""))
     steps: dict[str, str] = {}
     for m, nxt in zip(marks, [*marks[1:], None]):
@@ -41,7 +50,14 @@ def parse_steps(text: str) -> tuple[dict[str, str], str | None]:
     if missing:
         return {s: steps.get(s, "") for s in STEPS}, f"missing {', '.join(missing)}"
     echoed = [s for s in STEPS if _PLACEHOLDER.match(steps[s])]  # a small model copying the format line
-    return steps, (f"placeholder in {', '.join(echoed)}" if echoed else None)
+    if echoed:
+        return steps, f"placeholder in {', '.join(echoed)}"
+    copied = [s for s in STEPS if instructions and _copied(words_of(steps[s]), instructions)]
+    return steps, (f"copies the prompt's instructions in {', '.join(copied)}" if copied else None)
+
+
+def _copied(body: list[str], instructions: frozenset[str]) -> bool:
+    return sum(w in instructions for w in body) >= ECHO_SHARE * len(body)
 
 
 def rationale_text(rec: dict[str, Any]) -> str:

@@ -251,6 +251,7 @@ class VllmGenerator:
             for key, value in cpu_env().items():  # read by the engine process vLLM starts below
                 os.environ.setdefault(key, value)
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's INFO lines would bury the progress bar
         from transformers import AutoTokenizer
         from vllm import LLM
 

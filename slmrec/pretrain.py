@@ -70,3 +70,17 @@ class BackboneStage(Stage):
         write_json(out / "metrics.json", test_metrics(model, ds, cfg.train.max_len))
         return {"parameters": sum(p.numel() for p in model.parameters()), "best_epoch": log["best_epoch"],
                 "train_seconds": round(log["train_seconds"], 1)}
+
+
+@dataclass(frozen=True)
+class GRU4RecConfig(PretrainConfig):
+    model: str = setting("gru4rec", "ID backbone: a registered sequential model (gru4rec here).")
+
+
+class GRU4RecStage(BackboneStage):
+    """A second ID backbone, for fused models on GRU4Rec (RUN/gru4rec); the pipeline trains it only
+    when the preset has a [gru4rec] table."""
+
+    name = "gru4rec"
+    config_class = GRU4RecConfig
+    optional = True

@@ -284,7 +284,9 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     demo = stages_of(tmp_path, "demo")
     assert {f for f in demo if f.startswith("fusion/")} == {
         "fusion/hybrid-sasrec", "fusion/hybrid-sasrec-items", "fusion/hybrid-sasrec-users", "fusion/hybrid-sasrec-none",
-        "fusion/hybrid-sasrec-profile", "fusion/hybrid-slmrec-student", "fusion/hybrid-slmrec-student-none", "fusion/text"}
+        "fusion/hybrid-sasrec-profile", "fusion/hybrid-gru4rec", "fusion/hybrid-gru4rec-none", "fusion/hybrid-slmrec-student",
+        "fusion/hybrid-slmrec-student-none", "fusion/text"}
+    assert demo["fusion/hybrid-gru4rec"].inputs()["backbone"] == tmp_path / "gru4rec"
     assert demo["fusion/hybrid-sasrec-profile"].inputs()["vectors"] == tmp_path / "vectors-profile"
     assert demo["vectors-profile"].config.records == "profile-rationales"
     student_rationales = demo["slim-student-rationales"].config
@@ -299,6 +301,14 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
         build_stages(tmp_path, "demo", ['data.rating_gt="abc"'])
     with pytest.raises(InputError, match="slmrec pretrain --model gru4rec"):
         build_stages(tmp_path, "demo", ["sasrec.model=gru4rec"])
+    gru = demo["gru4rec"]
+    assert gru.config.model == "gru4rec" and gru.config.train.epochs == 100 and gru.out == tmp_path / "gru4rec"
+    own = tmp_path / "own.toml"  # an optional stage: only a preset with its table trains it
+    own.write_text('[sasrec.train]\nepochs = 3\n')
+    assert "gru4rec" not in stages_of(tmp_path, str(own)) and "gru4rec" in stages_of(tmp_path, str(own), ["gru4rec.hidden=8"])
+    own.unlink()
+    with pytest.raises(InputError, match="gru4rec.model must be 'gru4rec'"):
+        build_stages(tmp_path, "demo", ["gru4rec.model=sasrec"])
     for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(InputError, match="environment variable DATA"):

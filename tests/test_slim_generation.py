@@ -16,7 +16,7 @@ from eval.errors import InputError
 from eval.io import read_json
 from eval.stage import run_stage
 from slim.client import ClientConfig
-from slim.prompts import TEACHER, PromptBuilder, history_block, load_template
+from slim.prompts import TEACHER, PromptBuilder, history_block, instruction_words, load_template
 from slim.rationales import RationaleConfig, TeacherRationalesStage
 from slim.records import RecordLog, parse_steps, read_records
 from tests.slim_fake_openai import SERVED_MODEL, FakeOpenAI, make_dataset, run_with_data
@@ -231,3 +231,14 @@ def test_history_keeps_most_recent_items_within_budget():
     lines_ = [f"- item {i}" for i in range(10)]
     assert history_block(lines_, [4] * 10, budget=16) == "- item 7\n- item 8\n- item 9"
     assert history_block(lines_[:1], [100], budget=16) == "- item 0"  # the latest item is always kept
+
+
+def test_a_step_copying_the_prompts_instructions_is_off_format():
+    words = instruction_words("slim_teacher_v3", "movies")
+    echo = ("Step 1: The user's preferences in one or two sentences\n"
+            "Step 2: Categories or brands of movies to recommend\nStep 3: Drama")
+    assert parse_steps(echo, words)[1] == "copies the prompt's instructions in step1, step2"
+    assert parse_steps(echo)[1] is None  # without the instructions there is nothing to compare with
+    real = "Step 1: likes dark crime stories\nStep 2: Crime, Film-Noir\nStep 3: Fargo (1996), Heat (1995)"
+    assert parse_steps(real, words)[1] is None
+    assert instruction_words("no_such_template", "movies") == frozenset()
