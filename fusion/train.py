@@ -35,8 +35,9 @@ class FusionTrainConfig:
                                            "and saved with the model).")
     text: str = setting("both", "Text the hybrid reads: both, items (item text only), users (rationales only), "
                                 "none (the same training without text: what the text adds).")
-    pop_gate: bool = setting(True, "Item cold start: scale each item's ID half by a learned gate on log(1 + "
-                                   "training count), so rarely seen items are represented mostly by their text.")
+    pop_gate: bool = setting(True, "Item cold start: mix each item's ID vector with those of its text neighbours "
+                                   "by a learned gate on log(1 + training count), so rarely seen items are placed "
+                                   "by their text.")
     vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
                                       "vectors-profile over the profile control).")
     seeds: int = setting(1, "Train with this many seeds (train.seed, +1, ...); the first seed's model is kept and "
@@ -45,6 +46,12 @@ class FusionTrainConfig:
     user_group: int | None = setting(None, "Train and select on one of the 5 history-length groups "
                                            "(0 = shortest; none: all users).")
     train: TrainConfig = setting(factory=lambda: TrainConfig(epochs=50, patience=5, lr=1e-3, weight_decay=1e-4))
+
+    def __post_init__(self) -> None:
+        if self.training not in ("joint", "frozen"):
+            raise InputError(f"fusion training must be 'joint' or 'frozen', not {self.training!r}")
+        if self.seeds < 1:
+            raise InputError(f"fusion seeds must be at least 1, not {self.seeds}")
 
 
 def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = None
@@ -75,8 +82,6 @@ def text_positions(ds: SeqDataset) -> torch.Tensor:
 def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone_dir: Path | None,
           out: Path) -> FusedRecommender:
     """A fresh fused model; a frozen backbone is referenced from `out` by relative path."""
-    if cfg.training not in ("joint", "frozen"):
-        raise InputError(f"fusion training must be 'joint' or 'frozen', not {cfg.training!r}")
     users, has_u = vectors_to_tensors(vectors.user_ids, vectors.user_vectors, ds.num_users, vectors.dim)
     items, has_i = vectors_to_tensors(vectors.item_ids, vectors.item_vectors, ds.num_items + 1, vectors.dim)
     backbone, id_dim, max_len, rel = None, 0, cfg.train.max_len, ""
@@ -136,8 +141,6 @@ class FusionStage(Stage):
 
     def build(self, out: Path) -> dict:
         cfg = self.config
-        if cfg.seeds < 1:
-            raise InputError(f"{self.folder}: seeds must be at least 1, not {cfg.seeds}")
         ds = load_dataset(self.data_dir)
         model, log, tc = self.train_one(ds, cfg.train.seed)
         model.save_pretrained(out)

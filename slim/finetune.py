@@ -27,7 +27,7 @@ from eval.stage import Stage
 from prompts import template_path
 
 from .lora import load_causal_lm
-from .prompts import STUDENT
+from .prompts import STUDENT, instruction_words
 from .records import RECORDS, parse_steps, rationale_text, read_records
 
 IGNORE = -100
@@ -73,10 +73,11 @@ def training_pairs(data_dir: str | Path, records: str | Path, cfg: SlimStudentCo
                    tokenizer: str | Path) -> dict[int, tuple[str, str]]:
     """user -> (student prompt, teacher rationale) for every teacher record without an error (parsed
     again, so records written before a parser fix are judged by the current rules)."""
-    recs = {u: r for u, r in read_records(records, ok_only=True).items() if parse_steps(r.get("text", ""))[1] is None}
+    ds = load_dataset(data_dir)
+    recs = {u: r for u, r in read_records(records, ok_only=True).items()
+            if parse_steps(r.get("text", ""), instruction_words(r["prompt_version"], ds.domain))[1] is None}
     if not recs:
         raise InputError(f"{records}: no teacher record without an error to train on")
-    ds = load_dataset(data_dir)
     from .rationales import GenerationConfig, user_prompts
 
     prompts = user_prompts(ds, sorted(recs), GenerationConfig(template=cfg.template, history_tokens=cfg.history_tokens,

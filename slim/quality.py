@@ -12,7 +12,6 @@ Writes RUN/quality/quality.json and quality.md (a section of the run's report).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ from eval.tables import markdown_table
 from .finetune import HELDOUT, SlimStudentStage
 from .grounding import Catalogue, catalogue_of
 from .profile import ProfileRationalesStage
-from .rationales import TeacherRationalesStage
 from .prompts import instruction_words
-from .records import RECORDS, parse_steps, rationale_text, read_records
+from .rationales import TeacherRationalesStage
+from .records import RECORDS, parse_steps, rationale_text, read_records, words_of
 from .student import StudentRationalesStage
 
 SOURCES = {"teacher": TeacherRationalesStage.name, "student": StudentRationalesStage.name,
@@ -41,7 +40,6 @@ QUALITY_MD = "quality.md"
 SOURCE_COLUMNS = ["records", "well_formed", "distinct", "step3_grounded", "step2_grounded", "step3_items",
                   "step3_from_history", "next_item_hit"]
 HELDOUT_COLUMNS = ["users", "rouge_l_f1", "cosine", "next_item_hit"]
-_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class QualityConfig:
 
 def rouge_l_f1(candidate: str, reference: str) -> float:
     """ROUGE-L F1 on lower-case alphanumeric tokens (rouge-score's default tokenisation, no stemming)."""
-    a, b = _TOKEN.findall(candidate.lower()), _TOKEN.findall(reference.lower())
+    a, b = words_of(candidate), words_of(reference)
     if not a or not b:
         return 0.0
     prev = [0] * (len(b) + 1)

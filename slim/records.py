@@ -31,6 +31,7 @@ def key_of(rec: dict[str, Any]) -> Key:
 
 
 def words_of(text: str) -> list[str]:
+    """Lower-case alphanumeric tokens: how answers are compared with their prompt and with each other."""
     return _WORD.findall(text.lower())
 
 
