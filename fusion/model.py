@@ -13,7 +13,10 @@ history informs only the positions whose prefix contains all of it (`text_positi
 positions of a training row); every earlier position gets the "missing" vector, so no rationale ever
 sees the target of a position it informs. Item cold start (`pop_gate`): an item's ID half mixes its own
 ID vector with those of the seen items its text is closest to, by a learned gate on log(1 + training
-count), so an item seen rarely is placed by its text.
+count), so an item seen rarely is placed by its text. At scoring (`cold_ridge`), an item seen at most
+RARE times gets the item vector a ridge map from item text predicts, fitted on the trained vectors of
+the items seen more than 2 * RARE times (a linear attribute-to-feature map, Gantner et al., ICDM 2010):
+its own vector, trained almost only as a negative, ranks it below hundreds of items whatever its text.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class FusionConfig:
     joint: bool = False          # trained over every position (else one example per user)
     text: str = "both"           # which text the hybrid reads: both, items, users, none
     pop_gate: bool = False       # item ID half scaled by a learned gate on log(1 + training count)
+    cold_ridge: float = 0.0      # ridge penalty of the text -> item-vector map for rare items at scoring (0: off)
 
     def __post_init__(self) -> None:
         if self.mode not in ("hybrid", "text"):
@@ -118,10 +122,11 @@ class FusedRecommender(DotScorer, nn.Module):
                 if cfg.joint:  # a 1e-3 text half stays near zero in the few epochs joint training takes
                     self.g_f.weight[:, :cfg.id_dim] += torch.eye(cfg.id_dim)
                 self.g_f.bias.zero_()
-            if cfg.pop_gate:
+            if cfg.pop_gate or cfg.cold_ridge:
                 if item_pop is None:
-                    raise InputError("pop_gate needs the items' training counts")
+                    raise InputError("pop_gate and cold_ridge need the items' training counts")
                 self.register_buffer("item_pop", item_pop.float())
+            if cfg.pop_gate:
                 # gate = sigmoid(a * log(1 + count) + b): 0.5 at RARE training interactions, near 1 far above
                 self.gate = nn.Parameter(torch.tensor([2.0, -2.0 * math.log1p(RARE)]))
                 nbr, weight = text_neighbours(self.item_text, self.item_has & (self.item_pop > 0))
@@ -178,7 +183,22 @@ class FusedRecommender(DotScorer, nn.Module):
             borrowed = (self.neighbour_weights[..., None] * ids[self.neighbours]).sum(1)
             gate = self.id_gate()[:, None]
             ids = gate * ids + (1 - gate) * borrowed
-        return self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
+        fused = self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
+        if self.training or not (self.config.cold_ridge and self.reads_item_text):
+            return fused
+        return self.text_mapped(fused)
+
+    def text_mapped(self, items: torch.Tensor) -> torch.Tensor:
+        """`items` with each item seen at most RARE times replaced by the vector a ridge map from its
+        text predicts, fitted on the items seen more than 2 * RARE times (whose vectors are reliable)."""
+        fit = self.item_has & (self.item_pop > 2 * RARE)
+        cold = self.item_has & (self.item_pop <= RARE)
+        if not fit.any() or not cold.any():
+            return items
+        x = F.pad(self.item_text, (0, 1), value=1.0)  # text vector and an intercept
+        gram = x[fit].T @ x[fit] + self.config.cold_ridge * torch.eye(x.shape[1], device=x.device)
+        weights = torch.linalg.solve(gram, x[fit].T @ items[fit].detach())
+        return torch.where(cold[:, None], x @ weights, items)
 
     def _positions(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         """Backbone vectors at every position; a frozen backbone's are computed once per (user, history)."""

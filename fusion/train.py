@@ -38,6 +38,10 @@ class FusionTrainConfig:
     pop_gate: bool = setting(True, "Item cold start: mix each item's ID vector with those of its text neighbours "
                                    "by a learned gate on log(1 + training count), so rarely seen items are placed "
                                    "by their text.")
+    cold_ridge: float = setting(0.1, "Item cold start at scoring: an item seen at most 5 times in training gets "
+                                     "the vector a ridge map from item text predicts, fitted on the trained "
+                                     "vectors of items seen more than 10 times; this is the ridge penalty "
+                                     "(smaller: rare items ranked higher, at some cost overall; 0: off).")
     vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
                                       "vectors-profile over the profile control).")
     seeds: int = setting(1, "Train with this many seeds (train.seed, +1, ...); the first seed's model is kept and "
@@ -50,6 +54,8 @@ class FusionTrainConfig:
     def __post_init__(self) -> None:
         if self.training not in ("joint", "frozen"):
             raise InputError(f"fusion training must be 'joint' or 'frozen', not {self.training!r}")
+        if self.cold_ridge < 0:
+            raise InputError(f"fusion cold_ridge must be 0 (off) or positive, not {self.cold_ridge}")
         if self.seeds < 1:
             raise InputError(f"fusion seeds must be at least 1, not {self.seeds}")
 
@@ -90,10 +96,11 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
         id_dim, max_len = backbone.item_vectors().shape[1], max_len_of(backbone_dir)
         rel = os.path.relpath(backbone_dir, out) if cfg.freeze_backbone else ""
     hybrid = cfg.mode == "hybrid"
+    item_text = hybrid and cfg.text in ("both", "items")
     fc = FusionConfig(mode=cfg.mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=vectors.dim,
                       id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone,
                       backbone_path=rel, joint=hybrid and cfg.training == "joint", text=cfg.text,
-                      pop_gate=hybrid and cfg.pop_gate and cfg.text in ("both", "items"))
+                      pop_gate=item_text and cfg.pop_gate, cold_ridge=cfg.cold_ridge if item_text else 0.0)
     model = FusedRecommender(fc, users, has_u, items, has_i, backbone,
                              item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
     model.text_positions.copy_(text_positions(ds))

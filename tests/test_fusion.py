@@ -175,7 +175,7 @@ def test_same_seed_gives_the_same_fused_model_and_it_reloads(run, training, froz
                                                            freeze_backbone=frozen, train=TrainConfig(epochs=2)))
     a = FusedRecommender.from_pretrained(run / "fusion" / "h")
     b = FusedRecommender.from_pretrained(run / "fusion" / "h2")
-    assert a.config.joint == (training == "joint") and a.config.pop_gate
+    assert a.config.joint == (training == "joint") and a.config.pop_gate and a.config.cold_ridge == 0.1
     hist = torch.tensor([[0, 1, 2, 3]])
     assert torch.equal(a.score(torch.tensor([3]), hist, None), b.score(torch.tensor([3]), hist, None))
     assert evaluate(a, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
@@ -257,6 +257,35 @@ def test_rare_items_borrow_the_id_vectors_of_their_text_neighbours():
     nbr, w = text_neighbours(text, seen, k=1, chunk=2)
     assert nbr[1:, 0].tolist() == [4, 1, 4, 3]                      # never itself, never an unseen item
     assert torch.allclose(w, torch.ones(5, 1))
+
+
+def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
+    """Item vectors that are a linear function of item text: a rarely seen item gets the vector its
+    text predicts (the map is fitted on the well-seen items only), at scoring and never in training."""
+    from fusion.model import RARE
+    from fusion.train import build
+
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
+    model = build(ds, FusionTrainConfig(cold_ridge=1e-6), v, run / "sasrec", run / "fusion" / "x").eval()
+    rare = torch.tensor([1, 2])
+    with torch.no_grad():
+        model.item_pop.fill_(3 * RARE)
+        model.item_pop[rare] = RARE
+        truth = torch.nn.functional.pad(model.item_text, (0, 1), value=1.0) @ torch.randn(5, 16)
+        own = truth.clone()
+        own[rare] = -10.0 * truth[rare]                   # trained almost only as negatives: pushed away
+        mapped = model.text_mapped(own)
+    assert torch.allclose(mapped[rare], truth[rare], atol=1e-3)
+    assert torch.equal(mapped[3:], own[3:])               # every other item keeps its own vector
+    fused = model.item_vectors()
+    model.train()
+    plain = model.item_vectors()
+    assert not torch.allclose(fused[rare], plain[rare]) and torch.equal(fused[3:], plain[3:])
+    for off in (FusionTrainConfig(cold_ridge=0.0), FusionTrainConfig(text="users")):
+        assert build(ds, off, v, run / "sasrec", run / "fusion" / "x").config.cold_ridge == 0.0
+    with pytest.raises(InputError, match="cold_ridge must be 0"):
+        FusionTrainConfig(cold_ridge=-1.0)
 
 
 def test_report_compares_each_hybrid_with_its_text_controls(tmp_path):
