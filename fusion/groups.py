@@ -5,6 +5,8 @@ import numpy as np
 
 from eval.dataset import SeqDataset
 
+RARE = 5  # "rare items": seen at most RARE times in training (a report group; fusion's cold start)
+
 
 def user_length_groups(ds: SeqDataset, n_groups: int = 5) -> list[np.ndarray]:
     """Users in `n_groups` equal-size groups by training-history length, shortest first (SLIM, Fig. 5).
@@ -29,3 +31,15 @@ def item_popularity_groups(ds: SeqDataset, head: float = 0.2, tail: float = 0.5)
 def users_by_test_item(ds: SeqDataset, items: np.ndarray, split: str = "test") -> np.ndarray:
     """Users whose target item for `split` is one of `items`."""
     return np.flatnonzero(np.isin(ds.target(split), items))
+
+
+def user_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
+    """The 5 history-length groups, named by their length range."""
+    lengths = np.array([len(s) for s in ds.train_sequences()])
+    return {f"G{i + 1} ({lengths[g].min()}-{lengths[g].max()})": g for i, g in enumerate(user_length_groups(ds))}
+
+
+def item_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
+    """Test users by the training popularity of their test item: head / mid / tail and rare items."""
+    groups = {**item_popularity_groups(ds), f"seen <= {RARE}": np.flatnonzero(ds.item_popularity[1:] <= RARE) + 1}
+    return {name: users_by_test_item(ds, items) for name, items in groups.items()}

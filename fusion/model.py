@@ -38,9 +38,10 @@ from eval.scoring import CachedScorer, DotScorer
 from slmrec.llm import LLMRec
 from slmrec.seqrec import SequentialRecommender
 
+from .groups import RARE  # the cold-start gate is 0.5 at RARE training interactions
+
 BACKBONE = "backbone"
 TEXT_SIDES = ("both", "items", "users", "none")
-RARE = 5  # training interactions at which the cold-start gate starts at 0.5
 
 
 @dataclass(frozen=True)

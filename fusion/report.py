@@ -26,8 +26,7 @@ from eval.stage import DATA, Stage
 from eval.tables import floor_of, markdown_table, print_table
 from slim.quality import QualityStage, quality_section
 
-from .groups import item_popularity_groups, user_length_groups, users_by_test_item
-from .model import RARE  # "items seen at most RARE times in training"
+from .groups import item_groups, item_popularity_groups, user_groups
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,18 +55,6 @@ def find_models(run: Path) -> dict[str, Path]:
         if model_type(cfg.parent) in MODELS:
             found[str(rel)] = cfg.parent
     return found
-
-
-def user_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
-    """The 5 history-length groups, named by their length range."""
-    lengths = np.array([len(s) for s in ds.train_sequences()])
-    return {f"G{i + 1} ({lengths[g].min()}-{lengths[g].max()})": g for i, g in enumerate(user_length_groups(ds))}
-
-
-def item_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
-    """Test users by the training popularity of their test item: head / mid / tail and rare items."""
-    groups = {**item_popularity_groups(ds), f"seen <= {RARE}": np.flatnonzero(ds.item_popularity[1:] <= RARE) + 1}
-    return {name: users_by_test_item(ds, items) for name, items in groups.items()}
 
 
 def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
@@ -124,16 +111,21 @@ def controls_of(name: str, models: dict[str, Path]) -> list[str]:
 
 
 def seed_rows(models: dict[str, Path], protocol: str) -> dict[str, dict[str, str]]:
-    """Mean +- std over seeds of the fused models trained with several (their seeds.json)."""
+    """Mean +- std over seeds of the fused models trained with several (their seeds.json): overall under
+    `protocol`, and NDCG@10 under full ranking in the groups the stage scored every seed on."""
     rows = {}
+    label = protocol_label(protocol)
     for name, path in models.items():
         file = path / "seeds.json"
         summary = read_json(file) if file.exists() else {}
         if summary.get("seeds", 1) > 1:
-            label = protocol_label(protocol)
-            mean, std = summary["mean"][label], summary["std"][label]
-            rows[name] = {"seeds": str(summary["seeds"]),
-                          **{m: f"{mean[m]:.4f} ± {std[m]:.4f}" for m in ("NDCG@10", "HR@10", "MRR")}}
+            mean, std = summary["mean"], summary["std"]
+            row = {"seeds": str(summary["seeds"]),
+                   **{m: f"{mean[label][m]:.4f} ± {std[label][m]:.4f}" for m in ("NDCG@10", "HR@10", "MRR")}}
+            for key in mean:  # "full ranking, <group>" (seeds.json written before groups were added: none)
+                if key.startswith(f"{protocol_label('full')}, ") and "NDCG@10" in mean[key]:
+                    row[f"{key.split(', ', 1)[1]} NDCG@10"] = f"{mean[key]['NDCG@10']:.4f} ± {std[key]['NDCG@10']:.4f}"
+            rows[name] = row
     return rows
 
 
@@ -244,8 +236,10 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
                   "**bold**: p < 0.05.", "", comparisons_table(results["comparisons"])]
     if results.get("seeds"):
         parts += ["", f"## Fused models over several seeds ({protocol_label(ap)}, test)", "",
-                  "Mean ± std over seeds; the model scored above is the first seed's.", "",
-                  markdown_table(results["seeds"], columns=["seeds", "NDCG@10", "HR@10", "MRR"])]
+                  "Mean ± std over seeds; the model scored above is the first seed's. Group columns: NDCG@10 "
+                  "under full ranking on the sparsest users, tail items and rare items.", "",
+                  markdown_table(results["seeds"], columns=list(dict.fromkeys(
+                      c for row in results["seeds"].values() for c in row)))]
     parts += ["", "## Popularity bias of the top 10", "", markdown_table(results["popularity"], columns=POP_COLUMNS),
               "", "## Efficiency", "", markdown_table(results["efficiency"], columns=EFF_COLUMNS)]
     print_table("popularity bias (top 10)", results["popularity"], columns=POP_COLUMNS)

@@ -11,13 +11,14 @@ import torch
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.errors import InputError
+from eval.evaluate import metrics_of, protocol_label, rank_users
 from eval.io import write_json
 from eval.registry import load_model, max_len_of
 from eval.stage import Stage
 from slmrec.pretrain import test_metrics
 from slmrec.trainer import TrainConfig, fit
 
-from .groups import user_length_groups
+from .groups import RARE, item_groups, user_groups, user_length_groups
 from .model import FusedRecommender, FusionConfig, vectors_to_tensors
 from .vectors import TextVectors, load_vectors
 
@@ -107,6 +108,16 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     return model
 
 
+def group_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict[str, dict]:
+    """Full-ranking test metrics on the sparsest user group, tail items and rare items: the groups the
+    fused models' claims are about, so that their spread over seeds is known too."""
+    r, n, _ = rank_users(model, ds, "test", "full", max_len=max_len)
+    items = item_groups(ds)
+    groups = (next(iter(user_groups(ds).items())), ("tail", items["tail"]),
+              (f"seen <= {RARE}", items[f"seen <= {RARE}"]))
+    return {f"{protocol_label('full')}, {name}": metrics_of(r[users], n[users]) for name, users in groups}
+
+
 def seed_summary(runs: list[dict[str, dict]]) -> dict:
     """Every seed's test metrics with their mean and (sample) std, per protocol and metric."""
     summary: dict = {"seeds": len(runs), "runs": runs, "mean": {}, "std": {}}
@@ -154,8 +165,9 @@ class FusionStage(Stage):
         write_json(out / "train_log.json", log)
         metrics = test_metrics(model, ds, tc.max_len)
         write_json(out / "metrics.json", metrics)
-        runs = [metrics] + [test_metrics(m, ds, tc.max_len) for m, _, _ in
-                            (self.train_one(ds, cfg.train.seed + k) for k in range(1, cfg.seeds))]
+        others = (self.train_one(ds, cfg.train.seed + k)[0] for k in range(1, cfg.seeds))
+        runs = [{**metrics, **group_metrics(model, ds, tc.max_len)}] + \
+            [{**test_metrics(m, ds, tc.max_len), **group_metrics(m, ds, tc.max_len)} for m in others]
         write_json(out / "seeds.json", seed_summary(runs))
         return {"parameters": sum(p.numel() for p in model.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -196,6 +196,11 @@ def test_seeds_repeat_training_and_differ(run):
     assert first["MRR"] != second["MRR"]
     assert summary["mean"]["full ranking"]["MRR"] == pytest.approx((first["MRR"] + second["MRR"]) / 2)
     assert summary["std"]["full ranking"]["MRR"] == pytest.approx(abs(first["MRR"] - second["MRR"]) / 2 ** 0.5)
+    groups = [k for k in summary["mean"] if k.startswith("full ranking, ")]   # every seed's sparsest users, tail, rare
+    assert len(groups) == 3 and {"full ranking, tail", "full ranking, seen <= 5"} < set(groups)
+    from fusion.report import find_models, seed_rows
+    row = seed_rows(find_models(run), "full")["fusion/s"]
+    assert row["seeds"] == "2" and "tail NDCG@10" in row and any(k.startswith("G1 (") for k in row)
     with pytest.raises(InputError, match="seeds must be at least 1"):
         run_stage(FusionStage(run, FusionTrainConfig(seeds=0), folder="fusion/none"))
 
@@ -368,3 +373,25 @@ def test_fine_tuned_backbone_is_saved_with_the_fused_model(run):
     assert (run / "fusion" / "ft" / "backbone" / "config.json").exists()
     assert torch.equal(fused.item_vectors(), model.eval().item_vectors())
     assert not torch.equal(fused.backbone.item_vectors(), original.item_vectors())
+
+
+def test_an_llm_backbone_is_fine_tuned_inside_joint_fusion_and_reloads(run):
+    """The SLMRec student trained with the fused model (freeze_backbone = false): its LoRA and
+    projections move, are saved beside the fusion weights, and the reloaded model scores the same."""
+    from slmrec.llm import LLMRec, LLMRecConfig
+
+    ds = load_dataset(run / "data")
+    tiny = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    student = LLMRec(LLMRecConfig(llama=tiny, lora_r=4, lora_dropout=0.0), torch.randn(ds.num_items + 1, 8))
+    student.save_pretrained(run / "student")
+    write_json(run / "student" / "manifest.json", manifest("student", inputs={}, config={"train": {"max_len": 10}},
+                                                             seed=0, counts={}))
+    write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
+    metrics = train_fused(run, "ft", FusionTrainConfig(backbone="student", freeze_backbone=False,
+                                                       train=TrainConfig(epochs=2, lr=1e-2, max_len=10)))
+    fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
+    tuned = LLMRec.from_pretrained(run / "fusion" / "ft" / "backbone")
+    moved = [k for k, v in student.checkpoint_state().items() if not torch.equal(v, tuned.checkpoint_state()[k])]
+    assert any("lora" in k for k in moved) and "in_proj.weight" in moved
+    assert evaluate(fused, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
