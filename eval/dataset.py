@@ -29,6 +29,7 @@ from .stage import DATA, Stage, run_stage
 
 SPLITS = ("train", "valid", "test")
 MOVIES, ITEMS = "movies", "items"  # the domains of MovieLens data and of data the loaders cannot name
+MIN_CUT = 3  # the shortest history prefix an earlier (cut) rationale is written from
 _AMAZON_FILE = re.compile(r"^(?:reviews_|meta_)?(?P<name>.+?)(?:_5)?(?:\.jsonl?)?(?:\.gz)?$", re.I)
 
 
@@ -92,6 +93,13 @@ class SeqDataset:
         That last item is the fused models' training target, and validation/test targets come
         after it, so a rationale never mentions an item it is later asked to predict."""
         return self.sequences[user][:-3]
+
+    def rationale_prefixes(self, user: int, cuts: int = 1) -> list[int]:
+        """Lengths of the history prefixes a user's rationales are written from, ascending: the last is
+        `rationale_history`'s, the others up to `cuts` - 1 evenly spaced below it, none shorter than
+        MIN_CUT items (a short history gets fewer). A rationale from a prefix informs only later positions."""
+        end = len(self.rationale_history(user))
+        return sorted({p for k in range(1, cuts) if (p := end * k // cuts) >= MIN_CUT} | {end})
 
     def target(self, split: str) -> np.ndarray:
         """The true next item of every user for 'valid' or 'test'."""

@@ -10,8 +10,9 @@ jointly trained, it starts as the sum of both halves, so the text path is not st
 Joint training (`joint`) learns the fused item side with the backbone's own objective, cross-entropy
 over all items at every position of every training history. A rationale written from a prefix of the
 history informs only the positions whose prefix contains all of it (`text_positions`: the last k
-positions of a training row); every earlier position gets the "missing" vector, so no rationale ever
-sees the target of a position it informs. Item cold start (`pop_gate`): an item's ID half mixes its own
+positions of a training row); with rationales at several cut points, each position reads the latest
+one whose prefix it holds (`set_cuts`); every earlier position gets the "missing" vector, so no
+rationale ever sees the target of a position it informs. Scoring reads the end rationale only. Item cold start (`pop_gate`): an item's ID half mixes its own
 ID vector with those of the seen items its text is closest to, by a learned gate on log(1 + training
 count), so an item seen rarely is placed by its text. At scoring (`cold_ridge`), an item seen at most
 RARE times gets the item vector a ridge map from item text predicts, fitted on the trained vectors of
@@ -109,6 +110,10 @@ class FusedRecommender(DotScorer, nn.Module):
         # how many trailing positions of a user's training row the rationale may inform: set by the
         # training stage from the prefix each rationale saw; 0 (never) unless told
         self.register_buffer("text_positions", torch.zeros(cfg.num_users, dtype=torch.long), persistent=False)
+        # the rationales at earlier cut points, read in training only (so never saved): see `set_cuts`
+        self.register_buffer("cut_text", torch.zeros(0, cfg.text_dim), persistent=False)
+        self.register_buffer("cut_index", torch.zeros(cfg.num_users, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("cut_positions", torch.zeros(cfg.num_users, 0, dtype=torch.long), persistent=False)
         self.missing_user = nn.Parameter(torch.zeros(cfg.text_dim))
         self.missing_item = nn.Parameter(torch.zeros(cfg.text_dim))
         self.backbone = backbone
@@ -216,19 +221,31 @@ class FusedRecommender(DotScorer, nn.Module):
             self._positions_cache.update({keys[i]: v for i, v in zip(todo, vecs)})
         return torch.stack([self._positions_cache[k] for k in keys])
 
+    def set_cuts(self, text: torch.Tensor, index: torch.Tensor, positions: torch.Tensor) -> None:
+        """The rationales at earlier cut points for joint training: their vectors [N, text_dim], and per
+        user the row of each of its cuts, earliest first [U, K], with how many trailing positions of
+        its training row that cut may inform [U, K] (0 for an unused slot)."""
+        self.cut_text, self.cut_index, self.cut_positions = text.float(), index.long(), positions.long()
+
     def position_user_vectors(self, users: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Fused user vectors after every position of training rows [B, L, D]: the rationale enters only
-        the last `text_positions[u]` positions, every earlier one reads the "missing" vector."""
+        """Fused user vectors after every position of training rows [B, L, D]: each position reads the
+        latest rationale whose prefix it holds (the end one in the last `text_positions[u]` positions,
+        earlier cuts before that), every earlier one the "missing" vector."""
         h = self._positions(users, inputs)
-        L = h.shape[1]
-        informed = torch.arange(L, device=h.device)[None] >= L - self.text_positions[users][:, None]
-        text = torch.where(informed[..., None], self._user_text(users)[:, None], self.missing_user)
-        return self.fuse(text, h)
+        back = torch.arange(h.shape[1] - 1, -1, -1, device=h.device)[None]  # positions before the row's end
+        text = self.missing_user
+        for k in range(self.cut_positions.shape[1]):  # earliest cut first: a later one overwrites it
+            informed = back < self.cut_positions[users, k][:, None]
+            text = torch.where(informed[..., None], self.cut_text[self.cut_index[users, k]][:, None], text)
+        # a user without an end rationale keeps reading its latest cut (or "missing", as without cuts)
+        has_end = self.user_has[users] | ~self.cut_positions[users].bool().any(1)
+        informed = (back < self.text_positions[users][:, None]) & has_end[:, None]
+        return self.fuse(torch.where(informed[..., None], self._user_text(users)[:, None], text), h)
 
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over all items: at every real position (joint), or for the last target of each
-        row (one example per user). Joint: the user's rationale only at the last `text_positions[u]`
-        positions of the row, whose prefixes hold everything the rationale saw."""
+        row (one example per user). Joint: each of the user's rationales only at the
+        positions of the row whose prefixes hold everything it saw (`position_user_vectors`)."""
         if self.config.mode == "hybrid" and self.config.joint:
             user = self.position_user_vectors(users, inputs)
             targets = targets[:, -user.shape[1]:]

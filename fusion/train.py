@@ -29,8 +29,8 @@ class FusionTrainConfig:
     backbone: str = setting("sasrec", "Backbone model folder of the run (hybrid): sasrec, gru4rec or "
                                       "slmrec-student.")
     training: str = setting("joint", "joint: the backbone's own objective (cross-entropy over all items) at every "
-                                     "position of every training history, the rationale only after the prefix it "
-                                     "saw; frozen: SLIM's head, one example per user (the history a rationale saw "
+                                     "position of every training history, each rationale only after the prefix it "
+                                     "saw (the latest one there, with cuts); frozen: SLIM's head, one example per user (the history a rationale saw "
                                      "and the item after it).")
     freeze_backbone: bool = setting(False, "Keep the backbone frozen (else it is fine-tuned from its checkpoint "
                                            "and saved with the model).")
@@ -75,15 +75,33 @@ def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = Non
     return users, pad_left(hist, max_len), targets
 
 
+def trailing_positions(ds: SeqDataset, user: int, prefix: int) -> int:
+    """How many trailing positions of a user's training row (the training history shifted by one) a
+    rationale written from the first `prefix` items may inform: those whose prefix holds all of it, so
+    it never saw the target it helps predict."""
+    row = max(len(ds.sequences[user]) - 3, 0)
+    return min(row, max(row - prefix + 1, 0))
+
+
 def text_positions(ds: SeqDataset) -> torch.Tensor:
-    """How many trailing positions of each user's training row (the training history shifted by one)
-    a rationale may inform: those whose prefix holds the whole history the rationale was written from
-    (`SeqDataset.rationale_history`), so it never saw the target it helps predict."""
-    counts = []
-    for u, s in enumerate(ds.train_sequences()):
-        row = max(len(s) - 1, 0)
-        counts.append(min(row, max(row - len(ds.rationale_history(u)) + 1, 0)))
-    return torch.tensor(counts, dtype=torch.long)
+    """`trailing_positions` of each user's end rationale (written from `SeqDataset.rationale_history`)."""
+    return torch.tensor([trailing_positions(ds, u, len(ds.rationale_history(u))) for u in range(ds.num_users)],
+                        dtype=torch.long)
+
+
+def cut_tables(ds: SeqDataset, vectors: TextVectors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rationales at earlier cut points as `FusedRecommender.set_cuts` takes them: their vectors,
+    and per user the row of each cut (ascending prefix) and the trailing positions it may inform."""
+    rows: dict[int, list[int]] = {}
+    for r in np.lexsort((vectors.cut_prefixes, vectors.cut_ids)):
+        rows.setdefault(int(vectors.cut_ids[r]), []).append(int(r))
+    slots = max(map(len, rows.values()), default=0)
+    index = torch.zeros(ds.num_users, slots, dtype=torch.long)
+    positions = torch.zeros(ds.num_users, slots, dtype=torch.long)
+    for u, rs in rows.items():
+        index[u, :len(rs)] = torch.tensor(rs)
+        positions[u, :len(rs)] = torch.tensor([trailing_positions(ds, u, int(vectors.cut_prefixes[r])) for r in rs])
+    return torch.as_tensor(vectors.cut_vectors).reshape(-1, vectors.dim), index, positions
 
 
 def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone_dir: Path | None,
@@ -105,6 +123,7 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     model = FusedRecommender(fc, users, has_u, items, has_i, backbone,
                              item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
     model.text_positions.copy_(text_positions(ds))
+    model.set_cuts(*cut_tables(ds, vectors))
     return model
 
 
@@ -172,4 +191,5 @@ class FusionStage(Stage):
         return {"parameters": sum(p.numel() for p in model.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "users_with_rationale": int(model.user_has.sum()), "items_with_text": int(model.item_has.sum()),
+                "cut_rationales": len(model.cut_text),
                 "best_epoch": log["best_epoch"], "train_seconds": round(log["train_seconds"], 1)}

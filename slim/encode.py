@@ -1,6 +1,8 @@
 """Rationale and item-text vectors in LanceDB, re-encoding only rows whose text (or encoder) changed.
 
 Tables (one row per id): id, text, text_sha256, vector (float32, L2-normalised), model, prompt_version.
+With rationales at cut points, `user_rationale_cuts` holds the earlier ones (one row per id and
+prefix, the history length each saw); `user_rationales` keeps one per user, the end rationale.
 `read_vectors` gives the fusion stage numpy matrices aligned to user / item ids.
 """
 from __future__ import annotations
@@ -15,13 +17,14 @@ import pyarrow as pa
 
 from eval.assets import minilm_path
 from eval.config import setting
-from eval.dataset import load_dataset
+from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
+from eval.io import MANIFEST, read_json
 from eval.stage import Stage
 
-from .records import RECORDS, rationale_text, read_records
+from .records import RECORDS, rationale_text, read_cut_records, read_records
 
-USERS_TABLE, ITEMS_TABLE = "user_rationales", "item_texts"
+USERS_TABLE, ITEMS_TABLE, CUTS_TABLE = "user_rationales", "item_texts", "user_rationale_cuts"
 ITEM_VERSION = "item_text"
 
 
@@ -47,23 +50,28 @@ def has_table(db, name: str) -> bool:
 
 
 def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: list[str], encoder, model_name: str,
-                 batch_size: int = 64, ann_index: bool = False) -> dict[str, int]:
-    """Make `table` hold exactly these rows, encoding only new or changed ones.
+                 batch_size: int = 64, ann_index: bool = False, prefixes: list[int] | None = None) -> dict[str, int]:
+    """Make `table` hold exactly these rows, encoding only new or changed ones; a row is keyed by its
+    id, or by (id, prefix) when `prefixes` are given (the cut points' rationales).
 
     The returned `content_sha256` changes exactly when the table's texts or encoder do (for a
     downstream stage's up-to-date check)."""
     hashes = [sha256(t) for t in texts]
-    old: dict[int, tuple[str, str]] = {}
+    on = ["id"] if prefixes is None else ["id", "prefix"]
+    keys = list(ids) if prefixes is None else list(zip(ids, prefixes))
+    old: dict = {}
     if has_table(db, table):
-        cols = db.open_table(table).to_arrow().select(["id", "text_sha256", "model"]).to_pydict()
-        old = {i: (h, m) for i, h, m in zip(cols["id"], cols["text_sha256"], cols["model"])}
-    todo = [k for k, (i, h) in enumerate(zip(ids, hashes)) if old.get(i) != (h, model_name)]
-    stale = sorted(set(old) - set(ids))
+        cols = db.open_table(table).to_arrow().select([*on, "text_sha256", "model"]).to_pydict()
+        old_keys = cols["id"] if prefixes is None else zip(cols["id"], cols["prefix"])
+        old = {k: (h, m) for k, h, m in zip(old_keys, cols["text_sha256"], cols["model"])}
+    todo = [k for k, (key, h) in enumerate(zip(keys, hashes)) if old.get(key) != (h, model_name)]
+    stale = sorted(set(old) - set(keys))
     if todo:
         vecs = encoder.encode([texts[k] for k in todo], batch_size=batch_size, normalize_embeddings=True,
                               convert_to_numpy=True, show_progress_bar=len(todo) > batch_size).astype(np.float32)
         rows = pa.table({
             "id": pa.array([ids[k] for k in todo], pa.int64()),
+            **({} if prefixes is None else {"prefix": pa.array([prefixes[k] for k in todo], pa.int64())}),
             "text": [texts[k] for k in todo],
             "text_sha256": [hashes[k] for k in todo],
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), vecs.shape[1]),
@@ -73,31 +81,44 @@ def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: lis
             db.create_table(table, data=rows, mode="overwrite")
             stale = []
         else:
-            db.open_table(table).merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+            db.open_table(table).merge_insert(on).when_matched_update_all().when_not_matched_insert_all().execute(rows)
     if stale:
-        db.open_table(table).delete(f"id IN ({', '.join(map(str, stale))})")
+        where = (f"id IN ({', '.join(map(str, stale))})" if prefixes is None
+                 else " OR ".join(f"(id = {i} AND prefix = {p})" for i, p in stale))
+        db.open_table(table).delete(where)
     if ann_index and len(ids) >= 256:
         db.open_table(table).create_index(metric="cosine", vector_column_name="vector", replace=True)
-    content = sha256("".join(f"{i}:{h}\n" for i, h in sorted(zip(ids, hashes))) + model_name)
+    content = sha256("".join(f"{k}:{h}\n" for k, h in sorted(zip(keys, hashes))) + model_name)
     return {"rows": len(ids), "encoded": len(todo), "deleted": len(stale), "content_sha256": content}
 
 
-def read_vectors(db_path: str | Path, table: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids sorted ascending as int64, float32 matrix whose row k is the vector of ids[k])."""
+def read_vectors(db_path: str | Path, table: str, keys: tuple[str, ...] = ("id",)) -> tuple[np.ndarray, ...]:
+    """(each key column as int64, then a float32 matrix whose row k is row k's vector), sorted by the keys."""
     import lancedb
 
     db = lancedb.connect(str(db_path))
     if not has_table(db, table):
         raise InputError(f"{db_path}: no table '{table}' (run slim encode)")
-    t = db.open_table(table).to_arrow().select(["id", "vector"]).sort_by("id")
-    ids = t["id"].to_numpy()
+    t = db.open_table(table).to_arrow().select([*keys, "vector"]).sort_by([(k, "ascending") for k in keys])
     dim = t.schema.field("vector").type.list_size
-    return ids, t["vector"].combine_chunks().flatten().to_numpy().reshape(len(ids), dim).astype(np.float32)
+    vectors = t["vector"].combine_chunks().flatten().to_numpy().reshape(len(t), dim).astype(np.float32)
+    return (*(t[k].to_numpy() for k in keys), vectors)
+
+
+def read_cut_vectors(db_path: str | Path, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user ids, prefixes, vectors) of the rationales at earlier cut points, by user then prefix;
+    empty where the vectors stage wrote none."""
+    import lancedb
+
+    if not has_table(lancedb.connect(str(db_path)), CUTS_TABLE):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return read_vectors(db_path, CUTS_TABLE, ("id", "prefix"))
 
 
 class VectorsStage(Stage):
     """Encode a rationale stage's records (the SLIM student's by default) and every item's text into
-    LanceDB (tables user_rationales, item_texts), re-encoding only changed rows; writes RUN/vectors."""
+    LanceDB (tables user_rationales, item_texts, and user_rationale_cuts when the rationale stage writes
+    several per user), re-encoding only changed rows; writes RUN/vectors."""
 
     name = "vectors"
     config_class = EncodeConfig
@@ -132,11 +153,32 @@ class VectorsStage(Stage):
                                       items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
                                       model_path, cfg.batch_size, cfg.ann_index),
         }
+        cuts = self.cut_records(ds)
+        if cuts:
+            pairs = sorted(cuts)
+            counts[CUTS_TABLE] = upsert_texts(db, CUTS_TABLE, [u for u, _ in pairs],
+                                              [rationale_text(cuts[k]) for k in pairs],
+                                              [cuts[k]["prompt_version"] for k in pairs], encoder, model_path,
+                                              cfg.batch_size, prefixes=[p for _, p in pairs])
+        elif has_table(db, CUTS_TABLE):  # the rationale stage no longer asks for cuts
+            db.drop_table(CUTS_TABLE)
         return {**counts, "dim": encoder.get_embedding_dimension()}
+
+    def cut_records(self, ds: SeqDataset) -> dict[tuple[int, int], dict[str, Any]]:
+        """The records at earlier cut points that the rationale stage's `cuts` setting asks for (its
+        append-only records may hold more, written with another setting), with text."""
+        folder = self.run / self.config.records
+        cuts = read_json(folder / MANIFEST).get("config", {}).get("cuts", 1) if (folder / MANIFEST).exists() else 1
+        if cuts == 1:
+            return {}
+        recs = read_cut_records(folder / RECORDS, self.config.prompt_version, self.config.record_model)
+        return {(u, p): r for (u, p), r in recs.items()
+                if rationale_text(r) and p in ds.rationale_prefixes(u, cuts)[:-1]}
 
     def digest(self, out: Path, counts: dict[str, Any]) -> str:
         """The tables' content (ids, text hashes, encoder), not LanceDB's files, which change on every write."""
-        return sha256(counts[USERS_TABLE]["content_sha256"] + counts[ITEMS_TABLE]["content_sha256"])
+        tables = [counts[t]["content_sha256"] for t in (USERS_TABLE, ITEMS_TABLE, CUTS_TABLE) if t in counts]
+        return sha256("".join(tables))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 It is the control every LLM rationale is measured against (quality, and what fusion gains from it):
 step 1 states the user's category shares and eras, step 2 names the top categories, step 3 lists the
 most recent titles. It reads exactly what a teacher or student rationale may see
-(`SeqDataset.rationale_history`) and writes the same records, so encoding and fusion take it as is.
+(`SeqDataset.rationale_history`, and with `cuts` the shorter prefixes of `rationale_prefixes`) and
+writes the same records, so encoding and fusion take it as is.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from eval.preprocess import item_title
 from eval.stage import Stage
 
 from .grounding import catalogue_of
-from .records import RECORDS, rationale_text
+from .records import RECORDS, check_cuts, cuts_setting, rationale_text
 
 PROFILE_VERSION = "profile_v1"
 
@@ -30,6 +31,10 @@ PROFILE_VERSION = "profile_v1"
 class ProfileConfig:
     categories: int = setting(5, "Most frequent categories named in steps 1 and 2.")
     recent: int = setting(10, "Most recent titles listed in step 3.")
+    cuts: int = cuts_setting()
+
+    def __post_init__(self) -> None:
+        check_cuts(self.cuts)
 
 
 def _shares(values: list[str], top: int) -> list[tuple[str, float]]:
@@ -66,11 +71,16 @@ class ProfileRationalesStage(Stage):
     def build(self, out: Path) -> dict[str, Any]:
         ds = load_dataset(self.data_dir)
         items, catalogue = ds.items.set_index("item"), catalogue_of(ds.items)
+        written = 0
         with open(out / RECORDS, "w", encoding="utf-8") as f:
             for u in range(ds.num_users):
-                history = ds.rationale_history(u).tolist()
-                steps = profile_steps(items, history, self.config)
-                rec = {"user": u, "raw_user": str(ds.users["raw_id"].iat[u]), "prompt_version": PROFILE_VERSION,
-                       "model": "profile", **steps, **catalogue.ground(steps, history), "error": None}
-                f.write(json.dumps({**rec, "text": rationale_text(rec)}, ensure_ascii=False) + "\n")
-        return {"users": ds.num_users, "complete": ds.num_users}
+                prefixes = ds.rationale_prefixes(u, self.config.cuts)
+                for prefix in prefixes:  # the earlier cuts' records carry the prefix they saw; the end one never did
+                    history = ds.sequences[u][:prefix].tolist()
+                    steps = profile_steps(items, history, self.config)
+                    rec = {"user": u, "raw_user": str(ds.users["raw_id"].iat[u]), "prompt_version": PROFILE_VERSION,
+                           "model": "profile", **({} if prefix == prefixes[-1] else {"prefix": prefix}), **steps,
+                           **catalogue.ground(steps, history), "error": None}
+                    f.write(json.dumps({**rec, "text": rationale_text(rec)}, ensure_ascii=False) + "\n")
+                written += len(prefixes)
+        return {"users": ds.num_users, "complete": ds.num_users, "rationales": written}

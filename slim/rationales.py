@@ -63,26 +63,50 @@ def sample_users(num_users: int, n: int | None, seed: int) -> list[int]:
     return sorted(int(u) for u in np.random.default_rng(seed).choice(num_users, n, replace=False))
 
 
-def user_prompts(ds: SeqDataset, users: list[int], cfg: GenerationConfig) -> dict[int, str]:
-    """The rendered prompt of each user, from the history a rationale may see (no target leakage)."""
+Job = tuple[int, int]  # (user, prefix): one rationale, written from the user's first `prefix` items
+
+
+def rationale_jobs(ds: SeqDataset, users: list[int], cuts: int) -> list[Job]:
+    """Every rationale asked for, by user then prefix (with one cut: each user's end rationale)."""
+    return [(u, p) for u in users for p in ds.rationale_prefixes(u, cuts)]
+
+
+def cut_of(ds: SeqDataset, job: Job) -> int | None:
+    """The `prefix` a job's record carries: None for the end rationale (as records always had)."""
+    user, prefix = job
+    return None if prefix == len(ds.rationale_history(user)) else prefix
+
+
+def job_prompts(ds: SeqDataset, jobs: list[Job], cfg: GenerationConfig) -> dict[Job, str]:
+    """The rendered prompt of each (user, prefix), from that prefix of the history (no target leakage)."""
     build = PromptBuilder(ds.items, cfg.template, cfg.history_tokens, cfg.tokenizer or smollm2_path(), ds.domain)
-    return {u: build(ds.rationale_history(u).tolist()) for u in users}
+    return {(u, p): build(ds.sequences[u][:p].tolist()) for u, p in jobs}
 
 
-def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str, c: Completion) -> dict[str, Any]:
-    """The parsed answer with its grounding in the catalogue (the history is what the prompt showed)."""
+def user_prompts(ds: SeqDataset, users: list[int], cfg: GenerationConfig) -> dict[int, str]:
+    """The rendered prompt of each user's end rationale, from the history it may see."""
+    return {u: prompt for (u, _), prompt in job_prompts(ds, rationale_jobs(ds, users, 1), cfg).items()}
+
+
+def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str, c: Completion,
+                prefix: int | None = None) -> dict[str, Any]:
+    """The parsed answer with its grounding in the catalogue (the history is what the prompt showed:
+    the first `prefix` items for a cut's rationale, else `rationale_history`)."""
     steps, error = parse_steps(c.text, instruction_words(version, ds.domain))
-    grounding = catalogue_of(ds.items).ground(steps, ds.rationale_history(user).tolist())
+    seen = ds.rationale_history(user) if prefix is None else ds.sequences[user][:prefix]
+    grounding = catalogue_of(ds.items).ground(steps, seen.tolist())
     return {"user": user, "raw_user": str(ds.users["raw_id"].iat[user]), "prompt_version": version,
-            "model": model, **steps, **grounding, "text": c.text, "error": error, "finish_reason": c.finish_reason,
+            "model": model, **({} if prefix is None else {"prefix": prefix}), **steps, **grounding,
+            "text": c.text, "error": error, "finish_reason": c.finish_reason,
             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
             "seconds": round(c.seconds, 3), "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationConfig, gen: Generator,
-                   model_label: str | None = None, stage: str = "rationales") -> dict[str, Any]:
-    """Write one record per sampled user not already in `out_dir/records.jsonl`; return the summary.
+                   model_label: str | None = None, stage: str = "rationales", cuts: int = 1) -> dict[str, Any]:
+    """Write each sampled user's rationales (`cuts` of them, see `SeqDataset.rationale_prefixes`) not
+    already in `out_dir/records.jsonl`, keyed by (user, prefix); return the summary.
 
     A well-formed answer is written as it arrives. An off-format one is asked again up to
     `format_retries` times, and only the last answer is written, with its error; a failed request
@@ -92,28 +116,33 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
     version = load_template(cfg.template).version
     model = model_label or gen.model_name
     users = sample_users(ds.num_users, cfg.users, cfg.seed)
+    jobs = rationale_jobs(ds, users, cuts)
     usage = Usage()
     malformed = retried = 0
     with RecordLog(out_dir / RECORDS) as log:
-        todo = [u for u in users if (u, version, model) not in log.keys]
-        prompts = user_prompts(ds, todo, cfg)
+        def done(job: Job) -> bool:
+            return (job[0], version, model, cut_of(ds, job)) in log.keys
+
+        todo = [j for j in jobs if not done(j)]
+        prompts = job_prompts(ds, todo, cfg)
         pending = dict(prompts)
         t0 = time.perf_counter()  # generation time only: tokens/s is not diluted by prompt rendering
-        with tqdm(total=len(todo), unit="user", desc=f"{stage} ({model})") as bar:
+        with tqdm(total=len(todo), unit="rationale", desc=f"{stage} ({model})") as bar:
             # greedy decoding answers again exactly as before: asking again only costs time
             retries = cfg.format_retries if cfg.client.temperature > 0 else 0
             for attempt in range(retries + 1):
-                again: dict[int, str] = {}
-                for user, result in gen.stream(pending.items(), attempt):
+                again: dict[Job, str] = {}
+                for job, result in gen.stream(pending.items(), attempt):
                     if isinstance(result, Exception):  # the client gave up after its retries: retry next run
                         usage.add(None)
-                        tqdm.write(f"user {user}: {type(result).__name__}: {result}")
+                        tqdm.write(f"user {job[0]} (prefix {job[1]}): {type(result).__name__}: {result}")
                         bar.update()
                         continue
                     usage.add(result)
-                    rec = {**make_record(ds, user, version, model, prompts[user], result), "attempt": attempt}
+                    rec = {**make_record(ds, job[0], version, model, prompts[job], result, cut_of(ds, job)),
+                           "attempt": attempt}
                     if rec["error"] is not None and attempt < retries:
-                        again[user] = prompts[user]
+                        again[job] = prompts[job]
                         continue
                     malformed += rec["error"] is not None
                     log.append(rec)
@@ -123,10 +152,11 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
                 pending = again
                 if not pending:
                     break
-        done = sum(1 for u in users if (u, version, model) in log.keys)
+        missing = {j[0] for j in jobs if not done(j)}
     seconds = time.perf_counter() - t0
-    return {"users": len(users), "done_before": len(users) - len(todo), "written": usage.requests - retried,
-            "malformed": malformed, "retried": retried, "failed": usage.failures, "complete": done,
+    return {"users": len(users), "done_before": len(jobs) - len(todo), "written": usage.requests - retried,
+            "malformed": malformed, "retried": retried, "failed": usage.failures, "complete": len(users) - len(missing),
+            "rationales": len(jobs),
             **usage.to_dict(), "seconds": round(seconds, 1),
             "completion_tokens_per_s": round(usage.completion_tokens / seconds, 2) if seconds else 0.0,
             "est_cost_usd": round(usage.cost(cfg.client.price_prompt_per_1m, cfg.client.price_completion_per_1m), 6),

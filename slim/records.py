@@ -1,4 +1,8 @@
-"""Append-only JSONL rationale records, keyed by (user, prompt version, model).
+"""Append-only JSONL rationale records, keyed by (user, prompt version, model, prefix).
+
+A user's end rationale (written from `SeqDataset.rationale_history`) has no "prefix"; an earlier
+one, written at a cut point (`SeqDataset.rationale_prefixes`), carries `"prefix": n`, the length of
+the history it saw. Readers wanting one rationale per user get the end one (`read_records`).
 
 Each record is one line written with flush + fsync, so a killed run loses at most the line it was
 writing; that torn last line is dropped on the next open and the run resumes after the last
@@ -13,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from eval.config import setting
 from eval.errors import InputError
 
 RECORDS = "records.jsonl"  # the file of records in a rationale stage's folder
@@ -23,11 +28,23 @@ _PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 _WORD = re.compile(r"[a-z0-9]+")
 ECHO_SHARE = 0.8  # a step with this share of its words from the prompt's instructions copies them
 
-Key = tuple[int, str, str]
+Key = tuple[int, str, str, int | None]
 
 
 def key_of(rec: dict[str, Any]) -> Key:
-    return int(rec["user"]), rec["prompt_version"], rec["model"]
+    return int(rec["user"]), rec["prompt_version"], rec["model"], rec.get("prefix")
+
+
+def cuts_setting() -> Any:
+    """The `cuts` setting of the rationale stages that cover every user (the student's, the profile's)."""
+    return setting(1, "Rationales per user: 1 writes one from the history up to the fused models' last training "
+                      "target; more adds earlier ones from evenly spaced shorter prefixes (at least 3 items each), "
+                      "which joint fusion reads at the positions after their prefix.")
+
+
+def check_cuts(cuts: int) -> None:
+    if cuts < 1:
+        raise InputError(f"cuts must be at least 1, not {cuts}")
 
 
 def words_of(text: str) -> list[str]:
@@ -79,20 +96,32 @@ def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise InputError(f"{path}:{n}: not a JSON record ({e.msg})") from None
 
 
-def read_records(path: str | Path, prompt_version: str | None = None, model: str | None = None,
-                 ok_only: bool = False) -> dict[int, dict[str, Any]]:
-    """Records by user (the last one per user wins), filtered by prompt version / model / no error."""
+def _matching(path: str | Path, prompt_version: str | None, model: str | None,
+              ok_only: bool) -> Iterator[dict[str, Any]]:
+    """The records of a file in order, filtered by prompt version / model / no error."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no rationale records")
-    out: dict[int, dict[str, Any]] = {}
     for n, rec in _read(path):
         if "user" not in rec or "prompt_version" not in rec or "model" not in rec:
             raise InputError(f"{path}:{n}: record lacks user/prompt_version/model")
         if (prompt_version in (None, rec["prompt_version"]) and model in (None, rec["model"])
                 and not (ok_only and rec.get("error"))):
-            out[int(rec["user"])] = rec
-    return out
+            yield rec
+
+
+def read_records(path: str | Path, prompt_version: str | None = None, model: str | None = None,
+                 ok_only: bool = False) -> dict[int, dict[str, Any]]:
+    """Each user's end rationale record (the last one per user wins; cut records are left out),
+    filtered by prompt version / model / no error."""
+    return {int(rec["user"]): rec for rec in _matching(path, prompt_version, model, ok_only) if "prefix" not in rec}
+
+
+def read_cut_records(path: str | Path, prompt_version: str | None = None,
+                     model: str | None = None) -> dict[tuple[int, int], dict[str, Any]]:
+    """The earlier (cut) rationale records by (user, prefix), the last one per pair winning."""
+    return {(int(rec["user"]), int(rec["prefix"])): rec
+            for rec in _matching(path, prompt_version, model, False) if "prefix" in rec}
 
 
 class RecordLog:

@@ -5,6 +5,7 @@ fingerprint, so a retrained adapter gets fresh records and the two backends resu
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .client import ClientConfig
 from .finetune import SlimStudentStage
 from .prompts import STUDENT
 from .rationales import GenerationConfig, RationaleStage, run_generation
+from .records import check_cuts, cuts_setting
 
 BACKENDS = ("local", "endpoint")
 
@@ -31,9 +33,11 @@ class StudentRationalesConfig(GenerationConfig):
                                     "for the run when empty).")
     base_model: str | None = setting(None, "Base model folder (none: the one the adapter was trained on).")
     batch_size: int = setting(16, "Users per batch (local backend, transformers engine; vLLM batches itself).")
+    cuts: int = cuts_setting()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_cuts(self.cuts)
         if self.backend not in BACKENDS:
             raise InputError(f"unknown generation backend '{self.backend}' (choose {' or '.join(BACKENDS)})")
 
@@ -56,6 +60,12 @@ class StudentRationalesStage(RationaleStage):
     def inputs(self) -> dict[str, Path]:
         return {**super().inputs(), "adapter": self.adapter}
 
+    def digest(self, out: Path, counts: dict[str, Any]) -> str:
+        """The records, and `cuts` when above 1: the records may be kept as they are when only `cuts`
+        changes, but which of them the vectors stage encodes changes with it."""
+        records, cuts = super().digest(out, counts), self.config.cuts
+        return records if cuts == 1 else hashlib.sha256(f"{records}:cuts={cuts}".encode()).hexdigest()
+
     def build(self, out: Path) -> dict[str, Any]:
         from .local import make_generator
         from .serve import endpoint
@@ -64,8 +74,8 @@ class StudentRationalesStage(RationaleStage):
         if cfg.backend == "local":
             with make_generator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
                                 cfg.client.temperature, cfg.seed, engine=cfg.engine) as gen:
-                return {**run_generation(self.data_dir, out, cfg, gen, label, stage=self.name), "engine": gen.engine}
+                return {**run_generation(self.data_dir, out, cfg, gen, label, self.name, cfg.cuts), "engine": gen.engine}
         own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run
         with endpoint(cfg.client, cfg.base_model if own else None, self.adapter if own else None,
                       out / "server.log", engine=cfg.engine) as (chat, engine):
-            return {**run_generation(self.data_dir, out, cfg, chat, label, stage=self.name), "engine": engine}
+            return {**run_generation(self.data_dir, out, cfg, chat, label, self.name, cfg.cuts), "engine": engine}

@@ -3,12 +3,13 @@
 `prepare_dataset(cfg, RUN)` runs the data stage, which writes RUN/data."""
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from eval.dataset import load_dataset, prepare_dataset
+from eval.dataset import SeqDataset, load_dataset, prepare_dataset
 from eval.errors import InputError
 from eval.io import atomic_dir, file_hash, write_json
 from eval.loaders import load_amazon, load_movielens, load_recbole
@@ -71,6 +72,21 @@ def test_short_candidate_lists_are_padded_and_recorded(tmp_path):
     assert (cand[0, 1:] == 0).all()           # user a has seen every item: no negatives left
     assert sorted(cand[1, 1:]) == [0, 4, 5, 6]  # user b: all 3 unseen items, then padding
     assert ds.manifest["counts"]["users_with_short_candidate_lists"]["test_4"] == 2
+
+
+def test_rationale_prefixes_by_hand():
+    """The end prefix is rationale_history's; earlier cuts are evenly spaced below it, at least 3 items long."""
+    lengths = [23, 9, 5, 2]        # rationale_history lengths 20, 6, 2 and 0
+    inter = pd.DataFrame({"user": np.repeat(np.arange(4), lengths), "item": np.arange(1, sum(lengths) + 1)})
+    ds = SeqDataset(Path("."), inter, pd.DataFrame({"user": range(4)}), pd.DataFrame(), {})
+    assert [ds.rationale_prefixes(u) for u in range(4)] == [[20], [6], [2], [0]]
+    assert ds.rationale_prefixes(0, 4) == [5, 10, 15, 20]
+    assert ds.rationale_prefixes(1, 4) == [3, 4, 6]            # 6 // 4 = 1 item is too short to write from
+    assert ds.rationale_prefixes(2, 4) == [2] and ds.rationale_prefixes(3, 4) == [0]
+    many = ds.rationale_prefixes(0, 40)                         # more cuts than lengths: each length once
+    assert many == sorted(set(many)) and many[0] == 3 and many[-1] == 20 and len(many) == 18
+    for u in range(4):                                          # the end prefix is exactly what the rationale saw
+        assert np.array_equal(ds.sequences[u][:ds.rationale_prefixes(u, 3)[-1]], ds.rationale_history(u))
 
 
 def test_k_core_is_iterative():

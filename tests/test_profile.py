@@ -23,7 +23,8 @@ def test_steps_from_hand_made_items():
 def test_stage_writes_parseable_records_that_never_name_a_target(synthetic, tmp_path):
     ds = prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
                                        negatives=[5]), tmp_path)
-    assert run_stage(ProfileRationalesStage(tmp_path)).counts == {"users": ds.num_users, "complete": ds.num_users}
+    assert run_stage(ProfileRationalesStage(tmp_path)).counts == {"users": ds.num_users, "complete": ds.num_users,
+                                                                  "rationales": ds.num_users}
     recs = read_records(tmp_path / "profile-rationales" / "records.jsonl")
     assert sorted(recs) == list(range(ds.num_users))
     titles = ds.items.set_index("item")["title"]

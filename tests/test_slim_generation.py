@@ -1,4 +1,5 @@
 """SLIM rationale generation against a real local HTTP server with injected faults."""
+import hashlib
 import json
 import logging
 import os
@@ -12,13 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from eval.dataset import load_dataset
 from eval.errors import InputError
 from eval.io import read_json
 from eval.stage import run_stage
 from slim.client import ClientConfig
 from slim.prompts import TEACHER, PromptBuilder, history_block, instruction_words, load_template
 from slim.rationales import RationaleConfig, TeacherRationalesStage
-from slim.records import RecordLog, parse_steps, read_records
+from slim.records import RecordLog, parse_steps, read_cut_records, read_records
 from tests.slim_fake_openai import SERVED_MODEL, FakeOpenAI, make_dataset, run_with_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +182,43 @@ def test_client_without_a_model_name_asks_the_endpoint(run):
     assert {r["model"] for r in lines(run / OUT / "records.jsonl")} == {SERVED_MODEL}
 
 
+def test_student_cuts_are_keyed_by_user_and_prefix_and_resume(run):
+    """cuts = 3 on a run that has the end rationales: only the earlier cuts are asked, each from its
+    prefix of the history; a failed request leaves one (user, prefix) missing and the rerun asks for it alone."""
+    from slim.student import StudentRationalesConfig, StudentRationalesStage
+
+    ds = load_dataset(run / "data")
+    (run / "slim-student").mkdir()
+    (run / "slim-student" / "adapter_config.json").write_text("{}")   # stands in for the adapter: only fingerprinted
+    out = run / StudentRationalesStage.name / "records.jsonl"
+    with FakeOpenAI() as server:
+        client = ClientConfig(base_url=server.base_url, model="fake-student", max_retries=1, concurrency=1,
+                              temperature=0.0)
+        cfg = StudentRationalesConfig(backend="endpoint", users=3, client=client)
+        run_stage(StudentRationalesStage(run, cfg))
+        ends = out.read_text().splitlines()
+        server.faults += ["500", "500"]
+        with pytest.raises(InputError, match="1 users have no record"):
+            run_stage(StudentRationalesStage(run, replace(cfg, cuts=3)))
+        asked = len(server.requests)
+        again = run_stage(StudentRationalesStage(run, replace(cfg, cuts=3)))
+        assert len(server.requests) == asked + 1 and again.counts["written"] == 1
+        assert again.counts["complete"] == 3 and again.counts["rationales"] == 6
+    recs = lines(out)
+    users = sorted({r["user"] for r in recs})
+    assert out.read_text().splitlines()[:3] == ends and "prefix" not in json.loads(ends[0])   # kept as they were
+    assert sorted((r["user"], r.get("prefix", 5)) for r in recs) == [(u, p) for u in users for p in (3, 5)]
+    sent = {hashlib.sha256(c.encode()).hexdigest(): c for c in (r["body"]["messages"][0]["content"]
+                                                                for r in server.requests)}
+    titles = ds.items.set_index("item")["title"]
+    for (u, prefix), rec in read_cut_records(out).items():   # each cut was asked from its prefix of the history
+        prompt, seq = sent[rec["prompt_sha256"]], ds.sequences[u]
+        assert all(f"{titles[i]} (" in prompt for i in seq[:prefix])
+        assert not any(f"{titles[i]} (" in prompt for i in seq[prefix:])
+    assert set(read_records(out)) == set(users) and all("prefix" not in r for r in read_records(out).values())
+    assert run_stage(StudentRationalesStage(run, replace(cfg, cuts=3))).status == "up to date"
+
+
 def test_record_log_drops_torn_line_and_never_duplicates(tmp_path):
     path = tmp_path / "r.jsonl"
     rec = {"user": 1, "prompt_version": "v", "model": "m", "text": "x"}
@@ -190,10 +229,13 @@ def test_record_log_drops_torn_line_and_never_duplicates(tmp_path):
             RecordLog(path)
     path.write_text(path.read_text() + '{"user": 2, "prom')
     with RecordLog(path) as log:
-        assert log.keys == {(1, "v", "m")}
+        assert log.keys == {(1, "v", "m", None)}
         log.append({**rec, "user": 2})
-    assert [r["user"] for r in lines(path)] == [1, 2]
-    assert set(read_records(path)) == {1, 2}
+        log.append({**rec, "prefix": 3})   # an earlier cut's rationale of user 1: a key of its own
+        log.append({**rec, "prefix": 3})
+    assert [(r["user"], r.get("prefix")) for r in lines(path)] == [(1, None), (2, None), (1, 3)]
+    assert set(read_records(path)) == {1, 2} and "prefix" not in read_records(path)[1]   # the end rationales
+    assert set(read_cut_records(path)) == {(1, 3)}
 
 
 @pytest.mark.parametrize("text,missing", [
