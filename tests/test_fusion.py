@@ -1,5 +1,6 @@
 """Fusion: fused models with missing vectors, groups, popularity metrics, the report, and presets."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from fusion.pipeline import build_stages
 from fusion.report import evaluate_run
 from fusion.train import FusionStage, FusionTrainConfig
 from fusion.vectors import TextVectors, load_vectors
-from slim.encode import ITEMS_TABLE, USERS_TABLE
+from slim.encode import CUTS_TABLE, ITEMS_TABLE, USERS_TABLE
 from slmrec.sasrec import SASRec, SASRecConfig
 from slmrec.trainer import TrainConfig
 
@@ -47,18 +48,31 @@ def vectors(ds, users, items, dim=8, seed=0) -> TextVectors:
 
 
 def write_vectors(run, v: TextVectors) -> None:
-    """Hand-made RUN/vectors: the two LanceDB tables the vectors stage writes (id, vector)."""
+    """Hand-made RUN/vectors: the LanceDB tables the vectors stage writes (id, vector; and id, prefix,
+    vector for the rationales at earlier cut points when `v` has them)."""
     import lancedb
 
     db = lancedb.connect(str(run / "vectors"))
-    for table, ids, vecs in ((USERS_TABLE, v.user_ids, v.user_vectors), (ITEMS_TABLE, v.item_ids, v.item_vectors)):
+    tables = [(USERS_TABLE, {"id": v.user_ids}, v.user_vectors), (ITEMS_TABLE, {"id": v.item_ids}, v.item_vectors)]
+    if len(v.cut_ids):
+        tables.append((CUTS_TABLE, {"id": v.cut_ids, "prefix": v.cut_prefixes}, v.cut_vectors))
+    for table, keys, vecs in tables:
         vecs = np.asarray(vecs, dtype=np.float32)
         db.create_table(table, mode="overwrite", data=pa.table({
-            "id": pa.array(np.asarray(ids, dtype=np.int64)),
+            **{k: pa.array(np.asarray(a, dtype=np.int64)) for k, a in keys.items()},
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), vecs.shape[1])}))
     back = load_vectors(run / "vectors")
-    assert np.array_equal(back.user_ids, v.user_ids) and np.array_equal(back.user_vectors, v.user_vectors)
-    assert np.array_equal(back.item_ids, v.item_ids) and np.array_equal(back.item_vectors, v.item_vectors)
+    for name in ("user_ids", "user_vectors", "item_ids", "item_vectors", "cut_ids", "cut_prefixes"):
+        assert np.array_equal(getattr(back, name), getattr(v, name)), name
+    assert np.array_equal(back.cut_vectors.reshape(-1, v.dim), v.cut_vectors.reshape(-1, v.dim))
+
+
+def with_cuts(ds, v: TextVectors, cuts: int = 3, seed: int = 1) -> TextVectors:
+    """`v` with a random rationale vector at each earlier cut point of every user (rationale_prefixes)."""
+    pairs = [(u, p) for u in range(ds.num_users) for p in ds.rationale_prefixes(u, cuts)[:-1]]
+    rng = np.random.default_rng(seed)
+    return replace(v, cut_ids=np.array([u for u, _ in pairs]), cut_prefixes=np.array([p for _, p in pairs]),
+                   cut_vectors=rng.normal(size=(len(pairs), v.dim)).astype(np.float32))
 
 
 def train_fused(run, name: str, cfg: FusionTrainConfig) -> dict:
@@ -233,6 +247,61 @@ def test_a_rationale_never_informs_a_position_whose_target_it_saw(run):
         k = int(n[users[i]])
         assert torch.equal(plain[i, :-k], leaked[i, :-k])          # inside the prefix: the text is not read
         assert not torch.allclose(plain[i, -k:], leaked[i, -k:])   # after it: it is
+
+
+def test_each_position_reads_the_latest_rationale_whose_prefix_it_holds(run):
+    """Rationales at cut points (3 per user): each cut's vector in turn becomes the item-text vector of
+    the target just after that cut. Only the positions whose prefix holds the cut and not the next
+    rationale's prefix may move: none before the cut (the rationale is longer than their prefix), none
+    from the next cut on (they read a later rationale)."""
+    from fusion.train import build
+    from slmrec.trainer import next_item_pairs
+
+    ds = load_dataset(run / "data")
+    v = with_cuts(ds, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
+    item_text = dict(zip(v.item_ids.tolist(), v.item_vectors))
+    model = build(ds, FusionTrainConfig(), v, run / "sasrec", run / "fusion" / "x").eval()
+    assert len(model.cut_text) == len(v.cut_ids) == 2 * ds.num_users   # 12 items: prefixes 3, 6 and the end's 9
+    users, inputs, _ = next_item_pairs(ds, 10)
+    u = torch.as_tensor(users)
+    L = inputs.shape[1]
+    with torch.no_grad():
+        model.g_f.weight.normal_()
+        plain = model.position_user_vectors(u, inputs)
+        for slot in range(2):
+            bait = model.cut_text.clone()
+            for k, (user, prefix) in enumerate(zip(v.cut_ids, v.cut_prefixes)):
+                if prefix == ds.rationale_prefixes(int(user), 3)[slot]:
+                    bait[k] = torch.as_tensor(item_text[int(ds.sequences[user][prefix])])
+            model.cut_text, kept = bait, model.cut_text
+            moved = model.position_user_vectors(u, inputs)
+            model.cut_text = kept
+            for i, user in enumerate(users):
+                row = len(ds.train_sequences()[user]) - 1
+                seen = np.arange(row - L + 1, row + 1)           # each column's prefix length (<= 0: padding)
+                start, nxt = ds.rationale_prefixes(int(user), 3)[slot:slot + 2]
+                changed = ~torch.isclose(moved[i], plain[i]).all(-1)
+                assert changed.tolist() == [start <= q < nxt for q in seen], (user, slot)
+    model.set_cuts(torch.zeros(0, v.dim), torch.zeros(ds.num_users, 0), torch.zeros(ds.num_users, 0))
+    with torch.no_grad():   # without cuts, only the end rationale's positions read text, as before cuts existed
+        assert torch.equal(model.position_user_vectors(u, inputs)[:, -1], plain[:, -1])
+        assert not torch.allclose(model.position_user_vectors(u, inputs)[:, :-1], plain[:, :-1])
+
+
+def test_joint_fusion_with_cuts_trains_saves_and_reloads(run):
+    ds = load_dataset(run / "data")
+    plain = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
+    fast = TrainConfig(epochs=2, lr=1e-2)
+    write_vectors(run, plain)
+    train_fused(run, "plain", FusionTrainConfig(train=fast))
+    write_vectors(run, with_cuts(ds, plain))
+    metrics = train_fused(run, "cuts", FusionTrainConfig(train=fast))
+    assert read_json(run / "fusion" / "cuts" / "manifest.json")["counts"]["cut_rationales"] == 2 * ds.num_users
+    losses = [read_json(run / "fusion" / name / "train_log.json")["epochs"][1]["loss"] for name in ("plain", "cuts")]
+    assert losses[0] != losses[1]                                    # the cuts were read in training
+    fused = FusedRecommender.from_pretrained(run / "fusion" / "cuts")
+    assert len(fused.cut_text) == 0                                  # training-only: scoring reads the end rationale
+    assert evaluate(fused, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
 
 
 @pytest.mark.parametrize("text", ["both", "items", "users", "none"])
