@@ -7,7 +7,7 @@ from eval.dataset import prepare_dataset
 from eval.errors import InputError
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
-from slim.profile import ProfileRationalesStage
+from slim.profile import ProfileConfig, ProfileRationalesStage
 from slim.quality import QualityStage, quality_section, rouge_l_f1, source_metrics
 from slim.records import RECORDS, RecordLog
 
@@ -55,9 +55,11 @@ def test_stage_measures_teacher_student_and_the_control_on_held_out_users(synthe
     write_records(tmp_path / "slim-teacher-rationales" / RECORDS, teacher, "t")
     student = {0: teacher[0], 1: f"Step 1: likes comedy.\nStep 2: Comedy.\nStep 3: {seen[1]}; Unknown Film"}
     write_records(tmp_path / "slim-student-rationales" / RECORDS, student, "s")
+    with RecordLog(tmp_path / "slim-student-rationales" / RECORDS) as log:   # an earlier cut's: quality ignores it
+        log.append({"user": 1, "prompt_version": "v", "model": "s", "prefix": 3, "text": "Step 1: x", "error": "y"})
     (tmp_path / "slim-student").mkdir()
     (tmp_path / "slim-student" / "heldout_users.json").write_text("[0, 1]")
-    run_stage(ProfileRationalesStage(tmp_path))
+    run_stage(ProfileRationalesStage(tmp_path, ProfileConfig(cuts=3)))   # end rationales graded, not the cuts
 
     result = run_stage(QualityStage(tmp_path))
     assert result.counts == {"teacher": 3, "student": 2, "profile": ds.num_users, "heldout_users": 2}

@@ -40,7 +40,7 @@ def step3_of(u: int) -> str:
 
 def build_run(folder: Path) -> Path:
     """A finished tiny run: 40 users x 30 items walking a ring, SASRec (2 epochs), a rationale record per user
-    (hand-written), real MiniLM vectors (the vectors stage) and a hybrid fused model (2 epochs)."""
+    (hand-written, and one at a cut point after it), real MiniLM vectors (the vectors stage) and a hybrid fused model (2 epochs)."""
     rng = np.random.default_rng(0)
     rows = [(f"u{u}", f"i{(start + (1 + u % 2) * t) % 30}", 5, 1000 + t)
             for u, start in enumerate(rng.integers(0, 30, 40)) for t in range(12)]
@@ -57,8 +57,11 @@ def build_run(folder: Path) -> Path:
         for u in range(ds.num_users):
             steps = {"step1": f"User {u} enjoys light films.", "step2": STEP2, "step3": step3_of(u)}
             text = "\n".join(f"Step {i}: {s}" for i, s in enumerate(steps.values(), 1))
-            f.write(json.dumps({"user": u, "raw_user": str(ds.users["raw_id"].iat[u]), "prompt_version": STUDENT,
-                                "model": "student:test", **steps, "text": text, "error": None}) + "\n")
+            rec = {"user": u, "raw_user": str(ds.users["raw_id"].iat[u]), "prompt_version": STUDENT,
+                   "model": "student:test", **steps, "text": text, "error": None}
+            f.write(json.dumps(rec) + "\n")
+            # a rationale at an earlier cut point, written after the end one: readers must show the end one
+            f.write(json.dumps({**rec, "prefix": 3, "step3": "Cut", "text": "Step 1: cut"}) + "\n")
     run_stage(VectorsStage(folder))
     run_stage(FusionStage(folder, FusionTrainConfig(backbone="sasrec", train=fast), folder=FUSED))
     return folder
