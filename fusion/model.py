@@ -11,13 +11,14 @@ Joint training (`joint`) learns the fused item side with the backbone's own obje
 over all items at every position of every training history. A rationale written from a prefix of the
 history informs only the positions whose prefix contains all of it (`text_positions`: the last k
 positions of a training row); with rationales at several cut points, each position reads the latest
-one whose prefix it holds (`set_cuts`); every earlier position gets the "missing" vector, so no
-rationale ever sees the target of a position it informs. Scoring reads the end rationale only. Item cold start (`pop_gate`): an item's ID half mixes its own
-ID vector with those of the seen items its text is closest to, by a learned gate on log(1 + training
-count), so an item seen rarely is placed by its text. At scoring (`cold_ridge`), an item seen at most
-RARE times gets the item vector a ridge map from item text predicts, fitted on the trained vectors of
-the items seen more than 2 * RARE times (a linear attribute-to-feature map, Gantner et al., ICDM 2010):
-its own vector, trained almost only as a negative, ranks it below hundreds of items whatever its text.
+one whose prefix it holds (`set_cuts`), and scoring reads the end one. Every earlier position gets the
+"missing" vector, so no rationale ever sees the target of a position it informs. Item cold start
+(`pop_gate`): an item's ID half mixes its own ID vector with those of the seen items its text is
+closest to, by a learned gate on log(1 + training count), so an item seen rarely is placed by its
+text. At scoring (`cold_ridge`), an item seen at most RARE times gets the item vector a ridge map from
+item text predicts, fitted on the trained vectors of the items seen more than 2 * RARE times (a linear
+attribute-to-feature map, Gantner et al., ICDM 2010): its own vector, trained almost only as a
+negative, ranks it below hundreds of items whatever its text.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ class FusionTrainConfig:
                                       "slmrec-student.")
     training: str = setting("joint", "joint: the backbone's own objective (cross-entropy over all items) at every "
                                      "position of every training history, each rationale only after the prefix it "
-                                     "saw (the latest one there, with cuts); frozen: SLIM's head, one example per user (the history a rationale saw "
-                                     "and the item after it).")
+                                     "saw (the latest one there, with cuts); frozen: SLIM's head, one example per "
+                                     "user (the history a rationale saw and the item after it).")
     freeze_backbone: bool = setting(False, "Keep the backbone frozen (else it is fine-tuned from its checkpoint "
                                            "and saved with the model).")
     text: str = setting("both", "Text the hybrid reads: both, items (item text only), users (rationales only), "

@@ -74,7 +74,8 @@ class StudentRationalesStage(RationaleStage):
         if cfg.backend == "local":
             with make_generator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
                                 cfg.client.temperature, cfg.seed, engine=cfg.engine) as gen:
-                return {**run_generation(self.data_dir, out, cfg, gen, label, self.name, cfg.cuts), "engine": gen.engine}
+                summary = run_generation(self.data_dir, out, cfg, gen, label, self.name, cfg.cuts)
+                return {**summary, "engine": gen.engine}
         own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run
         with endpoint(cfg.client, cfg.base_model if own else None, self.adapter if own else None,
                       out / "server.log", engine=cfg.engine) as (chat, engine):
