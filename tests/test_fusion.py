@@ -393,10 +393,9 @@ def stages_of(run, preset, overrides=()) -> dict:
 
 def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     demo = stages_of(tmp_path, "demo")
-    assert {f for f in demo if f.startswith("fusion/")} == {
-        "fusion/hybrid-sasrec", "fusion/hybrid-sasrec-items", "fusion/hybrid-sasrec-users", "fusion/hybrid-sasrec-none",
-        "fusion/hybrid-sasrec-profile", "fusion/hybrid-gru4rec", "fusion/hybrid-gru4rec-none", "fusion/hybrid-slmrec-student",
-        "fusion/hybrid-slmrec-student-none", "fusion/text"}
+    ablations = {f"fusion/hybrid-{b}{side}" for b in ("sasrec", "gru4rec", "slmrec-student")
+                 for side in ("", "-items", "-users", "-none")}   # item text, rationales, both, neither
+    assert {f for f in demo if f.startswith("fusion/")} == ablations | {"fusion/hybrid-sasrec-profile", "fusion/text"}
     assert demo["fusion/hybrid-gru4rec"].inputs()["backbone"] == tmp_path / "gru4rec"
     assert demo["fusion/hybrid-sasrec-profile"].inputs()["vectors"] == tmp_path / "vectors-profile"
     assert demo["vectors-profile"].config.records == "profile-rationales"
@@ -429,6 +428,7 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     paper = stages_of(tmp_path, "paper", ["slmrec-teacher.train.lr=1e-4"])
     teacher = paper["slmrec-teacher"].config
     assert teacher.model.base == "/x/LLAMA2_7B" and teacher.train.lr == 1e-4
+    assert {f for f in paper if f.startswith("fusion/")} == {f for f in demo if f.startswith("fusion/")}
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")
     with pytest.raises(InputError, match="unknown preset"):
         build_stages(tmp_path, "nope")
