@@ -4,8 +4,10 @@ Trains one joint hybrid per backbone and seed on a finished run (the fusion stag
 `fit`, the run's vectors), then scores validation and test under full ranking at several ridge
 penalties side by side (the map is applied at scoring only, so one training serves every penalty):
 NDCG@10 overall, on tail items and on rare items (seen at most 5 times in training), and how many rare
-targets reach the top 10. `--shuffle` adds a control: the same map fitted on item texts shuffled among
-items, so what it buys without the right text shows next to what it buys with it.
+targets reach the top 10. The model is trained (and early-stopped on validation) with the stage's
+default `cold_ridge`, so the comparison leans towards that value. `--shuffle` adds a control: the
+same map fitted on item texts shuffled among the items with text, so what it buys without the right
+text shows next to what it buys with it.
 
     python bench/bench_cold_start.py --run runs/demo --backbones sasrec,gru4rec --seeds 42,43
 """
@@ -63,7 +65,8 @@ def main() -> None:
             with torch.no_grad():
                 fused = model.item_vectors()          # the trained item side, before any map
             text = model.item_text.clone()
-            shuffled = text[torch.randperm(len(text), generator=torch.Generator().manual_seed(seed))]
+            shuffled, rows = text.clone(), model.item_has.nonzero().squeeze(1)  # texts shuffled among items with text
+            shuffled[rows] = text[rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]]
             for ridge in map(float, args.ridges.split(",")):
                 for name, texts in (("own", text), ("shuffled", shuffled))[:1 + (args.shuffle and ridge > 0)]:
                     model.config = replace(model.config, cold_ridge=ridge)

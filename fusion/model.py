@@ -202,10 +202,17 @@ class FusedRecommender(DotScorer, nn.Module):
         cold = self.item_has & (self.item_pop <= RARE)
         if not fit.any() or not cold.any():
             return items
-        x = F.pad(self.item_text, (0, 1), value=1.0)  # text vector and an intercept
-        gram = x[fit].T @ x[fit] + self.config.cold_ridge * torch.eye(x.shape[1], device=x.device)
-        weights = torch.linalg.solve(gram, x[fit].T @ items[fit].detach())
-        return torch.where(cold[:, None], x @ weights, items)
+        return torch.where(cold[:, None], self._text_map(fit) @ items[fit].detach(), items)
+
+    def _text_map(self, fit: torch.Tensor) -> torch.Tensor:
+        """[num_items + 1, n_fit]: the ridge predictions are this @ the fitted items' vectors. It depends
+        on the item texts and the ridge only, so it is solved once, not for every scored batch."""
+        key = (self.config.cold_ridge, self.item_text._version, self.item_text.data_ptr())
+        if getattr(self, "_map_key", None) != key:
+            x = F.pad(self.item_text, (0, 1), value=1.0)  # text vector and an intercept
+            gram = x[fit].T @ x[fit] + self.config.cold_ridge * torch.eye(x.shape[1], device=x.device)
+            self._map, self._map_key = x @ torch.linalg.solve(gram, x[fit].T), key
+        return self._map
 
     def _positions(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         """Backbone vectors at every position; a frozen backbone's are computed once per (user, history)."""
@@ -238,9 +245,8 @@ class FusedRecommender(DotScorer, nn.Module):
         for k in range(self.cut_positions.shape[1]):  # earliest cut first: a later one overwrites it
             informed = back < self.cut_positions[users, k][:, None]
             text = torch.where(informed[..., None], self.cut_text[self.cut_index[users, k]][:, None], text)
-        # a user without an end rationale keeps reading its latest cut (or "missing", as without cuts)
-        has_end = self.user_has[users] | ~self.cut_positions[users].bool().any(1)
-        informed = (back < self.text_positions[users][:, None]) & has_end[:, None]
+        # the end prefix on: the end rationale, or "missing" without one, as scoring reads it
+        informed = back < self.text_positions[users][:, None]
         return self.fuse(torch.where(informed[..., None], self._user_text(users)[:, None], text), h)
 
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,9 @@ class FusionTrainConfig:
     pop_gate: bool = setting(True, "Item cold start: mix each item's ID vector with those of its text neighbours "
                                    "by a learned gate on log(1 + training count), so rarely seen items are placed "
                                    "by their text.")
-    cold_ridge: float = setting(0.1, "Item cold start at scoring: an item seen at most 5 times in training gets "
-                                     "the vector a ridge map from item text predicts, fitted on the trained "
-                                     "vectors of items seen more than 10 times; this is the ridge penalty "
+    cold_ridge: float = setting(0.1, f"Item cold start at scoring: an item seen at most {RARE} times in training "
+                                     "gets the vector a ridge map from item text predicts, fitted on the trained "
+                                     f"vectors of items seen more than {2 * RARE} times; this is the ridge penalty "
                                      "(smaller: rare items ranked higher, at some cost overall; 0: off).")
     vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
                                       "vectors-profile over the profile control).")

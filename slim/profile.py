@@ -34,7 +34,7 @@ class ProfileConfig:
     cuts: int = cuts_setting()
 
     def __post_init__(self) -> None:
-        check_cuts(self.cuts)
+        check_cuts(self.cuts, "profile-rationales")
 
 
 def _shares(values: list[str], top: int) -> list[tuple[str, float]]:

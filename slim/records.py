@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from eval.config import setting
+from eval.dataset import MIN_CUT
 from eval.errors import InputError
 
 RECORDS = "records.jsonl"  # the file of records in a rationale stage's folder
@@ -38,13 +39,13 @@ def key_of(rec: dict[str, Any]) -> Key:
 def cuts_setting() -> Any:
     """The `cuts` setting of the rationale stages that cover every user (the student's, the profile's)."""
     return setting(1, "Rationales per user: 1 writes one from the history up to the fused models' last training "
-                      "target; more adds earlier ones from evenly spaced shorter prefixes (at least 3 items each), "
-                      "which joint fusion reads at the positions after their prefix.")
+                      "target; more adds earlier ones from evenly spaced shorter prefixes (at least "
+                      f"{MIN_CUT} items each), which joint fusion reads at the positions after their prefix.")
 
 
-def check_cuts(cuts: int) -> None:
+def check_cuts(cuts: int, stage: str) -> None:
     if cuts < 1:
-        raise InputError(f"cuts must be at least 1, not {cuts}")
+        raise InputError(f"{stage}.cuts must be at least 1, not {cuts}")
 
 
 def words_of(text: str) -> list[str]:

@@ -37,7 +37,7 @@ class StudentRationalesConfig(GenerationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_cuts(self.cuts)
+        check_cuts(self.cuts, "slim-student-rationales")
         if self.backend not in BACKENDS:
             raise InputError(f"unknown generation backend '{self.backend}' (choose {' or '.join(BACKENDS)})")
 

@@ -282,14 +282,15 @@ def test_each_position_reads_the_latest_rationale_whose_prefix_it_holds(run):
                 start, nxt = ds.rationale_prefixes(int(user), 3)[slot:slot + 2]
                 changed = ~torch.isclose(moved[i], plain[i]).all(-1)
                 assert changed.tolist() == [start <= q < nxt for q in seen], (user, slot)
-    with torch.no_grad():   # a user whose end rationale is missing keeps reading its latest cut after the end prefix
+    with torch.no_grad():   # a user without an end rationale reads "missing" after the end prefix, as scoring does
         first = int(users[0])
-        latest, end = model.cut_text[model.cut_index[first, -1]], model.user_text[first].clone()
         model.user_has[first] = False
-        lost = model.position_user_vectors(u[:1], inputs[:1])
-        model.user_has[first], model.user_text[first] = True, latest
-        assert torch.allclose(lost, model.position_user_vectors(u[:1], inputs[:1]))
-        model.user_text[first] = end
+        lost = model.position_user_vectors(u[:1], inputs[:1])[0]
+        k = int(model.text_positions[first])
+        missing = model.missing_user.expand(k, -1)
+        assert torch.allclose(lost[-k:], model.fuse(missing, model._positions(u[:1], inputs[:1])[0, -k:]))
+        assert torch.allclose(lost[:-k], plain[0, :-k])   # the cuts before it are still read
+        model.user_has[first] = True
     model.set_cuts(torch.zeros(0, v.dim), torch.zeros(ds.num_users, 0), torch.zeros(ds.num_users, 0))
     with torch.no_grad():   # without cuts, only the end rationale's positions read text, as before cuts existed
         assert torch.equal(model.position_user_vectors(u, inputs)[:, -1], plain[:, -1])

@@ -2,8 +2,10 @@
 import json
 
 import pandas as pd
+import pytest
 
 from eval.dataset import load_dataset, prepare_dataset
+from eval.errors import InputError
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from slim.profile import ProfileConfig, ProfileRationalesStage, profile_steps
@@ -85,3 +87,12 @@ def test_cuts_write_a_record_per_prefix_and_the_users_table_keeps_one_per_user(s
     assert not has_table(lancedb.connect(str(db)), CUTS_TABLE) and len(load_vectors(db).cut_ids) == 0
     assert again.status == "ran" and CUTS_TABLE not in again.counts
     assert digest(db) == digest_one and digest(tmp_path / "profile-rationales") == profile_one   # as before cuts
+
+
+def test_a_bad_cuts_setting_names_its_stage():
+    from slim.student import StudentRationalesConfig
+
+    with pytest.raises(InputError, match=r"^profile-rationales\.cuts must be at least 1, not 0$"):
+        ProfileConfig(cuts=0)
+    with pytest.raises(InputError, match=r"^slim-student-rationales\.cuts must be at least 1, not -1$"):
+        StudentRationalesConfig(cuts=-1)
