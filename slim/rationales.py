@@ -77,6 +77,21 @@ def cut_of(ds: SeqDataset, job: Job) -> int | None:
     return None if prefix == len(ds.rationale_history(user)) else prefix
 
 
+def missing_jobs(ds: SeqDataset, jobs: list[Job], keys: set, version: str, model: str) -> list[Job]:
+    """The jobs without a record among `keys` (those of a records file)."""
+    return [j for j in jobs if (j[0], version, model, cut_of(ds, j)) not in keys]
+
+
+def remaining_jobs(data_dir: str | Path, out_dir: str | Path, cfg: GenerationConfig, model: str,
+                   cuts: int = 1) -> list[Job]:
+    """What `run_generation` would still ask for: with nothing left a stage need not start a model
+    (a changed setting that changes no record, e.g. a batch size, reruns the stage)."""
+    ds = load_dataset(data_dir)
+    jobs = rationale_jobs(ds, sample_users(ds.num_users, cfg.users, cfg.seed), cuts)
+    with RecordLog(Path(out_dir) / RECORDS) as log:
+        return missing_jobs(ds, jobs, log.keys, load_template(cfg.template).version, model)
+
+
 def job_prompts(ds: SeqDataset, jobs: list[Job], cfg: GenerationConfig) -> dict[Job, str]:
     """The rendered prompt of each (user, prefix), from that prefix of the history (no target leakage)."""
     build = PromptBuilder(ds.items, cfg.template, cfg.history_tokens, cfg.tokenizer or smollm2_path(), ds.domain)
@@ -103,7 +118,7 @@ def make_record(ds: SeqDataset, user: int, version: str, model: str, prompt: str
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationConfig, gen: Generator,
+def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationConfig, gen: Generator | None,
                    model_label: str | None = None, stage: str = "rationales", cuts: int = 1) -> dict[str, Any]:
     """Write each sampled user's rationales (`cuts` of them, see `SeqDataset.rationale_prefixes`) not
     already in `out_dir/records.jsonl`, keyed by (user, prefix); return the summary.
@@ -120,10 +135,7 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
     usage = Usage()
     malformed = retried = 0
     with RecordLog(out_dir / RECORDS) as log:
-        def done(job: Job) -> bool:
-            return (job[0], version, model, cut_of(ds, job)) in log.keys
-
-        todo = [j for j in jobs if not done(j)]
+        todo = missing_jobs(ds, jobs, log.keys, version, model)
         prompts = job_prompts(ds, todo, cfg)
         pending = dict(prompts)
         t0 = time.perf_counter()  # generation time only: tokens/s is not diluted by prompt rendering
@@ -131,6 +143,8 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
             # greedy decoding answers again exactly as before: asking again only costs time
             retries = cfg.format_retries if cfg.client.temperature > 0 else 0
             for attempt in range(retries + 1):
+                if not pending:
+                    break
                 again: dict[Job, str] = {}
                 for job, result in gen.stream(pending.items(), attempt):
                     if isinstance(result, Exception):  # the client gave up after its retries: retry next run
@@ -150,9 +164,7 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
                     bar.set_postfix(tok_s=f"{usage.completion_tokens / (time.perf_counter() - t0):.1f}")
                 retried += len(again)
                 pending = again
-                if not pending:
-                    break
-        missing = {j[0] for j in jobs if not done(j)}
+        missing = {u for u, _ in missing_jobs(ds, jobs, log.keys, version, model)}
     seconds = time.perf_counter() - t0
     return {"users": len(users), "done_before": len(jobs) - len(todo), "written": usage.requests - retried,
             "malformed": malformed, "retried": retried, "failed": usage.failures, "complete": len(users) - len(missing),

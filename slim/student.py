@@ -17,7 +17,7 @@ from eval.stage import fingerprint
 from .client import ClientConfig
 from .finetune import SlimStudentStage
 from .prompts import STUDENT
-from .rationales import GenerationConfig, RationaleStage, run_generation
+from .rationales import GenerationConfig, RationaleStage, remaining_jobs, run_generation
 from .records import check_cuts, cuts_setting
 
 BACKENDS = ("local", "endpoint")
@@ -71,6 +71,8 @@ class StudentRationalesStage(RationaleStage):
         from .serve import endpoint
 
         cfg, label = self.config, student_label(self.adapter)
+        if not remaining_jobs(self.data_dir, out, cfg, label, cfg.cuts):  # every record is there: start no model
+            return {**run_generation(self.data_dir, out, cfg, None, label, self.name, cfg.cuts), "engine": "none"}
         if cfg.backend == "local":
             with make_generator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
                                 cfg.client.temperature, cfg.seed, engine=cfg.engine) as gen:

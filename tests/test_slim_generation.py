@@ -182,7 +182,7 @@ def test_client_without_a_model_name_asks_the_endpoint(run):
     assert {r["model"] for r in lines(run / OUT / "records.jsonl")} == {SERVED_MODEL}
 
 
-def test_student_cuts_are_keyed_by_user_and_prefix_and_resume(run):
+def test_student_cuts_are_keyed_by_user_and_prefix_and_resume(run, monkeypatch):
     """cuts = 3 on a run that has the end rationales: only the earlier cuts are asked, each from its
     prefix of the history; a failed request leaves one (user, prefix) missing and the rerun asks for it alone."""
     from slim.student import StudentRationalesConfig, StudentRationalesStage
@@ -217,6 +217,15 @@ def test_student_cuts_are_keyed_by_user_and_prefix_and_resume(run):
         assert not any(f"{titles[i]} (" in prompt for i in seq[prefix:])
     assert set(read_records(out)) == set(users) and all("prefix" not in r for r in read_records(out).values())
     assert run_stage(StudentRationalesStage(run, replace(cfg, cuts=3))).status == "up to date"
+    import slim.serve   # a setting that changes no record reruns the stage, which then starts no model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was started with nothing to ask")
+
+    monkeypatch.setattr(slim.serve, "endpoint", no_model)
+    rerun = run_stage(StudentRationalesStage(run, replace(cfg, cuts=3, batch_size=4)))
+    assert rerun.status == "ran" and rerun.counts["engine"] == "none" and rerun.counts["written"] == 0
+    assert rerun.counts["complete"] == 3 and lines(out) == recs
 
 
 def test_record_log_drops_torn_line_and_never_duplicates(tmp_path):
