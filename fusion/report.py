@@ -27,6 +27,7 @@ from eval.tables import floor_of, markdown_table, print_table
 from slim.quality import QualityStage, quality_section
 
 from .groups import item_groups, item_popularity_groups, user_groups
+from .train import GROUP_KEY
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -123,8 +124,9 @@ def seed_rows(models: dict[str, Path], protocol: str) -> dict[str, dict[str, str
             row = {"seeds": str(summary["seeds"]),
                    **{m: f"{mean[label][m]:.4f} ± {std[label][m]:.4f}" for m in ("NDCG@10", "HR@10", "MRR")}}
             for key in mean:  # "full ranking, <group>" (seeds.json written before groups were added: none)
-                if key.startswith(f"{protocol_label('full')}, ") and "NDCG@10" in mean[key]:
-                    row[f"{key.split(', ', 1)[1]} NDCG@10"] = f"{mean[key]['NDCG@10']:.4f} ± {std[key]['NDCG@10']:.4f}"
+                if key.startswith(GROUP_KEY) and "NDCG@10" in mean[key]:
+                    value = f"{mean[key]['NDCG@10']:.4f} ± {std[key]['NDCG@10']:.4f}"
+                    row[f"{key.removeprefix(GROUP_KEY)} NDCG@10"] = value
             rows[name] = row
     return rows
 

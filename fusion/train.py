@@ -127,6 +127,9 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     return model
 
 
+GROUP_KEY = f"{protocol_label('full')}, "  # seeds.json: "<protocol>, <group>" entries beside the protocols
+
+
 def group_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict[str, dict]:
     """Full-ranking test metrics on the sparsest user group, tail items and rare items: the groups the
     fused models' claims are about, so that their spread over seeds is known too."""
@@ -134,7 +137,7 @@ def group_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict
     items = item_groups(ds)
     groups = (next(iter(user_groups(ds).items())), ("tail", items["tail"]),
               (f"seen <= {RARE}", items[f"seen <= {RARE}"]))
-    return {f"{protocol_label('full')}, {name}": metrics_of(r[users], n[users]) for name, users in groups}
+    return {GROUP_KEY + name: metrics_of(r[users], n[users]) for name, users in groups}
 
 
 def seed_summary(runs: list[dict[str, dict]]) -> dict:
