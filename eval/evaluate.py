@@ -86,11 +86,22 @@ def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str =
              batch_size: int = 256, max_len: int = 200, progress: bool = False,
              users: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of a model with the random-ranker floor of the same protocol and users/s."""
+    return evaluate_groups(model, ds, split, protocol, {}, batch_size=batch_size, max_len=max_len,
+                           progress=progress, users=users)[0]
+
+
+def evaluate_groups(model: Scorer, ds: SeqDataset, split: str, protocol: str, groups: dict[str, np.ndarray],
+                    batch_size: int = 256, max_len: int = 200, progress: bool = False,
+                    users: np.ndarray | None = None) -> tuple[dict[str, float], dict[str, dict]]:
+    """`evaluate`'s metrics, and the metrics of each group of users (ids among `users`), from one ranking."""
+    users = np.arange(ds.num_users) if users is None else np.asarray(users)
     t0 = time.perf_counter()
     r, n, _ = rank_users(model, ds, split, protocol, users=users, batch_size=batch_size, max_len=max_len,
                          progress=progress)
     seconds = time.perf_counter() - t0
-    return {**metrics_of(r, n), "users_per_s": float(len(r) / seconds) if seconds > 0 else float("inf")}
+    overall = {**metrics_of(r, n), "users_per_s": float(len(r) / seconds) if seconds > 0 else float("inf")}
+    rows = {name: np.flatnonzero(np.isin(users, g)) for name, g in groups.items()}
+    return overall, {name: metrics_of(r[i], n[i]) for name, i in rows.items()}
 
 
 def metrics_of(r: np.ndarray, n: np.ndarray) -> dict[str, float]:

@@ -11,11 +11,10 @@ import torch
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.errors import InputError
-from eval.evaluate import metrics_of, protocol_label, rank_users
+from eval.evaluate import evaluate_groups, protocol_label, protocols_of
 from eval.io import write_json
 from eval.registry import load_model, max_len_of
 from eval.stage import Stage
-from slmrec.pretrain import test_metrics
 from slmrec.trainer import TrainConfig, fit
 
 from .groups import RARE, item_groups, user_groups, user_length_groups
@@ -130,14 +129,19 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
 GROUP_KEY = f"{protocol_label('full')}, "  # seeds.json: "<protocol>, <group>" entries beside the protocols
 
 
-def group_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict[str, dict]:
-    """Full-ranking test metrics on the sparsest user group, tail items and rare items: the groups the
-    fused models' claims are about, so that their spread over seeds is known too."""
-    r, n, _ = rank_users(model, ds, "test", "full", max_len=max_len)
+def seed_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict[str, dict]:
+    """Test metrics under every protocol, and under full ranking those of the sparsest user group, tail
+    items and rare items (the groups the fused models' claims are about, so their spread over seeds is
+    known too), keyed GROUP_KEY + group; one ranking per protocol."""
     items = item_groups(ds)
-    groups = (next(iter(user_groups(ds).items())), ("tail", items["tail"]),
-              (f"seen <= {RARE}", items[f"seen <= {RARE}"]))
-    return {GROUP_KEY + name: metrics_of(r[users], n[users]) for name, users in groups}
+    groups = dict((next(iter(user_groups(ds).items())), ("tail", items["tail"]),
+                   (f"seen <= {RARE}", items[f"seen <= {RARE}"])))
+    metrics = {}
+    for protocol in protocols_of(ds):
+        metrics[protocol_label(protocol)], found = evaluate_groups(
+            model, ds, "test", protocol, groups if protocol == "full" else {}, max_len=max_len)
+        metrics.update({GROUP_KEY + name: m for name, m in found.items()})
+    return metrics
 
 
 def seed_summary(runs: list[dict[str, dict]]) -> dict:
@@ -185,11 +189,9 @@ class FusionStage(Stage):
         model, log, tc = self.train_one(ds, cfg.train.seed)
         model.save_pretrained(out)
         write_json(out / "train_log.json", log)
-        metrics = test_metrics(model, ds, tc.max_len)
-        write_json(out / "metrics.json", metrics)
-        others = (self.train_one(ds, cfg.train.seed + k)[0] for k in range(1, cfg.seeds))
-        runs = [{**metrics, **group_metrics(model, ds, tc.max_len)}] + \
-            [{**test_metrics(m, ds, tc.max_len), **group_metrics(m, ds, tc.max_len)} for m in others]
+        runs = [seed_metrics(model, ds, tc.max_len)]
+        write_json(out / "metrics.json", {k: v for k, v in runs[0].items() if not k.startswith(GROUP_KEY)})
+        runs += [seed_metrics(self.train_one(ds, cfg.train.seed + k)[0], ds, tc.max_len) for k in range(1, cfg.seeds)]
         write_json(out / "seeds.json", seed_summary(runs))
         return {"parameters": sum(p.numel() for p in model.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -16,7 +16,7 @@ from eval.io import manifest, read_json, write_json
 from eval.popularity import gini, popularity_metrics
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
-from fusion.groups import item_popularity_groups, user_length_groups
+from fusion.groups import item_groups, item_popularity_groups, user_length_groups
 from fusion.model import FusedRecommender, FusionConfig, vectors_to_tensors
 from fusion.pipeline import build_stages
 from fusion.report import evaluate_run
@@ -212,6 +212,9 @@ def test_seeds_repeat_training_and_differ(run):
     assert summary["std"]["full ranking"]["MRR"] == pytest.approx(abs(first["MRR"] - second["MRR"]) / 2 ** 0.5)
     groups = [k for k in summary["mean"] if k.startswith("full ranking, ")]   # every seed's sparsest users, tail, rare
     assert len(groups) == 3 and {"full ranking, tail", "full ranking, seen <= 5"} < set(groups)
+    kept, tail = FusedRecommender.from_pretrained(run / "fusion" / "s"), item_groups(ds)["tail"]
+    alone = evaluate(kept, ds, "test", "full", max_len=10, users=tail)  # a group's metrics are its users' alone
+    assert summary["runs"][0]["full ranking, tail"] == {k: v for k, v in alone.items() if k != "users_per_s"}
     from fusion.report import find_models, seed_rows
     row = seed_rows(find_models(run), "full")["fusion/s"]
     assert row["seeds"] == "2" and "tail NDCG@10" in row and any(k.startswith("G1 (") for k in row)
