@@ -17,28 +17,17 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import slmrec.gru4rec  # noqa: F401  (registers the backbones a run may hold)
 import slmrec.llm  # noqa: F401
 import slmrec.sasrec  # noqa: F401
+from bench_fusion_settings import cells, groups_of
 from eval.dataset import load_dataset
 from eval.evaluate import rank_users
-from eval.metrics import from_ranks
-from fusion.groups import RARE, item_popularity_groups, users_by_test_item
 from fusion.train import FusionTrainConfig, build
 from fusion.vectors import load_vectors
 from slmrec.trainer import fit
-
-
-def row(model, ds, max_len: int, split: str) -> str:
-    """NDCG@10 overall / tail / rare and the rare targets in the top 10, for one split."""
-    r, _, _ = rank_users(model, ds, split, "full", max_len=max_len)
-    rare = np.flatnonzero(ds.item_popularity[ds.target(split)] <= RARE)
-    tail = users_by_test_item(ds, item_popularity_groups(ds)["tail"], split)
-    nd = [from_ranks(r[u])["NDCG@10"] for u in (np.arange(len(r)), tail, rare)]
-    return " | ".join(f"{v:.4f}" for v in nd) + f" | {int((r[rare] < 10).sum())}/{len(rare)}"
 
 
 def main() -> None:
@@ -75,9 +64,10 @@ def main() -> None:
                         items = model.text_mapped(fused) if ridge else fused
                     model.item_text.copy_(text)
                     model.item_vectors = lambda items=items: items  # score with these item vectors
-                    cells = [row(model, ds, tc.max_len, s) for s in ("valid", "test")]
+                    row = " | ".join(cells(rank_users(model, ds, s, "full", max_len=tc.max_len)[0], groups_of(ds, s))
+                                     for s in ("valid", "test"))
                     del model.item_vectors
-                    print(f"| {backbone} | {seed} | {ridge:g} | {name} | " + " | ".join(cells) + " |", flush=True)
+                    print(f"| {backbone} | {seed} | {ridge:g} | {name} | {row} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,7 @@ def main() -> None:
     lengths = sorted(len(r["input_ids"]) for r in rows)
     print(f"{len(rows)} examples, tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
           f"native bf16 here: {native_bf16()}")
-    print(f"| variant | batch | steps | seconds | examples/s | CPU s | examples/CPU s |\n|---|---|---|---|---|---|---|")
+    print("| variant | batch | steps | seconds | examples/s | CPU s | examples/CPU s |\n|---|---|---|---|---|---|---|")
     for b in (int(x) for x in args.batch_size.split(",")):
         for variant in args.variants.split(","):
             precision, sampling, *full = variant.split("-")

@@ -15,10 +15,13 @@ one whose prefix it holds (`set_cuts`), and scoring reads the end one. Every ear
 "missing" vector, so no rationale ever sees the target of a position it informs. Item cold start
 (`pop_gate`): an item's ID half mixes its own ID vector with those of the seen items its text is
 closest to, by a learned gate on log(1 + training count), so an item seen rarely is placed by its
-text. At scoring (`cold_ridge`), an item seen at most RARE times gets the item vector a ridge map from
-item text predicts, fitted on the trained vectors of the items seen more than 2 * RARE times (a linear
-attribute-to-feature map, Gantner et al., ICDM 2010): its own vector, trained almost only as a
-negative, ranks it below hundreds of items whatever its text.
+text. In training (`id_dropout`, DropoutNet), a random share of items, drawn afresh each step, is
+scored from its text alone (ID half zero), as the items seen at most RARE times always are, so that
+the text path learns to rank items without their ID vectors. At scoring (`cold_ridge`), an item seen
+at most RARE times gets the item vector a ridge map from item text predicts, fitted on the trained
+vectors of the items seen more than 2 * RARE times (a linear attribute-to-feature map, Gantner et
+al., ICDM 2010): its own vector, trained almost only as a negative, ranks it below hundreds of items
+whatever its text.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ class FusionConfig:
     text: str = "both"           # which text the hybrid reads: both, items, users, none
     pop_gate: bool = False       # item ID half scaled by a learned gate on log(1 + training count)
     cold_ridge: float = 0.0      # ridge penalty of the text -> item-vector map for rare items at scoring (0: off)
+    id_dropout: float = 0.0      # training: share of items scored from text alone each step, as rare items always are
 
     def __post_init__(self) -> None:
         if self.mode not in ("hybrid", "text"):
@@ -129,9 +133,9 @@ class FusedRecommender(DotScorer, nn.Module):
                 if cfg.joint:  # a 1e-3 text half stays near zero in the few epochs joint training takes
                     self.g_f.weight[:, :cfg.id_dim] += torch.eye(cfg.id_dim)
                 self.g_f.bias.zero_()
-            if cfg.pop_gate or cfg.cold_ridge:
+            if cfg.pop_gate or cfg.cold_ridge or cfg.id_dropout:
                 if item_pop is None:
-                    raise InputError("pop_gate and cold_ridge need the items' training counts")
+                    raise InputError("pop_gate, cold_ridge and id_dropout need the items' training counts")
                 self.register_buffer("item_pop", item_pop.float())
             if cfg.pop_gate:
                 # gate = sigmoid(a * log(1 + count) + b): 0.5 at RARE training interactions, near 1 far above
@@ -190,10 +194,21 @@ class FusedRecommender(DotScorer, nn.Module):
             borrowed = (self.neighbour_weights[..., None] * ids[self.neighbours]).sum(1)
             gate = self.id_gate()[:, None]
             ids = gate * ids + (1 - gate) * borrowed
+        if self.config.id_dropout:
+            ids = ids.masked_fill(self.text_only()[:, None], 0.0)
         fused = self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
         if self.training or not (self.config.cold_ridge and self.reads_item_text):
             return fused
         return self.text_mapped(fused)
+
+    def text_only(self) -> torch.Tensor:
+        """[num_items + 1] items scored from their text alone (ID half zero): those seen at most RARE
+        times, and in training a fresh random `id_dropout` share of the others (DropoutNet, Volkovs et
+        al., NeurIPS 2017), so that the text path learns to rank items without their ID vectors."""
+        only = self.item_has & (self.item_pop <= RARE)
+        if self.training:
+            only |= self.item_has & (torch.rand(only.shape, device=only.device) < self.config.id_dropout)
+        return only
 
     def text_mapped(self, items: torch.Tensor) -> torch.Tensor:
         """`items` with each item seen at most RARE times replaced by the vector a ridge map from its

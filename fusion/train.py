@@ -42,6 +42,10 @@ class FusionTrainConfig:
                                      "gets the vector a ridge map from item text predicts, fitted on the trained "
                                      f"vectors of items seen more than {2 * RARE} times; this is the ridge penalty "
                                      "(smaller: rare items ranked higher, at some cost overall; 0: off).")
+    id_dropout: float = setting(0.0, f"Item cold start in training: each step this share of items is scored from its "
+                                     f"text alone (ID half zero), as items seen at most {RARE} times always are "
+                                     "(DropoutNet), so the text path learns to rank items without their ID vectors "
+                                     "(0: off, and rare items keep their ID vectors).")
     vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
                                       "vectors-profile over the profile control).")
     seeds: int = setting(1, "Train with this many seeds (train.seed, +1, ...); the first seed's model is kept and "
@@ -56,6 +60,8 @@ class FusionTrainConfig:
             raise InputError(f"fusion training must be 'joint' or 'frozen', not {self.training!r}")
         if self.cold_ridge < 0:
             raise InputError(f"fusion cold_ridge must be 0 (off) or positive, not {self.cold_ridge}")
+        if not 0 <= self.id_dropout < 1:
+            raise InputError(f"fusion id_dropout must be in [0, 1), not {self.id_dropout}")
         if self.seeds < 1:
             raise InputError(f"fusion seeds must be at least 1, not {self.seeds}")
 
@@ -118,7 +124,8 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     fc = FusionConfig(mode=cfg.mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=vectors.dim,
                       id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone,
                       backbone_path=rel, joint=hybrid and cfg.training == "joint", text=cfg.text,
-                      pop_gate=item_text and cfg.pop_gate, cold_ridge=cfg.cold_ridge if item_text else 0.0)
+                      pop_gate=item_text and cfg.pop_gate, cold_ridge=cfg.cold_ridge if item_text else 0.0,
+                      id_dropout=cfg.id_dropout if item_text else 0.0)
     model = FusedRecommender(fc, users, has_u, items, has_i, backbone,
                              item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
     model.text_positions.copy_(text_positions(ds))

@@ -353,7 +353,8 @@ def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
-    model = build(ds, FusionTrainConfig(cold_ridge=1e-6), v, run / "sasrec", run / "fusion" / "x").eval()
+    model = build(ds, FusionTrainConfig(cold_ridge=1e-6, id_dropout=0.0), v, run / "sasrec",
+                  run / "fusion" / "x").eval()
     rare = torch.tensor([1, 2])
     with torch.no_grad():
         model.item_pop.fill_(3 * RARE)
@@ -372,6 +373,38 @@ def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
         assert build(ds, off, v, run / "sasrec", run / "fusion" / "x").config.cold_ridge == 0.0
     with pytest.raises(InputError, match="cold_ridge must be 0"):
         FusionTrainConfig(cold_ridge=-1.0)
+
+
+def test_id_dropout_scores_rare_and_dropped_items_from_their_text_alone(run):
+    """Rare items always, and in training a fresh random share of the others, are scored without their
+    ID vectors: what the backbone learned for them cannot move their fused vectors."""
+    from fusion.model import RARE
+    from fusion.train import build
+
+    ds = load_dataset(run / "data")
+    v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
+    model = build(ds, FusionTrainConfig(cold_ridge=0.0, pop_gate=False, id_dropout=0.5), v, run / "sasrec",
+                  run / "fusion" / "x").eval()
+    with torch.no_grad():
+        model.item_pop.fill_(3 * RARE)
+        model.item_pop[1] = RARE
+    assert model.text_only().nonzero().flatten().tolist() == [1]        # at scoring: the rare item only
+    before = model.item_vectors()
+    with torch.no_grad():
+        model.backbone.item_emb.weight[1:3] += 5.0                      # the backbone's ID vectors of items 1, 2
+    after = model.item_vectors()
+    assert torch.equal(after[1], before[1]) and not torch.equal(after[2], before[2])
+    model.train()
+    torch.manual_seed(0)
+    drawn = [model.text_only() for _ in range(2)]
+    assert all(d[1] for d in drawn) and not torch.equal(*drawn)         # a fresh draw each step
+    assert 0.2 < drawn[0][2:].float().mean() < 0.8
+    torch.manual_seed(0)
+    assert torch.equal(model.text_only(), drawn[0])                     # seeded: the same draw
+    assert build(ds, FusionTrainConfig(text="users", id_dropout=0.5), v, run / "sasrec",
+                 run / "fusion" / "x").config.id_dropout == 0                 # no item text: nothing to score from
+    with pytest.raises(InputError, match="id_dropout must be in"):
+        FusionTrainConfig(id_dropout=1.0)
 
 
 def test_report_compares_each_hybrid_with_its_text_controls(tmp_path):
@@ -432,7 +465,11 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     paper = stages_of(tmp_path, "paper", ["slmrec-teacher.train.lr=1e-4"])
     teacher = paper["slmrec-teacher"].config
     assert teacher.model.base == "/x/LLAMA2_7B" and teacher.train.lr == 1e-4
-    assert {f for f in paper if f.startswith("fusion/")} == {f for f in demo if f.startswith("fusion/")}
+    fusions = sorted(f for f in demo if f.startswith("fusion/"))
+    assert fusions == sorted(f for f in paper if f.startswith("fusion/"))   # the same fused models, more seeds
+    same = [replace(paper[f].config, seeds=1, train=demo[f].config.train) == replace(demo[f].config, seeds=1)
+            for f in fusions]
+    assert all(same) and demo["fusion/hybrid-gru4rec"].config.id_dropout == 0.1
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")
     with pytest.raises(InputError, match="unknown preset"):
         build_stages(tmp_path, "nope")
