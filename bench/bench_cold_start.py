@@ -1,8 +1,9 @@
 """Item cold start of the fused models: what the text -> item-vector map (`cold_ridge`) costs and buys.
 
-Trains one joint hybrid per backbone and seed on a finished run (the fusion stage's own `build` and
-`fit`, the run's vectors), then scores validation and test under full ranking at several ridge
-penalties side by side (the map is applied at scoring only, so one training serves every penalty):
+Trains one joint hybrid per backbone and seed on a finished run (`fusion.train.train_seed`, the
+fusion stage's own training on the run's vectors), then scores validation and test under full
+ranking at several ridge penalties side by side (the map is applied at scoring only, so one training
+serves every penalty):
 NDCG@10 overall, on tail items and on rare items (seen at most 5 times in training), and how many rare
 targets reach the top 10. The model is trained (and early-stopped on validation) with the stage's
 default `cold_ridge`, so the comparison leans towards that value. `--shuffle` adds a control: the
@@ -25,9 +26,7 @@ import slmrec.sasrec  # noqa: F401
 from bench_fusion_settings import cells, groups_of
 from eval.dataset import load_dataset
 from eval.evaluate import rank_users
-from fusion.train import FusionTrainConfig, build
-from fusion.vectors import load_vectors
-from slmrec.trainer import fit
+from fusion.train import FusionTrainConfig, train_seed
 
 
 def main() -> None:
@@ -40,16 +39,12 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     ds = load_dataset(run / "data")
-    vectors = load_vectors(run / "vectors")
     print("| backbone | seed | cold_ridge | texts | valid NDCG@10 all | tail | rare | rare in top 10 "
           "| test NDCG@10 all | tail | rare | rare in top 10 |\n" + "|---" * 12 + "|")
     for backbone in args.backbones.split(","):
         for seed in map(int, args.seeds.split(",")):
             cfg = FusionTrainConfig(backbone=backbone, freeze_backbone=backbone == "slmrec-student")
-            torch.manual_seed(seed)
-            model = build(ds, cfg, vectors, run / backbone, run / "bench-cold-start")
-            tc = replace(cfg.train, max_len=model.config.max_len, seed=seed)
-            fit(model, ds, tc, desc=f"{backbone} seed {seed}")
+            model, _, tc = train_seed(ds, cfg, run, run / "bench-cold-start", seed, backbone)
             model.config = replace(model.config, cold_ridge=0.0)
             with torch.no_grad():
                 fused = model.item_vectors()          # the trained item side, before any map

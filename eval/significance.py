@@ -33,3 +33,20 @@ def paired_test(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int =
     p = (1 + np.count_nonzero(flipped >= abs(d.mean()) - 1e-12)) / (resamples + 1)
     return {"diff": float(d.mean()), "low": float(low), "high": float(high), "p": float(p),
             "significant": bool(p < ALPHA), "users": int(n)}
+
+
+def seeds_test(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float | bool]:
+    """`paired_test` for models trained with several seeds: a and b are [seeds, users] per-user values,
+    row k of both trained with the k-th seed. A two-level bootstrap (seeds, then users, with
+    replacement) gives the interval and a two-sided p-value, so that training noise, which moves every
+    user of a model together, counts as well as the sampling of users."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n_seeds, n = d.shape
+    if n == 0:
+        return {"diff": 0.0, "low": 0.0, "high": 0.0, "p": 1.0, "significant": False, "users": 0, "seeds": n_seeds}
+    rng = np.random.default_rng(seed)
+    boot = np.array([d[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n, n)].mean() for _ in range(resamples)])
+    low, high = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
+    p = min(1.0, 2 * (1 + min(np.count_nonzero(boot <= 0), np.count_nonzero(boot >= 0))) / (resamples + 1))
+    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "p": float(p),
+            "significant": bool(p < ALPHA), "users": int(n), "seeds": int(n_seeds)}

@@ -39,7 +39,7 @@ def user_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
     return {f"G{i + 1} ({lengths[g].min()}-{lengths[g].max()})": g for i, g in enumerate(user_length_groups(ds))}
 
 
-def item_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
-    """Test users by the training popularity of their test item: head / mid / tail and rare items."""
+def item_groups(ds: SeqDataset, split: str = "test") -> dict[str, np.ndarray]:
+    """Users by the training popularity of their `split` item: head / mid / tail and rare items."""
     groups = {**item_popularity_groups(ds), f"seen <= {RARE}": np.flatnonzero(ds.item_popularity[1:] <= RARE) + 1}
-    return {name: users_by_test_item(ds, items) for name, items in groups.items()}
+    return {name: users_by_test_item(ds, items, split) for name, items in groups.items()}

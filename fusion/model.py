@@ -16,8 +16,8 @@ one whose prefix it holds (`set_cuts`), and scoring reads the end one. Every ear
 (`pop_gate`): an item's ID half mixes its own ID vector with those of the seen items its text is
 closest to, by a learned gate on log(1 + training count), so an item seen rarely is placed by its
 text. In training (`id_dropout`, DropoutNet), a random share of items, drawn afresh each step, is
-scored from its text alone (ID half zero), as the items seen at most RARE times always are, so that
-the text path learns to rank items without their ID vectors. At scoring (`cold_ridge`), an item seen
+scored without its own ID vector (zero), as the items seen at most RARE times then always are, so that
+the text path (and the borrowed ID vectors) learn to rank items without it. At scoring (`cold_ridge`), an item seen
 at most RARE times gets the item vector a ridge map from item text predicts, fitted on the trained
 vectors of the items seen more than 2 * RARE times (a linear attribute-to-feature map, Gantner et
 al., ICDM 2010): its own vector, trained almost only as a negative, ranks it below hundreds of items
@@ -189,22 +189,23 @@ class FusedRecommender(DotScorer, nn.Module):
     def item_vectors(self) -> torch.Tensor:
         if self.config.mode == "text":
             return self.g_item(self._item_text())
-        ids = (self.frozen or self.backbone).item_vectors()
+        ids = half = (self.frozen or self.backbone).item_vectors()
+        if self.config.id_dropout:  # scored without its own ID vector (its text neighbours' still count)
+            half = ids.masked_fill(self.text_only()[:, None], 0.0)
         if self.config.pop_gate:  # a rare item borrows the ID vectors of the seen items its text is closest to
             borrowed = (self.neighbour_weights[..., None] * ids[self.neighbours]).sum(1)
             gate = self.id_gate()[:, None]
-            ids = gate * ids + (1 - gate) * borrowed
-        if self.config.id_dropout:
-            ids = ids.masked_fill(self.text_only()[:, None], 0.0)
-        fused = self.g_f(torch.cat([self.g_l(self._item_text()), ids], dim=-1))
+            half = gate * half + (1 - gate) * borrowed
+        fused = self.g_f(torch.cat([self.g_l(self._item_text()), half], dim=-1))
         if self.training or not (self.config.cold_ridge and self.reads_item_text):
             return fused
         return self.text_mapped(fused)
 
     def text_only(self) -> torch.Tensor:
-        """[num_items + 1] items scored from their text alone (ID half zero): those seen at most RARE
-        times, and in training a fresh random `id_dropout` share of the others (DropoutNet, Volkovs et
-        al., NeurIPS 2017), so that the text path learns to rank items without their ID vectors."""
+        """[num_items + 1] items scored without their own ID vector: those seen at most RARE times, and
+        in training a fresh random `id_dropout` share of the others (DropoutNet, Volkovs et al.,
+        NeurIPS 2017), so that the text path learns to rank items without the ID vectors it lacks for
+        rare ones (with `pop_gate`, the ID vectors borrowed from their text neighbours still count)."""
         only = self.item_has & (self.item_pop <= RARE)
         if self.training:
             only |= self.item_has & (torch.rand(only.shape, device=only.device) < self.config.id_dropout)

@@ -133,6 +133,20 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     return model
 
 
+def train_seed(ds: SeqDataset, cfg: FusionTrainConfig, run: Path, out: Path, seed: int, desc: str = "fusion"
+               ) -> tuple[FusedRecommender, dict, TrainConfig]:
+    """A fused model on `run`'s backbone and vectors, trained with `seed` (its new heads' initial weights
+    and the data order); `out` is where it will live (a frozen backbone is referenced from there)."""
+    torch.manual_seed(seed)  # the new heads' initial weights are part of the seeded run
+    backbone = run / cfg.backbone if cfg.mode == "hybrid" else None
+    model = build(ds, cfg, load_vectors(run / cfg.vectors), backbone, out)
+    tc = replace(cfg.train, max_len=model.config.max_len, seed=seed)
+    group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
+    examples = None if model.config.joint else fusion_examples(ds, tc.max_len, group)
+    log = fit(model, ds, tc, desc=f"{desc} seed {seed}", examples=examples, valid_users=group)
+    return model, log, tc
+
+
 GROUP_KEY = f"{protocol_label('full')}, "  # seeds.json: "<protocol>, <group>" entries beside the protocols
 
 
@@ -179,26 +193,16 @@ class FusionStage(Stage):
             files["backbone"] = self.backbone_dir
         return files
 
-    def train_one(self, ds: SeqDataset, seed: int) -> tuple[FusedRecommender, dict, TrainConfig]:
-        """A fused model trained with `seed` (its new heads' initial weights and the data order)."""
-        cfg = self.config
-        torch.manual_seed(seed)  # the new heads' initial weights are part of the seeded run
-        model = build(ds, cfg, load_vectors(self.run / cfg.vectors), self.backbone_dir, self.out)
-        tc = replace(cfg.train, max_len=model.config.max_len, seed=seed)
-        group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
-        examples = None if model.config.joint else fusion_examples(ds, tc.max_len, group)
-        log = fit(model, ds, tc, desc=f"fusion {self.folder} seed {seed}", examples=examples, valid_users=group)
-        return model, log, tc
-
     def build(self, out: Path) -> dict:
         cfg = self.config
         ds = load_dataset(self.data_dir)
-        model, log, tc = self.train_one(ds, cfg.train.seed)
+        model, log, tc = train_seed(ds, cfg, self.run, self.out, cfg.train.seed, f"fusion {self.folder}")
         model.save_pretrained(out)
         write_json(out / "train_log.json", log)
         runs = [seed_metrics(model, ds, tc.max_len)]
         write_json(out / "metrics.json", {k: v for k, v in runs[0].items() if not k.startswith(GROUP_KEY)})
-        runs += [seed_metrics(self.train_one(ds, cfg.train.seed + k)[0], ds, tc.max_len) for k in range(1, cfg.seeds)]
+        runs += [seed_metrics(train_seed(ds, cfg, self.run, self.out, cfg.train.seed + k, f"fusion {self.folder}")[0],
+                              ds, tc.max_len) for k in range(1, cfg.seeds)]
         write_json(out / "seeds.json", seed_summary(runs))
         return {"parameters": sum(p.numel() for p in model.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -213,7 +213,7 @@ def test_seeds_repeat_training_and_differ(run):
     groups = [k for k in summary["mean"] if k.startswith("full ranking, ")]   # every seed's sparsest users, tail, rare
     assert len(groups) == 3 and {"full ranking, tail", "full ranking, seen <= 5"} < set(groups)
     kept, tail = FusedRecommender.from_pretrained(run / "fusion" / "s"), item_groups(ds)["tail"]
-    alone = evaluate(kept, ds, "test", "full", max_len=10, users=tail)  # a group's metrics are its users' alone
+    alone = evaluate(kept, ds, "test", "full", max_len=kept.config.max_len, users=tail)  # a group's metrics are its users' alone
     assert summary["runs"][0]["full ranking, tail"] == {k: v for k, v in alone.items() if k != "users_per_s"}
     from fusion.report import find_models, seed_rows
     row = seed_rows(find_models(run), "full")["fusion/s"]
@@ -353,8 +353,7 @@ def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
-    model = build(ds, FusionTrainConfig(cold_ridge=1e-6, id_dropout=0.0), v, run / "sasrec",
-                  run / "fusion" / "x").eval()
+    model = build(ds, FusionTrainConfig(cold_ridge=1e-6), v, run / "sasrec", run / "fusion" / "x").eval()
     rare = torch.tensor([1, 2])
     with torch.no_grad():
         model.item_pop.fill_(3 * RARE)
@@ -375,15 +374,17 @@ def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
         FusionTrainConfig(cold_ridge=-1.0)
 
 
-def test_id_dropout_scores_rare_and_dropped_items_from_their_text_alone(run):
+@pytest.mark.parametrize("pop_gate", [False, True])
+def test_id_dropout_scores_rare_and_dropped_items_without_their_own_id_vector(run, pop_gate):
     """Rare items always, and in training a fresh random share of the others, are scored without their
-    ID vectors: what the backbone learned for them cannot move their fused vectors."""
+    own ID vector: what the backbone learned for them cannot move their fused vectors (with pop_gate,
+    the ID vectors they borrow from their text neighbours still do)."""
     from fusion.model import RARE
     from fusion.train import build
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
-    model = build(ds, FusionTrainConfig(cold_ridge=0.0, pop_gate=False, id_dropout=0.5), v, run / "sasrec",
+    model = build(ds, FusionTrainConfig(cold_ridge=0.0, pop_gate=pop_gate, id_dropout=0.5), v, run / "sasrec",
                   run / "fusion" / "x").eval()
     with torch.no_grad():
         model.item_pop.fill_(3 * RARE)
@@ -391,9 +392,17 @@ def test_id_dropout_scores_rare_and_dropped_items_from_their_text_alone(run):
     assert model.text_only().nonzero().flatten().tolist() == [1]        # at scoring: the rare item only
     before = model.item_vectors()
     with torch.no_grad():
-        model.backbone.item_emb.weight[1:3] += 5.0                      # the backbone's ID vectors of items 1, 2
+        model.backbone.item_emb.weight[1] += 5.0                        # the backbone's ID vector of item 1
     after = model.item_vectors()
-    assert torch.equal(after[1], before[1]) and not torch.equal(after[2], before[2])
+    assert torch.equal(after[1], before[1])
+    with torch.no_grad():
+        model.backbone.item_emb.weight[2] += 5.0
+    assert not torch.equal(model.item_vectors()[2], after[2])           # a seen item's own ID vector counts
+    if pop_gate:                                                        # its text neighbours' ID vectors count
+        now = model.item_vectors()[1]
+        with torch.no_grad():
+            model.backbone.item_emb.weight[model.neighbours[1, 0]] += 5.0
+        assert not torch.equal(model.item_vectors()[1], now)
     model.train()
     torch.manual_seed(0)
     drawn = [model.text_only() for _ in range(2)]
@@ -469,7 +478,7 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     assert fusions == sorted(f for f in paper if f.startswith("fusion/"))   # the same fused models, more seeds
     same = [replace(paper[f].config, seeds=1, train=demo[f].config.train) == replace(demo[f].config, seeds=1)
             for f in fusions]
-    assert all(same) and demo["fusion/hybrid-gru4rec"].config.id_dropout == 0.1
+    assert all(same)
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")
     with pytest.raises(InputError, match="unknown preset"):
         build_stages(tmp_path, "nope")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from eval.significance import paired_test, per_user
+from eval.significance import paired_test, per_user, seeds_test
 
 
 def test_per_user_metrics_from_ranks():
@@ -36,3 +36,19 @@ def test_seeded_and_empty():
     a, b = np.random.default_rng(1).random((2, 50))
     assert paired_test(a, b, seed=3) == paired_test(a, b, seed=3)
     assert paired_test(np.array([]), np.array([]))["users"] == 0
+
+
+def test_seeds_test_counts_training_noise():
+    # two seeds, one user, d = [1, 0]: resampled seed pairs average 0 (1/4), 0.5 (1/2) or 1 (1/4), so
+    # the two-sided p is 2 * P(mean <= 0) = 0.5
+    t = seeds_test(np.array([[1.0], [0.0]]), np.zeros((2, 1)), resamples=20000, seed=1)
+    assert t["diff"] == 0.5 and t["seeds"] == 2 and t["low"] == 0.0 and t["high"] == 1.0
+    assert t["p"] == pytest.approx(0.5, abs=0.02)
+    # every user gains in the seed mean, but the seeds disagree: only the per-user test is fooled
+    rng = np.random.default_rng(0)
+    b = rng.random((5, 400))
+    a = b + np.array([0.05, -0.03, 0.05, -0.03, 0.04])[:, None] + 0.001 * rng.standard_normal((5, 400))
+    assert paired_test(a.mean(0), b.mean(0))["p"] < 0.01
+    assert not seeds_test(a, b)["significant"]
+    assert seeds_test(b + 0.05, b)["p"] < 0.01 and seeds_test(b, b)["p"] == 1.0
+
