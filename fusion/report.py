@@ -58,6 +58,15 @@ def find_models(run: Path) -> dict[str, Path]:
     return found
 
 
+def group_row(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
+    """A group's metrics and the median rank of its targets (1 = first): on a small group such as the
+    rare items NDCG@10 reads 0 until a target enters the top 10, the median shows how far off it is."""
+    if not len(r):
+        return metrics_of(r, n)
+    median = float(np.median(r)) + 1
+    return {**metrics_of(r, n), "median rank": int(median) if median.is_integer() else median}
+
+
 def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
     """Overall, per-group and popularity-bias results of one model under one protocol."""
     t0 = time.perf_counter()
@@ -68,8 +77,8 @@ def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
         "ranks": r,
         "overall": metrics_of(r, n),
         "users_per_s": users_per_s,
-        "user_groups": {k: metrics_of(r[g], n[g]) for k, g in user_groups(ds).items()},
-        "item_groups": {k: metrics_of(r[g], n[g]) for k, g in item_groups(ds).items()},
+        "user_groups": {k: group_row(r[g], n[g]) for k, g in user_groups(ds).items()},
+        "item_groups": {k: group_row(r[g], n[g]) for k, g in item_groups(ds).items()},
         "popularity": popularity_metrics(top, ds.target("test"), ds.item_popularity, ds.num_users, tail),
         "exposure@10": np.bincount(top[:, :10][top[:, :10] > 0], minlength=ds.num_items + 1).tolist(),
     }
@@ -227,7 +236,7 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
         some = next(iter(results[key].values()))
         sizes = {g: m["users"] for g, m in some.items()}
         parts += ["", f"## {title}", "", "users per group: " + ", ".join(f"{g}: {n}" for g, n in sizes.items())]
-        for metric in ("NDCG@10", "HR@10"):
+        for metric in ("NDCG@10", "HR@10", "median rank"):
             rows = _by_group(results, key, metric)
             parts += ["", f"{metric}:", "", markdown_table(rows, columns=list(sizes))]
             if metric == "NDCG@10":

@@ -177,6 +177,10 @@ def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
     assert test["users"] == ds.num_users
     assert test["diff"] == pytest.approx(np.mean(1 / (ranks["fusion/hybrid"] + 1) - 1 / (ranks["sasrec"] + 1)))
     assert "| fusion/text vs sasrec | G1" in (run / "report" / "report.md").read_text()
+    for group, users in item_groups(ds).items():   # where a group's targets rank, 1 = first
+        if len(users):
+            assert results["item_groups"]["sasrec"][group]["median rank"] == np.median(ranks["sasrec"][users]) + 1
+    assert "median rank:" in (run / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("training,frozen", [("joint", False), ("frozen", True)])
