@@ -6,8 +6,9 @@ stage's defaults with a few settings changed, and prints validation and test NDC
 ranking, overall, on tail items and on rare items (seen at most 5 times in training), with the rare
 targets that reach the top 10. Then, per backbone, split and group, each variant against the first
 over the same users and seeds: the mean difference in NDCG@10 and MRR with a two-level bootstrap
-interval and p-value (seeds, then users: `eval.significance.seeds_test`, so training noise counts).
-Choose a setting on validation; test says whether the choice holds.
+interval and p-value (`eval.significance.seeds_test`: seeds and users as crossed random effects,
+so training noise counts; at least 2 seeds). Choose a setting on validation, overall; test says
+whether the choice holds, and the other rows describe (many p-values: some fall below 0.05 by chance).
 
     python bench/bench_fusion_settings.py --run runs/demo --backbones sasrec,gru4rec --seeds 42,43,44 \
         --variant "no dropout: id_dropout=0" --variant "dropout: id_dropout=0.1"
@@ -74,6 +75,8 @@ def main() -> None:
     ds = load_dataset(run / "data")
     groups = {s: groups_of(ds, s) for s in SPLITS}
     seeds = [int(x) for x in args.seeds.split(",")]
+    if len(seeds) < 2:
+        raise InputError("--seeds: at least 2 seeds, so that training noise can be measured")
     print("| backbone | seed | variant | best epoch | valid NDCG@10 all | tail | rare | rare in top 10 "
           "| test NDCG@10 all | tail | rare | rare in top 10 |\n" + "|---" * 12 + "|")
     ranks: dict[tuple[str, str, str], list[np.ndarray]] = {}  # (backbone, variant, split) -> per seed
@@ -90,13 +93,13 @@ def main() -> None:
                 print(f"| {backbone} | {seed} | {name} | {log['best_epoch']} | {row} |", flush=True)
     first, *others = variants
     print(f"\nEach variant minus '{first}' over the same users and {len(seeds)} seeds: difference "
-          "[95 % interval], p (two-level bootstrap)\n\n| backbone | variant | split | group | NDCG@10 | MRR |\n"
+          "[95 % interval], p (seeds and users as crossed random effects)\n\n| backbone | variant | split | group | NDCG@10 | MRR |\n"
           + "|---" * 6 + "|")
     for backbone in args.backbones.split(","):
         for name in others:
             for split in SPLITS:
                 a, b = (np.stack(ranks[backbone, v, split]) for v in (name, first))
-                for group, users in groups[split].items():
+                for group, users in ((g, u) for g, u in groups[split].items() if len(u) > 1):
                     tests = [seeds_test(per_user(a[:, users])[m], per_user(b[:, users])[m]) for m in ("NDCG@10", "MRR")]
                     shown = [f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.3f}" for t in tests]
                     print(f"| {backbone} | {name} | {split} | {group} ({len(users)}) | " + " | ".join(shown) + " |")

@@ -9,6 +9,9 @@ test (under "no difference" each user's a - b is as likely to have either sign).
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
+
+from .errors import InputError
 
 ALPHA = 0.05
 
@@ -35,18 +38,30 @@ def paired_test(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int =
             "significant": bool(p < ALPHA), "users": int(n)}
 
 
-def seeds_test(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict[str, float | bool]:
+def seeds_test(a: np.ndarray, b: np.ndarray) -> dict[str, float | bool]:
     """`paired_test` for models trained with several seeds: a and b are [seeds, users] per-user values,
-    row k of both trained with the k-th seed. A two-level bootstrap (seeds, then users, with
-    replacement) gives the interval and a two-sided p-value, so that training noise, which moves every
-    user of a model together, counts as well as the sampling of users."""
+    row k of both trained with the k-th seed, every seed scoring the same users. Seeds and users are
+    crossed random effects (training noise moves every user of a model together), so the variance of
+    the mean difference comes from a two-way ANOVA, (MS_seed + MS_user - MS_residual) / (seeds * users),
+    with Satterthwaite's degrees of freedom for the t interval and two-sided p-value."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if np.shape(a) != np.shape(b) or d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2:
+        raise InputError(f"seeds_test needs two [seeds, users] arrays of one shape with at least 2 seeds and "
+                         f"2 users, not {np.shape(a)} and {np.shape(b)}")
     n_seeds, n = d.shape
-    if n == 0:
-        return {"diff": 0.0, "low": 0.0, "high": 0.0, "p": 1.0, "significant": False, "users": 0, "seeds": n_seeds}
-    rng = np.random.default_rng(seed)
-    boot = np.array([d[rng.integers(0, n_seeds, n_seeds)][:, rng.integers(0, n, n)].mean() for _ in range(resamples)])
-    low, high = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
-    p = min(1.0, 2 * (1 + min(np.count_nonzero(boot <= 0), np.count_nonzero(boot >= 0))) / (resamples + 1))
-    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "p": float(p),
-            "significant": bool(p < ALPHA), "users": int(n), "seeds": int(n_seeds)}
+    seed_means, user_means, mean = d.mean(axis=1), d.mean(axis=0), d.mean()
+    ms_seed = n * seed_means.var(ddof=1)
+    ms_user = n_seeds * user_means.var(ddof=1)
+    residual = d - seed_means[:, None] - user_means[None, :] + mean
+    ms_resid = (residual ** 2).sum() / ((n_seeds - 1) * (n - 1))
+    combined = max(ms_seed + ms_user - ms_resid, ms_resid)  # never below the residual's share
+    se = np.sqrt(combined / (n_seeds * n))
+    out = {"diff": float(mean), "users": int(n), "seeds": int(n_seeds)}
+    if se == 0:  # every cell equal: no noise to test against
+        return {**out, "low": float(mean), "high": float(mean), "p": 1.0 if mean == 0 else 0.0,
+                "significant": bool(mean != 0)}
+    df = combined ** 2 / (ms_seed ** 2 / (n_seeds - 1) + ms_user ** 2 / (n - 1)
+                          + ms_resid ** 2 / ((n_seeds - 1) * (n - 1)))
+    half = stats.t.ppf(1 - ALPHA / 2, df) * se
+    p = float(2 * stats.t.sf(abs(mean) / se, df))
+    return {**out, "low": float(mean - half), "high": float(mean + half), "p": p, "significant": bool(p < ALPHA)}

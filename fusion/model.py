@@ -182,19 +182,22 @@ class FusedRecommender(DotScorer, nn.Module):
             text = self.missing_user.expand(*ids.shape[:-1], -1)
         return self.g_f(torch.cat([self.g_l(text), ids], dim=-1))
 
-    def id_gate(self) -> torch.Tensor:
-        """[num_items + 1] weight of each item's own ID vector: near 0 for items the backbone barely saw."""
-        return torch.sigmoid(self.gate[0] * torch.log1p(self.item_pop) + self.gate[1])
+    def id_gate(self, pop: torch.Tensor) -> torch.Tensor:
+        """[num_items + 1] weight of each item's own ID vector given its training count `pop`: near 0 for
+        items the backbone barely saw."""
+        return torch.sigmoid(self.gate[0] * torch.log1p(pop) + self.gate[1])
 
     def item_vectors(self) -> torch.Tensor:
         if self.config.mode == "text":
             return self.g_item(self._item_text())
         ids = half = (self.frozen or self.backbone).item_vectors()
-        if self.config.id_dropout:  # scored without its own ID vector (its text neighbours' still count)
-            half = ids.masked_fill(self.text_only()[:, None], 0.0)
+        pop = self.item_pop if self.config.pop_gate or self.config.id_dropout else None
+        if self.config.id_dropout:  # scored without its own ID vector, gated as if seen at most RARE times
+            only = self.text_only()
+            half, pop = ids.masked_fill(only[:, None], 0.0), torch.where(only, pop.clamp(max=RARE), pop)
         if self.config.pop_gate:  # a rare item borrows the ID vectors of the seen items its text is closest to
             borrowed = (self.neighbour_weights[..., None] * ids[self.neighbours]).sum(1)
-            gate = self.id_gate()[:, None]
+            gate = self.id_gate(pop)[:, None]
             half = gate * half + (1 - gate) * borrowed
         fused = self.g_f(torch.cat([self.g_l(self._item_text()), half], dim=-1))
         if self.training or not (self.config.cold_ridge and self.reads_item_text):
@@ -205,7 +208,8 @@ class FusedRecommender(DotScorer, nn.Module):
         """[num_items + 1] items scored without their own ID vector: those seen at most RARE times, and
         in training a fresh random `id_dropout` share of the others (DropoutNet, Volkovs et al.,
         NeurIPS 2017), so that the text path learns to rank items without the ID vectors it lacks for
-        rare ones (with `pop_gate`, the ID vectors borrowed from their text neighbours still count)."""
+        rare ones (with `pop_gate`, a dropped item is gated as a rare one: the ID vectors it borrows
+        from its text neighbours carry it, and that path learns too)."""
         only = self.item_has & (self.item_pop <= RARE)
         if self.training:
             only |= self.item_has & (torch.rand(only.shape, device=only.device) < self.config.id_dropout)

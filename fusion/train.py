@@ -42,10 +42,10 @@ class FusionTrainConfig:
                                      "gets the vector a ridge map from item text predicts, fitted on the trained "
                                      f"vectors of items seen more than {2 * RARE} times; this is the ridge penalty "
                                      "(smaller: rare items ranked higher, at some cost overall; 0: off).")
-    id_dropout: float = setting(0.0, f"Item cold start in training: each step this share of items is scored from its "
-                                     f"text alone (ID half zero), as items seen at most {RARE} times always are "
-                                     "(DropoutNet), so the text path learns to rank items without their ID vectors "
-                                     "(0: off, and rare items keep their ID vectors).")
+    id_dropout: float = setting(0.0, "Item cold start in training (DropoutNet): each step this share of items, drawn "
+                                     f"afresh, is scored without its own ID vector, as items seen at most {RARE} times "
+                                     "then always are; with pop_gate a dropped item is gated as a rare one, so the "
+                                     "text path and the borrowed ID vectors learn to carry such items (0: off).")
     vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
                                       "vectors-profile over the profile control).")
     seeds: int = setting(1, "Train with this many seeds (train.seed, +1, ...); the first seed's model is kept and "
@@ -133,13 +133,17 @@ def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone
     return model
 
 
+def backbone_dir(run: Path, cfg: FusionTrainConfig) -> Path | None:
+    """The run's backbone folder a hybrid fuses with (none for text matching)."""
+    return run / cfg.backbone if cfg.mode == "hybrid" else None
+
+
 def train_seed(ds: SeqDataset, cfg: FusionTrainConfig, run: Path, out: Path, seed: int, desc: str = "fusion"
                ) -> tuple[FusedRecommender, dict, TrainConfig]:
     """A fused model on `run`'s backbone and vectors, trained with `seed` (its new heads' initial weights
     and the data order); `out` is where it will live (a frozen backbone is referenced from there)."""
     torch.manual_seed(seed)  # the new heads' initial weights are part of the seeded run
-    backbone = run / cfg.backbone if cfg.mode == "hybrid" else None
-    model = build(ds, cfg, load_vectors(run / cfg.vectors), backbone, out)
+    model = build(ds, cfg, load_vectors(run / cfg.vectors), backbone_dir(run, cfg), out)
     tc = replace(cfg.train, max_len=model.config.max_len, seed=seed)
     group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
     examples = None if model.config.joint else fusion_examples(ds, tc.max_len, group)
@@ -185,7 +189,7 @@ class FusionStage(Stage):
 
     @property
     def backbone_dir(self) -> Path | None:
-        return self.run / self.config.backbone if self.config.mode == "hybrid" else None
+        return backbone_dir(self.run, self.config)
 
     def inputs(self) -> dict[str, Path]:
         files = {"data": self.data_dir, "vectors": self.run / self.config.vectors}

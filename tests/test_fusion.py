@@ -414,6 +414,14 @@ def test_id_dropout_scores_rare_and_dropped_items_without_their_own_id_vector(ru
     assert 0.2 < drawn[0][2:].float().mean() < 0.8
     torch.manual_seed(0)
     assert torch.equal(model.text_only(), drawn[0])                     # seeded: the same draw
+    j = int(torch.nonzero(drawn[0] & (model.item_pop > RARE))[0])      # a dropped item seen often
+    torch.manual_seed(0)
+    fused = model.item_vectors()[j]
+    half = torch.zeros_like(model.backbone.item_emb.weight[j])
+    if pop_gate:                                                        # gated as a rare item: 0.5 at the start
+        ids = model.backbone.item_emb.weight
+        half = 0.5 * (model.neighbour_weights[j, :, None] * ids[model.neighbours[j]]).sum(0)
+    assert torch.allclose(fused, model.g_f(torch.cat([model.g_l(model.item_text[j]), half])), atol=1e-6)
     assert build(ds, FusionTrainConfig(text="users", id_dropout=0.5), v, run / "sasrec",
                  run / "fusion" / "x").config.id_dropout == 0                 # no item text: nothing to score from
     with pytest.raises(InputError, match="id_dropout must be in"):

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from eval.errors import InputError
 from eval.significance import paired_test, per_user, seeds_test
 
 
@@ -38,17 +39,34 @@ def test_seeded_and_empty():
     assert paired_test(np.array([]), np.array([]))["users"] == 0
 
 
-def test_seeds_test_counts_training_noise():
-    # two seeds, one user, d = [1, 0]: resampled seed pairs average 0 (1/4), 0.5 (1/2) or 1 (1/4), so
-    # the two-sided p is 2 * P(mean <= 0) = 0.5
-    t = seeds_test(np.array([[1.0], [0.0]]), np.zeros((2, 1)), resamples=20000, seed=1)
-    assert t["diff"] == 0.5 and t["seeds"] == 2 and t["low"] == 0.0 and t["high"] == 1.0
-    assert t["p"] == pytest.approx(0.5, abs=0.02)
+def test_seeds_test_hand_computed_example():
+    # d = [[1, 1], [3, 3]]: seed means 1 and 3, no user or residual effect; MS_seed = 2 * var([1, 3]) = 4,
+    # so the variance of the mean is 4 / (2 * 2) = 1 with 1 degree of freedom (Cauchy): t = 2 gives
+    # p = 1 - 2 atan(2) / pi, and the interval is 2 +- t(0.975, 1) = 2 +- 12.706
+    t = seeds_test(np.array([[1.0, 1.0], [3.0, 3.0]]), np.zeros((2, 2)))
+    assert t["diff"] == 2.0 and t["seeds"] == 2 and t["users"] == 2
+    assert t["p"] == pytest.approx(1 - 2 * np.arctan(2) / np.pi) and not t["significant"]
+    assert t["low"] == pytest.approx(2 - 12.7062, abs=1e-3) and t["high"] == pytest.approx(2 + 12.7062, abs=1e-3)
+    assert seeds_test(np.ones((3, 4)), np.ones((3, 4)))["p"] == 1.0
+    with pytest.raises(InputError, match="at least 2 seeds"):
+        seeds_test(np.ones((1, 5)), np.zeros((1, 5)))
+    with pytest.raises(InputError, match="one shape"):
+        seeds_test(np.ones((2, 5)), np.zeros(5))
+
+
+def test_seeds_test_counts_training_noise_and_covers_at_its_level():
     # every user gains in the seed mean, but the seeds disagree: only the per-user test is fooled
     rng = np.random.default_rng(0)
     b = rng.random((5, 400))
     a = b + np.array([0.05, -0.03, 0.05, -0.03, 0.04])[:, None] + 0.001 * rng.standard_normal((5, 400))
     assert paired_test(a.mean(0), b.mean(0))["p"] < 0.01
     assert not seeds_test(a, b)["significant"]
-    assert seeds_test(b + 0.05, b)["p"] < 0.01 and seeds_test(b, b)["p"] == 1.0
-
+    assert seeds_test(b + 0.05 + 0.01 * rng.standard_normal((5, 400)), b)["p"] < 0.01
+    # no true difference, with seed, user and residual noise: the 95 % interval holds 0 about 95 % of the time
+    covered = []
+    for _ in range(300):
+        d = 0.01 * rng.standard_normal((5, 1)) + 0.05 * rng.standard_normal((1, 400)) \
+            + 0.1 * rng.standard_normal((5, 400))
+        t = seeds_test(d, np.zeros_like(d))
+        covered.append(t["low"] <= 0 <= t["high"])
+    assert 0.9 <= np.mean(covered) <= 0.99
