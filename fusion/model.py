@@ -16,12 +16,12 @@ one whose prefix it holds (`set_cuts`), and scoring reads the end one. Every ear
 (`pop_gate`): an item's ID half mixes its own ID vector with those of the seen items its text is
 closest to, by a learned gate on log(1 + training count), so an item seen rarely is placed by its
 text. In training (`id_dropout`, DropoutNet), a random share of items, drawn afresh each step, is
-scored without its own ID vector (zero), as the items seen at most RARE times then always are, so that
-the text path (and the borrowed ID vectors) learn to rank items without it. At scoring (`cold_ridge`), an item seen
-at most RARE times gets the item vector a ridge map from item text predicts, fitted on the trained
-vectors of the items seen more than 2 * RARE times (a linear attribute-to-feature map, Gantner et
-al., ICDM 2010): its own vector, trained almost only as a negative, ranks it below hundreds of items
-whatever its text.
+scored without its own ID vector (zero), as the items seen at most RARE times then always are, so
+that the text path (and the borrowed ID vectors) learn to rank items without it. At scoring
+(`cold_ridge`), an item seen at most RARE times gets the item vector a ridge map from item text
+predicts, fitted on the trained vectors of the items seen more than 2 * RARE times (a linear
+attribute-to-feature map, Gantner et al., ICDM 2010): its own vector, trained almost only as a
+negative, ranks it below hundreds of items whatever its text.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class FusionConfig:
     text: str = "both"           # which text the hybrid reads: both, items, users, none
     pop_gate: bool = False       # item ID half scaled by a learned gate on log(1 + training count)
     cold_ridge: float = 0.0      # ridge penalty of the text -> item-vector map for rare items at scoring (0: off)
-    id_dropout: float = 0.0      # training: share of items scored from text alone each step, as rare items always are
+    id_dropout: float = 0.0      # training: share of items scored without their own ID vector (rare ones always)
 
     def __post_init__(self) -> None:
         if self.mode not in ("hybrid", "text"):

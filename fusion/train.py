@@ -158,9 +158,9 @@ def seed_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict[
     """Test metrics under every protocol, and under full ranking those of the sparsest user group, tail
     items and rare items (the groups the fused models' claims are about, so their spread over seeds is
     known too), keyed GROUP_KEY + group; one ranking per protocol."""
+    sparsest, users = next(iter(user_groups(ds).items()))
     items = item_groups(ds)
-    groups = dict((next(iter(user_groups(ds).items())), ("tail", items["tail"]),
-                   (f"seen <= {RARE}", items[f"seen <= {RARE}"])))
+    groups = {sparsest: users, "tail": items["tail"], f"seen <= {RARE}": items[f"seen <= {RARE}"]}
     metrics = {}
     for protocol in protocols_of(ds):
         metrics[protocol_label(protocol)], found = evaluate_groups(
