@@ -1,23 +1,25 @@
-"""Student rationale generation: vLLM vs transformers on the same prompts, offline and served.
+"""Rationale generation on this machine: every engine and dtype side by side, and the one "auto" picks.
 
 The prompts are the project's real student prompts (the student template over the users of a
 prepared data folder); the model is the trained student adapter (`--adapter RUN/slim-student`) or
-the base SmolLM2. Greedy decoding, prefix caching off (the prompts share the template), and:
+the base SmolLM2. Greedy decoding, prefix caching off (the prompts share the template). Printed, with
+the CPU's flags:
 
-  1. offline batch: transformers `LocalGenerator` (float32, batched `model.generate`, the project's
-     in-process path) vs `VllmGenerator` (bf16): start-up seconds, completion tokens/s, the
-     vLLM/transformers ratio per round (passes interleaved, median reported), whether vLLM repeats
-     itself, and the share of prompts whose greedy output is identical to transformers' (vLLM bf16,
-     and float32 in a last engine);
-  2. served: `vllm` and `transformers serve` up side by side through the project's `Server` and
-     `ChatClient`, each concurrency level sent to one then the other (a bounded number of requests
-     per level): tokens/s and the ratio.
+  1. the matmul ceiling: float32 and bfloat16 GFLOP/s of a decode-shaped matmul (batch x hidden @
+     hidden x MLP), and the decode ceiling in tokens/s it implies (2 x parameters FLOP a token);
+  2. offline batch, one row per engine: transformers float32 (`LocalGenerator`, batched `generate`),
+     transformers with each optimisation that is kept, vLLM float32 and vLLM bfloat16
+     (`VllmGenerator`): start-up, completion tokens/s, share of the ceiling, greedy agreement with
+     transformers float32; then the engine `auto` picks here and its ratio to the best (>= 0.9). An
+     engine far below the others (vLLM bf16 where bf16 is emulated: ~2 tokens/s) runs on
+     `--slow-prompts` prompts only, so the bench ends;
+  3. served (`--serve`): vLLM's server and the transformers batching server through the project's
+     `Server` and `ChatClient` at each concurrency level (a bounded number of requests per level).
 
   python bench/bench_generation.py --data runs/demo/data --adapter runs/demo/slim-student
-  python bench/bench_generation.py --data runs/demo/data --no-serve --prompts 32     # offline only
-  python bench/bench_generation.py --data runs/demo/data --engines transformers       # no vLLM here
+  python bench/bench_generation.py --data runs/demo/data --engines transformers --serve
 
-Timings on a shared 2-core machine are noisy: compare runs made back to back.
+Timings on a shared 2-core machine are noisy: compare rows of one run.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,29 @@ from rich.table import Table
 from eval.assets import smollm2_path
 from eval.dataset import load_dataset
 from slim.client import ChatClient, ClientConfig, Completion, Generator
+from slim.hardware import detect
 from slim.local import LocalGenerator
+from slim.lora import adapter_base, load_causal_lm
 from slim.prompts import STUDENT
 from slim.rationales import GenerationConfig, sample_users, user_prompts
 from slim.serve import Server
+from slim.vllm_engine import engine_choice
+
+ENGINES = ("transformers", "vllm-float32", "vllm-bfloat16")
+
+
+def matmul_gflops(dtype_name: str, rows: int, hidden: int, inner: int, seconds: float = 2.0) -> float:
+    """GFLOP/s of a rows x hidden @ hidden x inner matmul in `dtype_name` on this machine's threads."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, inner, dtype=dtype)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * rows * hidden * inner * n / (time.perf_counter() - t0) / 1e9
 
 
 def measure(gen: Generator, prompts: list[str]) -> tuple[float, int, list[str | None]]:
@@ -58,149 +78,137 @@ def agreement(a: list[str | None], b: list[str | None]) -> float:
     return sum(x == y for x, y in pairs) / len(pairs) if pairs else float("nan")
 
 
+def make(engine: str, model: str | None, adapter: str | None, args) -> Generator:
+    if engine == "transformers":
+        return LocalGenerator(model, adapter, args.batch_size, args.max_tokens, 0.0)
+    from slim.vllm_engine import VllmGenerator
+
+    return VllmGenerator(model, adapter, max_new_tokens=args.max_tokens, temperature=0.0,
+                         dtype=engine.split("-")[1], prefix_caching=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Prepared data folder (prompts from its users).")
     ap.add_argument("--adapter", default=None, help="Student LoRA adapter (default: none, the base model).")
     ap.add_argument("--model", default=None, help="Base model folder (default: the adapter's base, else SmolLM2).")
     ap.add_argument("--template", default=STUDENT, help="Prompt version (default: the student's).")
-    ap.add_argument("--engines", default="transformers,vllm", help="Comma list: transformers, vllm.")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"Comma list of {', '.join(ENGINES)}.")
     ap.add_argument("--prompts", type=int, default=64, help="Users (prompts) for the offline batch.")
-    ap.add_argument("--max-tokens", type=int, default=96, help="Most completion tokens (the student's default).")
+    ap.add_argument("--slow-prompts", type=int, default=8, help="Prompts for an engine whose dtype is emulated "
+                                                                "here (vLLM bf16 without native bf16).")
+    ap.add_argument("--max-tokens", type=int, default=48, help="Most completion tokens (the demo student's).")
     ap.add_argument("--history-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", default="16", help="transformers batch size(s), comma list (16: the student's).")
-    ap.add_argument("--rounds", type=int, default=2, help="Offline passes per engine, interleaved.")
-    ap.add_argument("--fp32-agreement", action=argparse.BooleanOptionalAction, default=True,
-                    help="Also run vLLM in float32 (greedy agreement with float32 transformers).")
-    ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True, help="Also bench the servers.")
+    ap.add_argument("--batch-size", type=int, default=64, help="transformers batch size (the demo student's).")
+    ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=False, help="Also bench the servers.")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--requests", type=int, default=8, help="Requests per concurrency level (at least the level).")
-    ap.add_argument("--serve-max-tokens", type=int, default=48, help="Most completion tokens per served request "
-                                                                      "(transformers serve is slow).")
+    ap.add_argument("--requests", type=int, default=32, help="Requests per concurrency level (at least the level).")
     ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
 
+    import torch
+
+    hw = detect()
     engines = args.engines.split(",")
     model = args.model or (None if args.adapter else str(smollm2_path()))
     ds = load_dataset(args.data)
     cfg = GenerationConfig(template=args.template, history_tokens=args.history_tokens)
     prompts = list(user_prompts(ds, sample_users(ds.num_users, args.prompts, 0), cfg).values())
-    what = f"{'adapter ' + args.adapter if args.adapter else 'model ' + str(model)}"
-    console = Console(width=120)
-    console.print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
-                  f"(others' work on a shared machine skews every figure)")
-    console.print(f"{len(prompts)} {args.template} prompts from {args.data}; {what}; greedy, "
+    console = Console(width=140)
+    console.print(f"{hw.kind}; flags: {hw.isa_flags()}; {torch.get_num_threads()} threads; load average "
+                  f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    console.print(f"{len(prompts)} {args.template} prompts from {args.data}; "
+                  f"{'adapter ' + args.adapter if args.adapter else 'model ' + str(model)}; greedy, "
                   f"{args.max_tokens} max tokens, prefix caching off")
-    results: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "model": what, "offline": [],
-                     "served": [], "agreement": {}, "load_average_start": round(os.getloadavg()[0], 2)}
+    results: dict = {"cpu": hw.kind, "flags": hw.isa_flags(), "prompts": len(prompts), "max_tokens": args.max_tokens,
+                     "offline": [], "served": []}
 
-    # 1. offline batch: every engine loaded, then passes interleaved round by round, so load from
-    # other work on a shared machine hits both; the ratio is taken per round (paired), then the median
-    table = Table(title="offline batch (in-process), passes interleaved")
-    for col in ("round", "engine", "dtype", "batch", "start-up s", "seconds", "completion tokens", "tokens/s",
-                "load avg"):
+    # 1. the ceiling: a decode step is (batch x hidden) @ (hidden x ...) matmuls over every parameter
+    lm = load_causal_lm(model or adapter_base(args.adapter))
+    mcfg, params = lm.config, sum(p.numel() for p in lm.parameters())
+    del lm
+    ceiling = {d: matmul_gflops(d, min(args.batch_size, 64), mcfg.hidden_size, mcfg.intermediate_size)
+               for d in ("float32", "bfloat16")}
+    tokens_ceiling = {d: g * 1e9 / (2 * params) for d, g in ceiling.items()}
+    results["ceiling"] = {"gflops": {d: round(g, 1) for d, g in ceiling.items()},
+                          "tokens_per_s": {d: round(t, 1) for d, t in tokens_ceiling.items()}, "parameters": params}
+    console.print(f"matmul {min(args.batch_size, 64)}x{mcfg.hidden_size} @ {mcfg.hidden_size}x"
+                  f"{mcfg.intermediate_size}: float32 {ceiling['float32']:.1f} GFLOP/s, bfloat16 "
+                  f"{ceiling['bfloat16']:.1f} GFLOP/s; decode ceiling ({params / 1e6:.0f}M parameters): float32 "
+                  f"{tokens_ceiling['float32']:.0f} tokens/s, bfloat16 {tokens_ceiling['bfloat16']:.0f} tokens/s")
+
+    # 2. offline: one engine at a time (two engines in memory slow each other on 2 cores)
+    table = Table(title="offline batch (in-process), greedy")
+    for col in ("engine", "dtype", "prompts", "start-up s", "seconds", "completion tokens", "tokens/s",
+                "share of ceiling", "agrees with transformers"):
         table.add_column(col, justify="right")
     texts: dict[str, list[str | None]] = {}
-    gens: dict[str, tuple[Generator, str, str, float]] = {}  # label -> (generator, dtype, batch, start-up s)
-
-    def row(rnd: int, label: str, dt: float, n: int) -> float:
-        _, dtype, batch, startup = gens[label]
-        load = os.getloadavg()[0]
-        table.add_row(str(rnd), label.split(":")[0], dtype, batch, f"{startup:.1f}", f"{dt:.1f}", str(n),
-                      f"{n / dt:.1f}", f"{load:.2f}")
-        results["offline"].append({"round": rnd, "engine": label.split(":")[0], "dtype": dtype, "batch": batch,
-                                   "startup_s": round(startup, 1), "seconds": round(dt, 1), "completion_tokens": n,
-                                   "tokens_per_s": round(n / dt, 1), "load_average": round(load, 2)})
-        print(json.dumps(results["offline"][-1]), file=sys.stderr, flush=True)
-        return n / dt
-
-    if "transformers" in engines:
-        for b in (int(x) for x in args.batch_size.split(",")):
-            t0 = time.perf_counter()
-            gen = LocalGenerator(model, args.adapter, b, args.max_tokens, 0.0)
-            gens[f"transformers:{b}"] = (gen, "float32", str(b), time.perf_counter() - t0)
-    if "vllm" in engines:
-        from slim.vllm_engine import VllmGenerator
-
+    speed: dict[str, float] = {}
+    for engine in engines:
+        dtype = "float32" if engine == "transformers" else engine.split("-")[1]
+        emulated = dtype == "bfloat16" and not hw.native_bf16
+        batch = prompts[:args.slow_prompts] if emulated else prompts
         t0 = time.perf_counter()
-        gens["vllm:bf16"] = (VllmGenerator(model, args.adapter, max_new_tokens=args.max_tokens, temperature=0.0,
-                                           dtype="bfloat16", prefix_caching=False), "bfloat16", "continuous",
-                             time.perf_counter() - t0)
-    ratios: list[float] = []
-    for rnd in range(1, args.rounds + 1):
-        tps: dict[str, float] = {}
-        for label, (gen, *_) in gens.items():
-            dt, n, out = measure(gen, prompts)
-            tps[label] = row(rnd, label, dt, n)
-            if label == "vllm:bf16" and "vllm-bfloat16" in texts:
-                results["agreement"]["vllm-bfloat16 run to run"] = round(agreement(out, texts["vllm-bfloat16"]), 3)
-            texts.setdefault("transformers" if label.startswith("transformers") else "vllm-bfloat16", out)
-        hf = max((v for k, v in tps.items() if k.startswith("transformers")), default=None)
-        if hf and "vllm:bf16" in tps:
-            ratios.append(tps["vllm:bf16"] / hf)
-    if "vllm:bf16" in gens:
-        gens["vllm:bf16"][0].close()
-        if args.fp32_agreement:  # float32 vLLM: greedy agreement with float32 transformers (and its speed)
-            t0 = time.perf_counter()
-            gens["vllm:fp32"] = (VllmGenerator(model, args.adapter, max_new_tokens=args.max_tokens, temperature=0.0,
-                                               dtype="float32", prefix_caching=False), "float32", "continuous",
-                                 time.perf_counter() - t0)
-            dt, n, texts["vllm-float32"] = measure(gens["vllm:fp32"][0], prompts)
-            row(args.rounds, "vllm:fp32", dt, n)
-            gens["vllm:fp32"][0].close()
+        try:
+            gen = make(engine, model, args.adapter, args)
+        except Exception as e:  # noqa: BLE001 - an engine that cannot run here is a row that says so
+            console.print(f"{engine}: cannot run here ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        startup = time.perf_counter() - t0
+        dt, n, out = measure(gen, batch)
+        getattr(gen, "close", lambda: None)()
+        texts[engine], speed[engine] = out, n / dt
+        agree = agreement(out, texts["transformers"]) if "transformers" in texts else float("nan")
+        share = n / dt / tokens_ceiling[dtype]
+        table.add_row(engine.split("-")[0], dtype + (" (emulated)" if emulated else ""), str(len(batch)),
+                      f"{startup:.1f}", f"{dt:.1f}", str(n), f"{n / dt:.1f}", f"{share:.0%}", f"{agree:.0%}")
+        results["offline"].append({"engine": engine, "dtype": dtype, "emulated": emulated, "prompts": len(batch),
+                                   "startup_s": round(startup, 1), "seconds": round(dt, 1), "completion_tokens": n,
+                                   "tokens_per_s": round(n / dt, 1), "share_of_ceiling": round(share, 3),
+                                   "greedy_agreement": round(agree, 3)})
+        print(json.dumps(results["offline"][-1]), file=sys.stderr, flush=True)
     console.print(table)
-    if ratios:
-        median = statistics.median(ratios)
-        results["offline_ratio_per_round"] = [round(r, 2) for r in ratios]
-        results["offline_ratio"] = round(median, 2)
-        console.print(f"offline: vLLM bf16 / best transformers batch, per round: "
-                      f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {median:.2f}x")
-    if "vllm-bfloat16 run to run" in results["agreement"]:
-        console.print(f"vLLM bf16 run to run: {results['agreement']['vllm-bfloat16 run to run']:.0%} of outputs "
-                      f"identical")
-    if "transformers" in texts:
-        for k in ("vllm-float32", "vllm-bfloat16"):
-            if k in texts:
-                share = agreement(texts[k], texts["transformers"])
-                results["agreement"][k] = round(share, 3)
-                console.print(f"greedy agreement {k} vs transformers float32: {share:.0%} of {len(prompts)} "
-                              f"outputs identical")
+    choice = engine_choice("auto")
+    picked = "transformers" if choice.engine == "transformers" else f"vllm-{choice.dtype}"
+    results["auto"] = {"engine": choice.engine, "dtype": choice.dtype, "reason": choice.reason}
+    console.print(choice.line("auto picks here"))
+    if picked in speed and speed:
+        best = max(speed, key=speed.get)
+        ratio = speed[picked] / speed[best]
+        results["auto"].update(best=best, ratio_to_best=round(ratio, 3))
+        console.print(f"picked {picked}: {speed[picked]:.1f} tokens/s; best {best}: {speed[best]:.1f} tokens/s; "
+                      f"ratio {ratio:.2f} ({'ok' if ratio >= 0.9 else 'BELOW 0.9'})")
 
-    # 2. served: both servers up at once, each concurrency level sent to one then the other
+    # 3. served: the two servers one after the other, each concurrency level in turn
     if args.serve:
         levels = [int(c) for c in args.concurrency.split(",")]
-        table = Table(title=f"served (OpenAI-compatible endpoint, the project's ChatClient), "
-                            f"{args.serve_max_tokens} max tokens, backends interleaved")
-        for col in ("backend", "start-up s", "concurrency", "requests", "seconds", "completion tokens", "tokens/s",
-                    "load avg"):
+        table = Table(title=f"served (OpenAI-compatible endpoint, the project's ChatClient), {args.max_tokens} "
+                            f"max tokens")
+        for col in ("backend", "dtype", "start-up s", "concurrency", "requests", "seconds", "completion tokens",
+                    "tokens/s"):
             table.add_column(col, justify="right")
-        served: dict[tuple[str, int], float] = {}
-        backends = [e for e in ("vllm", "transformers") if e in engines]
-        with contextlib.ExitStack() as stack:
-            servers = {b: stack.enter_context(Server(model, args.adapter, backend=b, prefix_caching=False))
-                       for b in backends}
-            for c in levels:
-                n_req = max(args.requests, c)
-                for backend, server in servers.items():
+        backends = [b for b in ("vllm", "transformers") if any(e.startswith(b) for e in engines)]
+        for backend in backends:
+            with contextlib.ExitStack() as stack:
+                try:
+                    server = stack.enter_context(Server(model, args.adapter, backend=backend, prefix_caching=False,
+                                                        max_batch=max(levels)))
+                except Exception as e:  # noqa: BLE001 - say so and go on with the other server
+                    console.print(f"{backend} server: cannot run here ({type(e).__name__}: {str(e)[:200]})")
+                    continue
+                for c in levels:
+                    n_req = max(args.requests, c)
                     client = ChatClient(ClientConfig(base_url=server.base_url, model=server.model_name, temperature=0,
-                                                     max_tokens=args.serve_max_tokens, concurrency=c, timeout_s=1800))
+                                                     max_tokens=args.max_tokens, concurrency=c, timeout_s=1800))
                     dt, n, _ = measure(client, (prompts * (n_req // len(prompts) + 1))[:n_req])
-                    served[backend, c] = n / dt
-                    load = os.getloadavg()[0]
-                    table.add_row(backend, f"{server.startup_s:.1f}", str(c), str(n_req), f"{dt:.1f}", str(n),
-                                  f"{n / dt:.1f}", f"{load:.2f}")
-                    results["served"].append({"backend": backend, "startup_s": round(server.startup_s, 1),
-                                              "concurrency": c, "requests": n_req, "seconds": round(dt, 1),
-                                              "completion_tokens": n, "tokens_per_s": round(n / dt, 1),
-                                              "load_average": round(load, 2)})
+                    table.add_row(backend, server.dtype, f"{server.startup_s:.1f}", str(c), str(n_req), f"{dt:.1f}",
+                                  str(n), f"{n / dt:.1f}")
+                    results["served"].append({"backend": backend, "dtype": server.dtype,
+                                              "startup_s": round(server.startup_s, 1), "concurrency": c,
+                                              "requests": n_req, "seconds": round(dt, 1), "completion_tokens": n,
+                                              "tokens_per_s": round(n / dt, 1)})
                     print(json.dumps(results["served"][-1]), file=sys.stderr, flush=True)
         console.print(table)
-        for c in levels:
-            if ("vllm", c) in served and ("transformers", c) in served:
-                console.print(f"served, concurrency {c}: vLLM / transformers serve = "
-                              f"{served['vllm', c] / served['transformers', c]:.1f}x")
-    results["load_average_end"] = round(os.getloadavg()[0], 2)
-    console.print(f"load average at end (1 min): {results['load_average_end']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

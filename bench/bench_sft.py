@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from eval.assets import smollm2_path
-from slim.finetune import IGNORE, SlimStudentConfig, make_trainer, native_bf16, tokenize_example, training_pairs
+from slim.finetune import IGNORE, SlimStudentConfig, make_trainer, tokenize_example, training_pairs
+from slim.hardware import native_bf16
 
 
 def main() -> None:

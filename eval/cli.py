@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -25,9 +26,21 @@ from .stage import Stage, run_stage
 err = Console(stderr=True)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def exit_on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C: context managers stop the servers and engines a command
+    started, and append-only records stay whole (exit code 128 + the signal's number)."""
+    sys.exit(128 + signum)
+
+
 def guarded(app: typer.Typer) -> Callable[[], None]:
-    """Entry point that runs a typer app and turns InputError into one line on stderr, exit 1."""
+    """Entry point that runs a typer app, turns InputError into one line on stderr, exit 1, and lets
+    SIGTERM and SIGHUP (a job scheduler, `timeout`, a closed terminal) stop it as cleanly as Ctrl-C."""
     def main() -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, exit_on_signal)
         try:
             app()
         except InputError as e:

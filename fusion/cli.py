@@ -80,8 +80,6 @@ def serve_cmd(
     """Recommendations over HTTP (known users, new users' histories, items) and a page at /."""
     import contextlib
     import os
-    import signal
-    import sys
 
     import uvicorn
 
@@ -107,8 +105,7 @@ def serve_cmd(
             url, student_model = server.base_url, student_model or server.model_name
         writer = StudentWriter(rec, url, student_model, student_timeout) if url else None
         typer.echo(f"serving {rec.run / rec.name} on http://{host}:{port}/ (new users: {url or 'off'})")
-        # uvicorn shuts down on SIGTERM, then raises it again: let it unwind (and stop the student) like Ctrl-C
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        # uvicorn shuts down on SIGTERM, then raises it again: `guarded`'s handler unwinds it (and stops the student)
         uvicorn.run(create_app(rec, writer, token), host=host, port=port)
 
 

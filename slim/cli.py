@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,9 +40,11 @@ def serve_cmd(
     adapter: Optional[Path] = typer.Option(None, help="LoRA adapter folder to serve on top of the model."),
     port: Optional[int] = typer.Option(None, help="Port (default: a free one)."),
     host: str = "127.0.0.1",
-    backend: str = typer.Option("auto", help="auto (vllm if installed, else transformers) | vllm | transformers."),
+    backend: str = typer.Option("auto", help="auto (vLLM where it runs and is the faster engine on this machine, "
+                                                "else the transformers batching server) | vllm | transformers."),
 ) -> None:
-    """Start a local OpenAI-compatible server, wait until it answers, print its base_url; Ctrl-C stops it."""
+    """Start a local OpenAI-compatible server, wait until it answers, print its base_url; Ctrl-C, SIGTERM or
+    SIGHUP stops it."""
     from eval.assets import smollm2_path
 
     from .serve import Server
@@ -58,10 +58,7 @@ def serve_cmd(
             pass
 
 
-def main() -> None:
-    """Console entry: SIGTERM unwinds like Ctrl-C, so a server started for a run is stopped with it."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    guarded(app)()
+main = guarded(app)
 
 
 if __name__ == "__main__":

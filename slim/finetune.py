@@ -10,7 +10,6 @@ head scores answer positions only (`AnswerCollator`).
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from eval.io import write_json
 from eval.stage import Stage
 from prompts import template_path
 
+from .hardware import native_bf16
 from .lora import load_causal_lm
 from .prompts import STUDENT, instruction_words
 from .records import RECORDS, parse_steps, rationale_text, read_records
@@ -95,20 +95,6 @@ def split_users(users: list[int], heldout: int, val_fraction: float, seed: int) 
     held, rest = sorted(order[:heldout]), order[heldout:]
     n_val = max(1, int(round(len(rest) * val_fraction))) if len(rest) > 1 and val_fraction > 0 else 0
     return held, sorted(rest[:n_val]), sorted(rest[n_val:])
-
-
-def native_bf16() -> bool:
-    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU whose flags (Linux) name
-    AVX-512 BF16 or AMX; elsewhere training stays in float32 (no native bf16 matmul to gain from)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def training_args(cfg: SlimStudentConfig, out: Path, evaluate: bool, **overrides: Any):

@@ -1,32 +1,67 @@
 """In-process batched generation: the CPU-speed alternative to a server, same Generator interface.
 
-A `transformers serve` server on CPU decodes one request at a time; `model.generate` on a left-padded
-batch decodes many users per forward pass, which is several times faster for a small student.
-vLLM (slim.vllm_engine.VllmGenerator: continuous batching, bf16, its own CPU kernels) is faster
-still where it runs: `make_generator` picks it there and this transformers path elsewhere.
+A one-request-at-a-time server on CPU decodes one user per forward pass; `model.generate` on a
+left-padded batch decodes many, which is several times faster for a small student. vLLM
+(slim.vllm_engine.VllmGenerator: continuous batching, its own CPU kernels) is faster still where the
+hardware suits it: `make_generator` asks `slim.hardware.choose` and picks one or the other.
+
+Sampling draws each row from its own generator, seeded by the request's seed, so a sampled answer
+does not depend on which other requests share its batch (as in vLLM); greedy rows take the argmax.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from .client import Completion
+from .hardware import TRANSFORMERS_DTYPE
 from .lora import load_causal_lm, load_merged
-from .vllm_engine import VllmGenerator, announce, choose_engine, vllm_status
+from .vllm_engine import VllmGenerator, announce, engine_choice, vllm_status
+
+
+class RowSampler:
+    """A logits processor that samples each row with its own temperature and seeded generator, then
+    leaves only the drawn token finite, so greedy decoding takes it; rows at temperature 0 are left
+    as they are (argmax)."""
+
+    def __init__(self, temperatures: Sequence[float], seeds: Sequence[int | None]):
+        import torch
+
+        self.temperatures = list(temperatures)
+        self.generators = []
+        for t, s in zip(temperatures, seeds):
+            g = None
+            if t > 0:
+                g = torch.Generator()
+                g.manual_seed(0 if s is None else int(s))
+            self.generators.append(g)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.clone()
+        for i, (t, g) in enumerate(zip(self.temperatures, self.generators)):
+            if g is None:
+                continue
+            probs = torch.softmax(scores[i].float() / t, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=g)
+            scores[i].fill_(float("-inf"))
+            scores[i, tok] = 0.0
+        return scores
 
 
 class LocalGenerator:
-    """Greedy (temperature 0) or sampled batched generation with the chat template, length-sorted batches."""
+    """Greedy (temperature 0) or per-row seeded sampled batched generation with the chat template,
+    length-sorted batches, in float32 (transformers has no fast bf16 on a CPU without native bf16)."""
 
     engine = "transformers"
+    dtype = TRANSFORMERS_DTYPE
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42):
-        import torch
         from transformers import AutoTokenizer
 
-        torch.manual_seed(seed)
         if adapter:
             self.model, self.tok = load_merged(adapter, model_path)
         else:
@@ -35,21 +70,26 @@ class LocalGenerator:
         self.tok.padding_side = "left"
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.model_name = str(adapter or model_path)
-        self.batch_size, self.max_new_tokens, self.temperature = batch_size, max_new_tokens, temperature
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.temperature, self.seed = temperature, seed
 
-    def generate(self, prompts: list[str]) -> list[Completion]:
+    def generate_chats(self, chats: list[list[dict[str, str]]], max_new_tokens: int,
+                       temperatures: Sequence[float], seeds: Sequence[int | None]) -> list[Completion]:
+        """One batch of conversations -> completions in order; row i samples at temperatures[i] with
+        seeds[i] (0: greedy). `seconds` is the batch's time shared out over its rows."""
         import torch
+        from transformers import LogitsProcessorList
 
-        chats = [[{"role": "user", "content": p}] for p in prompts]
         enc = self.tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
                                            return_dict=True)
-        sample = self.temperature > 0
+        processors = LogitsProcessorList([RowSampler(temperatures, seeds)]) if any(t > 0 for t in temperatures) \
+            else None
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=sample,
-                                      temperature=self.temperature if sample else None, top_p=None, top_k=None,
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                      top_p=None, top_k=None, logits_processor=processors,
                                       pad_token_id=self.tok.pad_token_id)
-        seconds = (time.perf_counter() - t0) / len(prompts)
+        seconds = (time.perf_counter() - t0) / len(chats)
         new = out[:, enc["input_ids"].shape[1]:]
         result = []
         for row, mask in zip(new, enc["attention_mask"]):
@@ -60,13 +100,18 @@ class LocalGenerator:
                                      finish_reason="stop" if len(ended) else "length"))
         return result
 
+    def generate(self, prompts: list[str], attempt: int = 0) -> list[Completion]:
+        """Completions of user prompts at this generator's temperature, each sampled with seed + attempt."""
+        return self.generate_chats([[{"role": "user", "content": p}] for p in prompts], self.max_new_tokens,
+                                   [self.temperature] * len(prompts), [self.seed + attempt] * len(prompts))
+
     def stream(self, jobs: Iterable[tuple[Any, str]],
                attempt: int = 0) -> Iterator[tuple[Any, Completion | Exception]]:
-        """Length-sorted batches; a retry (`attempt` > 0) samples on from the advanced RNG (greedy repeats)."""
+        """Length-sorted batches; a retry (`attempt` > 0) samples with seed + attempt (greedy repeats)."""
         jobs = sorted(jobs, key=lambda kp: len(kp[1]))
         for i in range(0, len(jobs), self.batch_size):
             batch = jobs[i:i + self.batch_size]
-            for (key, _), c in zip(batch, self.generate([p for _, p in batch])):
+            for (key, _), c in zip(batch, self.generate([p for _, p in batch], attempt)):
                 yield key, c
 
     def close(self) -> None:
@@ -82,14 +127,17 @@ class LocalGenerator:
 def make_generator(model_path: str | Path | None = None, adapter: str | Path | None = None, batch_size: int = 16,
                    max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42, engine: str = "auto",
                    **vllm_options: Any) -> LocalGenerator | VllmGenerator:
-    """In-process generation with vLLM where it imports and starts, else `LocalGenerator`
-    (transformers); one line on stderr says which and why. engine: auto | vllm | transformers
-    (vllm where it cannot run is an error). `vllm_options` go to VllmGenerator (dtype, prefix_caching, ...)."""
-    name, why = choose_engine(engine)
-    if name == "vllm":
+    """In-process generation with the engine `slim.hardware.choose` picks here (vLLM where it is the
+    faster engine and starts, else `LocalGenerator`); one line on stderr says which, in which dtype and
+    why. engine: auto | vllm | transformers (vllm where it cannot run is an error). `vllm_options` go
+    to VllmGenerator (prefix_caching, ...)."""
+    choice = engine_choice(engine)
+    why = choice.reason
+    if choice.engine == "vllm":
         status = vllm_status()
         try:
-            gen = VllmGenerator(model_path, adapter, batch_size, max_new_tokens, temperature, seed, **vllm_options)
+            gen = VllmGenerator(model_path, adapter, batch_size, max_new_tokens, temperature, seed,
+                                **{"dtype": choice.dtype, **vllm_options})
         except Exception as e:  # noqa: BLE001 - auto falls back, with the reason on its one line
             if engine == "vllm":
                 raise
@@ -100,5 +148,5 @@ def make_generator(model_path: str | Path | None = None, adapter: str | Path | N
                                                         ", LoRA adapter" if adapter else "")
             announce("slim generation engine", "vllm", f"{why}; started in {gen.startup_s:.0f} s", detail)
             return gen
-    announce("slim generation engine", "transformers", why, f"batch {batch_size}")
+    announce("slim generation engine", "transformers", why, f"{LocalGenerator.dtype}, batch {batch_size}")
     return LocalGenerator(model_path, adapter, batch_size, max_new_tokens, temperature, seed)

@@ -1,17 +1,17 @@
 """A local OpenAI-compatible server for a model folder (+ LoRA adapter), as a context manager.
 
-vLLM where it imports and finds a device (`python -m vllm.entrypoints.openai.api_server` from this
-interpreter: on a GPU the adapter is loaded with --enable-lora, on CPU its merged copy is served in
-bf16 with vLLM's CPU settings; see slim.vllm_engine), otherwise `transformers serve` (the adapter
-merged into a copy of the base first). One line on stderr says which and why. Either way the server
-is ready only once it has answered a real chat completion.
+vLLM where it runs and is the faster engine here (`python -m vllm.entrypoints.openai.api_server` from
+this interpreter: on a GPU the adapter is loaded with --enable-lora, on CPU its merged copy is served
+with vLLM's CPU settings, bf16 only where native; see slim.vllm_engine and slim.hardware), otherwise
+the project's batching server over transformers (`slim.batch_server`: concurrent requests decoded
+together, the adapter merged in memory). One line on stderr says which, in which dtype and why.
+Either way the server is ready only once it has answered a real chat completion.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,35 +26,13 @@ from eval.errors import InputError
 
 from .client import ChatClient, ClientConfig
 from .lora import adapter_base, merged_dir
-from .vllm_engine import announce, choose_engine, serve_command, vllm_status
-
-LORA_NAME = "student"
+from .vllm_engine import LORA_NAME, announce, engine_choice, serve_command, vllm_status
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def pick_backend(backend: str = "auto") -> str:
-    """vllm or transformers: auto picks vLLM where it imports and finds a device (slim.vllm_engine)."""
-    return _pick(backend)[0]
-
-
-def _pick(backend: str) -> tuple[str, str]:
-    if backend not in ("auto", "vllm", "transformers"):
-        raise InputError(f"unknown serving backend '{backend}' (choose auto, vllm or transformers)")
-    return choose_engine(backend)
-
-
-def _cli(name: str) -> str:
-    """The console script `name` of this environment (the venv's, not whatever is first on PATH)."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise InputError(f"'{name}' is not installed")
-    return found
 
 
 class ServerExited(RuntimeError):
@@ -78,13 +56,15 @@ class Server:
                  port: int | None = None, host: str = "127.0.0.1", backend: str = "auto",
                  startup_timeout_s: float = 900.0, log_path: str | Path | None = None, *,
                  dtype: str | None = None, prefix_caching: bool = True, extra_args: tuple[str, ...] = (),
-                 quiet: bool = False):
-        """`dtype` (vLLM; default bf16 on CPU, vLLM's choice on a GPU), `prefix_caching` (vLLM; off for
-        benchmarks that repeat prompts) and `extra_args` (appended to the server's command line)."""
+                 max_batch: int = 32, quiet: bool = False):
+        """`dtype` (vLLM; default: bf16 where native, else float32 - `slim.hardware`), `prefix_caching`
+        (vLLM; off for benchmarks that repeat prompts), `extra_args` (appended to the vLLM server's
+        command line) and `max_batch` (the transformers batching server: requests decoded together)."""
         if model_path is None and adapter is None:
             raise InputError("serve needs a model path or an adapter")
         self.requested = backend
-        self.backend, why = _pick(backend)
+        choice = engine_choice(backend)
+        self.backend = choice.engine
         self.adapter = Path(adapter) if adapter else None
         self.model_path = str(model_path or adapter_base(self.adapter))
         if not Path(self.model_path).exists():
@@ -94,23 +74,26 @@ class Server:
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="slim-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.model_name = self.model_path
-        self.dtype, self.prefix_caching, self.extra_args = dtype, prefix_caching, tuple(extra_args)
+        self.dtype = dtype or choice.dtype
+        self.prefix_caching, self.extra_args, self.max_batch = prefix_caching, tuple(extra_args), max_batch
         self.env: dict[str, str] = dict(os.environ)
         self.startup_s: float | None = None
         if not quiet:
-            detail = ""
-            if self.backend == "vllm":
-                status = vllm_status()
-                detail = (f"CPU, {dtype or 'bfloat16'}, eager" + (", merged adapter" if self.adapter else "")
-                          if status.cpu else "GPU" + (", adapter with --enable-lora" if self.adapter else ""))
-            announce("slim serve engine", self.backend, why, detail)
+            announce("slim serve engine", self.backend, choice.reason, self._detail())
+
+    def _detail(self) -> str:
+        if self.backend == "transformers":
+            return f"{self.dtype}, batching server, up to {self.max_batch} requests a batch" + \
+                (", adapter merged" if self.adapter else "")
+        if vllm_status().cpu:
+            return f"CPU, {self.dtype}, eager" + (", merged adapter" if self.adapter else "")
+        return f"GPU, {self.dtype}" + (", adapter with --enable-lora" if self.adapter else "")
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
-        where = ["--host", self.host, "--port", str(self.port)]
         if self.backend == "vllm":
             status = vllm_status()
             served = self.model_path  # the name requests use (for a served copy too)
@@ -122,23 +105,21 @@ class Server:
                                           dtype=self.dtype, prefix_caching=self.prefix_caching,
                                           extra_args=self.extra_args)
             return cmd
-        if self.adapter:  # transformers serve cannot load an adapter: serve base + adapter merged
-            self.model_name = str(merged_dir(self.adapter, self.model_path))
-        return [_cli("transformers"), "serve", self.model_name, *where]
+        self.model_name = str(self.adapter or self.model_path)
+        return [sys.executable, "-m", "slim.batch_server", "--model", self.model_path,
+                *(["--adapter", str(self.adapter)] if self.adapter else []), "--served-model-name", self.model_name,
+                "--host", self.host, "--port", str(self.port), "--max-batch", str(self.max_batch)]
 
     def start(self) -> "Server":
-        # `transformers serve` answers GET /v1/models with a 500 when the hub cache folder is missing
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
-        hub.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         try:
             self._launch()
         except ServerExited as e:  # auto: a vLLM that cannot serve this model falls back to transformers
             if not (self.backend == "vllm" and self.requested == "auto"):
                 raise
+            self.backend, self.dtype, self.env = "transformers", "float32", dict(os.environ)
             announce("slim serve engine", "transformers", f"fallback: the vllm server exited ({e.cause}; "
-                                                         f"log {self.log_path})")
-            self.backend, self.model_name, self.env = "transformers", self.model_path, dict(os.environ)
+                                                         f"log {self.log_path})", self._detail())
             self._launch()
         self.startup_s = time.monotonic() - t0
         return self

@@ -1,8 +1,9 @@
 """vLLM as the generation engine where it runs, transformers where it does not.
 
 One probe (`vllm_status`, a subprocess so a broken vLLM cannot take this process down) says whether
-vLLM imports here and on which device; `choose_engine` turns a request (auto | vllm | transformers)
-into an engine and a one-line reason that is printed, so a run always says which engine wrote it.
+vLLM imports here and on which device; `engine_choice` turns a request (auto | vllm | transformers)
+into an engine, a dtype and a one-line reason (`slim.hardware.choose`: vLLM only where it is the
+faster engine, bf16 only where it is native) that is printed, so a run always says which engine wrote it.
 
 `VllmGenerator` is in-process offline generation with the `Generator` interface of
 `slim.local.LocalGenerator` (`stream(jobs)` -> (key, Completion) as each request finishes), so a
@@ -19,9 +20,9 @@ What vLLM needs here, handled once:
 - on CPU a seeded sampling request whose prompt is split over two engine steps (chunked prefill)
   kills the engine ("CPU Generator does not use offset": vLLM rewinds the request's generator as on a
   GPU): `cpu_scheduler_args` turns chunked prefill off, with a step budget that holds a whole prompt;
-- bf16 on CPU (1.8x float32 vLLM; 61-72% of greedy student outputs identical to float32
-  transformers, float32 vLLM: all of them), eager mode on CPU (torch.compile costs minutes of
-  start-up for 1.15-1.5x).
+- bf16 where the CPU has it natively (AVX-512 BF16: 1.8x float32 vLLM; 61-72% of greedy student
+  outputs identical to float32 transformers, float32 vLLM: all of them), float32 elsewhere (emulated
+  bf16 is 60x slower); eager mode on CPU (torch.compile costs minutes of start-up for 1.15-1.5x).
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ from typing import Any, Iterable, Iterator
 from eval.errors import InputError
 
 from .client import Completion
+from .hardware import EngineChoice, choose, detect, generation_dtype
 
 ENGINES = ("auto", "vllm", "transformers")
+LORA_NAME = "student"  # the name a served or offline LoRA adapter is requested by
 SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
@@ -90,19 +93,15 @@ def vllm_status(python: str = sys.executable) -> VllmStatus:
                       info["version"])
 
 
-def choose_engine(engine: str = "auto") -> tuple[str, str]:
-    """("vllm" | "transformers", why). auto: vLLM where it imports and finds a device; asking for
-    vllm where it does not is an error, not a silent fallback."""
+def engine_choice(engine: str = "auto") -> EngineChoice:
+    """The engine and dtype for a request (auto | vllm | transformers) on this machine: vLLM where it
+    runs and is the faster engine here (`slim.hardware.choose`); vllm where it cannot run is an error."""
     if engine not in ENGINES:
         raise InputError(f"unknown generation engine '{engine}' (choose {', '.join(ENGINES)})")
-    if engine == "transformers":
-        return "transformers", "asked for"
+    if engine == "transformers":  # no need to probe vLLM
+        return choose(engine, detect(), False, "")
     status = vllm_status()
-    if status.ok:
-        return "vllm", status.reason if engine == "auto" else f"asked for; {status.reason}"
-    if engine == "vllm":
-        raise InputError(f"engine vllm asked for, but {status.reason}")
-    return "transformers", f"fallback: {status.reason}"
+    return choose(engine, detect(), status.ok, status.reason, status.device)
 
 
 def announce(what: str, engine: str, why: str, detail: str = "") -> None:
@@ -209,11 +208,9 @@ def serve_command(status: VllmStatus, model_path: str | Path | None, adapter: st
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
            "--port", str(port), "--served-model-name", served_name, "--generation-config", "vllm"]
     if lora is not None:
-        from .serve import LORA_NAME
-
         cmd += ["--enable-lora", "--lora-modules", f"{LORA_NAME}={lora}", "--max-lora-rank", str(lora_rank(lora))]
     if status.cpu:
-        cmd += ["--dtype", dtype or "bfloat16", "--enforce-eager", "--no-enable-chunked-prefill",
+        cmd += ["--dtype", dtype or generation_dtype(detect()), "--enforce-eager", "--no-enable-chunked-prefill",
                 "--max-num-batched-tokens", str(cpu_scheduler_args(model)["max_num_batched_tokens"])]
     elif dtype:
         cmd += ["--dtype", dtype]
@@ -231,8 +228,8 @@ class VllmGenerator:
     transformers does it (the same prompt tokens), completions yielded as they finish.
 
     vLLM batches continuously (every job is queued, up to `max_num_seqs` decode together), so
-    `batch_size` is accepted for the interface and unused. `dtype` None: bfloat16 (CPU and GPU);
-    "float32" matches transformers' greedy output. `prefix_caching` False for fair benchmarks;
+    `batch_size` is accepted for the interface and unused. `dtype` None: bfloat16 where native, else
+    float32 (`slim.hardware.generation_dtype`); "float32" matches transformers' greedy output. `prefix_caching` False for fair benchmarks;
     `engine_args` go to `vllm.LLM` as they are."""
 
     engine = "vllm"
@@ -258,7 +255,7 @@ class VllmGenerator:
         self.model_name = str(adapter or model_path)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.temperature, self.seed = temperature, seed
-        self.dtype = dtype or "bfloat16"
+        self.dtype = dtype or generation_dtype(detect())
         self.tok = AutoTokenizer.from_pretrained(model)
         kwargs: dict[str, Any] = dict(model=str(model), dtype=self.dtype, seed=seed,
                                       enable_prefix_caching=prefix_caching, generation_config="vllm",
@@ -273,7 +270,7 @@ class VllmGenerator:
             from vllm.lora.request import LoRARequest
 
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank(lora))
-            self.lora_request = LoRARequest("student", 1, str(lora))
+            self.lora_request = LoRARequest(LORA_NAME, 1, str(lora))
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - t0

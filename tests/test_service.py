@@ -1,6 +1,6 @@
 """`fusion serve` over real HTTP on 127.0.0.1: every endpoint and bad request, the bearer token, a new
 user's history end to end (the SLIM student's rationale from the fault-injecting OpenAI-compatible
-server, and from a real tiny random LLaMA served by `transformers serve`), and the page rendered by a
+server, and from a real tiny random LLaMA served by the transformers batching server), and the page rendered by a
 real headless chromium."""
 import contextlib
 import json
@@ -161,14 +161,14 @@ def test_new_user_history_end_to_end_with_the_students_rationale(service, monkey
 @pytest.fixture(scope="module")
 def tiny_student(service, tmp_path_factory):
     """(base URL, student client) of a service whose student is a random 2-layer LLaMA with the SmolLM2
-    tokenizer and chat template, served over HTTP by `transformers serve` (`slim.serve.Server`; vLLM
+    tokenizer and chat template, served over HTTP by the transformers batching server (`slim.serve.Server`; vLLM
     takes 30-60 s to start on CPU, its own tests cover it)."""
     _, rec, _, _ = service
     root = tmp_path_factory.mktemp("tiny-student")
     torch.manual_seed(0)
     model = tiny_lm(root / "model", initializer_range=0.2)  # at the default 0.02 it writes only newlines
     with Server(model, backend="transformers", startup_timeout_s=300, log_path=root / "server.log", quiet=True) as lm:
-        writer = StudentWriter(rec, lm.base_url, lm.model_name)  # `transformers serve` lists no models
+        writer = StudentWriter(rec, lm.base_url, lm.model_name)
         with serving(create_app(rec, writer)) as url:
             yield url, writer
 

@@ -1,5 +1,6 @@
 """SLIM student: label masking, LoRA fine-tuning and generation (in-process and served) with a tiny LLaMA."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -127,8 +128,9 @@ def test_finetune_then_generate_locally(tiny, tmp_path):
     assert {"step1", "step2", "step3", "text", "error", "completion_tokens"} <= set(r)
 
 
-def test_served_student_through_transformers_serve(tiny, tmp_path):
-    """The endpoint path for real: `transformers serve` on base + merged adapter, the shared client."""
+def test_served_student_through_the_batching_server(tiny, tmp_path):
+    """The endpoint path for real: the transformers batching server on base + adapter (merged in memory),
+    the shared client; its greedy answers are the in-process path's."""
     root = tiny["root"]
     if not (root / ADAPTER).exists():
         run_stage(SlimStudentStage(root, SlimStudentConfig(base_model=str(tiny["model"]), epochs=1, batch_size=4)))
@@ -138,5 +140,8 @@ def test_served_student_through_transformers_serve(tiny, tmp_path):
                                   client=ClientConfig(base_url="", max_tokens=4, temperature=0, concurrency=2))
     summary = run_stage(StudentRationalesStage(run, gen)).counts
     assert summary["complete"] == 2 and summary["completion_tokens"] > 0 and summary["engine"] == "transformers"
-    assert (run / f"{ADAPTER}-merged" / "model.safetensors").exists()
-    assert len(read_records(run / RECORDS / "records.jsonl")) == 2
+    served = read_records(run / RECORDS / "records.jsonl")
+    local = run_with_data(root, tmp_path / "local", ADAPTER)
+    run_stage(StudentRationalesStage(local, replace(gen, backend="local")))
+    assert {u: r["text"] for u, r in read_records(local / RECORDS / "records.jsonl").items()} == \
+        {u: r["text"] for u, r in served.items()} and len(served) == 2

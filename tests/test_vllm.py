@@ -13,10 +13,12 @@ import pytest
 
 from eval.errors import InputError
 from slim.client import ChatClient, ClientConfig, Completion
-from slim.vllm_engine import (VllmGenerator, choose_engine, cpu_env, gguf_quantized, servable_model_dir,
-                              vllm_status)
+from slim.hardware import detect, generation_dtype
+from slim.vllm_engine import VllmGenerator, cpu_env, engine_choice, gguf_quantized, servable_model_dir, vllm_status
 
 STATUS = vllm_status()
+CHOICE = engine_choice("auto")
+DTYPE = generation_dtype(detect())  # what vLLM computes in here: bf16 only where native
 needs_vllm = pytest.mark.skipif(not STATUS.ok, reason=f"vLLM cannot run here: {STATUS.reason}")
 GGUF = {"dequantize": False, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "quant_method": "gguf"}
 PROMPTS = ["User history: Fargo (1996); Crime", "User history: Toy Story (1995); Animation", "Hello", "Step 1?"]
@@ -55,15 +57,16 @@ def test_gguf_quantization_config_is_dropped_in_a_copy(tmp_path):
 
 
 def test_engine_choice_and_cpu_settings():
-    assert choose_engine("transformers") == ("transformers", "asked for")
+    assert engine_choice("transformers").engine == "transformers"
+    assert engine_choice("transformers").reason == "asked for"
     with pytest.raises(InputError, match="unknown generation engine"):
-        choose_engine("tgi")
-    engine, why = choose_engine("auto")
-    assert engine == ("vllm" if STATUS.ok else "transformers") and why
+        engine_choice("tgi")
+    faster_here = STATUS.ok and (not STATUS.cpu or detect().avx512)
+    assert CHOICE.engine == ("vllm" if faster_here else "transformers") and CHOICE.reason
     if not STATUS.ok:
-        assert why.startswith("fallback:")
+        assert CHOICE.reason.startswith("fallback:")
         with pytest.raises(InputError, match="engine vllm asked for"):
-            choose_engine("vllm")
+            engine_choice("vllm")
     env = cpu_env({"VLLM_CPU_KVCACHE_SPACE": "5"})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "5"  # the user's setting wins
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_OMP_THREADS_BIND"][0].isdigit()
@@ -111,21 +114,22 @@ def vllm_env(tiny):
 
 @pytest.fixture(scope="module")
 def served(tiny, vllm_env):
-    """The trap-carrying tiny model served for the module by `endpoint`, the backend picked automatically."""
+    """The trap-carrying tiny model served for the module by `endpoint` with vLLM (asked for: on a CPU
+    without AVX-512 auto picks transformers)."""
     from slim.serve import endpoint
 
     cfg = ClientConfig(base_url="", temperature=0.0, max_tokens=8, concurrency=3, max_retries=0, timeout_s=120)
-    with endpoint(cfg, tiny["model"], log_path=tiny["root"] / "server.log") as (client, engine):
+    with endpoint(cfg, tiny["model"], log_path=tiny["root"] / "server.log", engine="vllm") as (client, engine):
         assert engine == "vllm"
         yield client
 
 
 @pytest.fixture(scope="module")
 def offline(tiny, vllm_env):
-    """The factory's in-process generator for the adapter (on CPU: its merged copy), picked automatically."""
+    """The factory's in-process vLLM generator for the adapter (on CPU: its merged copy)."""
     from slim.local import make_generator
 
-    gen = make_generator(None, tiny["adapter"], max_new_tokens=8, temperature=0.0, seed=7)
+    gen = make_generator(None, tiny["adapter"], max_new_tokens=8, temperature=0.0, seed=7, engine="vllm")
     yield gen
     gen.close()
 
@@ -138,11 +142,11 @@ def test_engine_choice_is_one_line_with_its_reason(tiny, capsys):
     with make_generator(tiny["model"], None, batch_size=2, max_new_tokens=2, engine="transformers") as gen:
         assert isinstance(gen, LocalGenerator) and gen.engine == "transformers"
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "engine" in ln]
-    assert lines == ["slim generation engine: transformers (batch 2) - asked for"]
+    assert lines == ["slim generation engine: transformers (float32, batch 2) - asked for"]
     Server(tiny["model"], backend="auto")  # constructed, not started: only the choice is printed
     line = capsys.readouterr().err.strip()
-    assert "\n" not in line and line.startswith(f"slim serve engine: {'vllm' if STATUS.ok else 'transformers'} (")
-    assert line.endswith(f" - {STATUS.reason}" if STATUS.ok else f" - fallback: {STATUS.reason}")
+    assert "\n" not in line and line.startswith(f"slim serve engine: {CHOICE.engine} ({CHOICE.dtype}, ")
+    assert line.endswith(f" - {CHOICE.reason}")
 
 
 def test_cpu_vllm_loads_the_merged_adapter(tiny, vllm_env):
@@ -168,7 +172,7 @@ def test_cpu_vllm_loads_the_merged_adapter(tiny, vllm_env):
 
 @needs_vllm
 def test_student_rationales_stage_generates_with_vllm(tiny, vllm_env, tmp_path, capfd):
-    """The slim-student-rationales stage (backend local, engine auto) writes its records with vLLM
+    """The slim-student-rationales stage (backend local, engine vllm) writes its records with vLLM
     and says so in its manifest counts."""
     import shutil
 
@@ -180,11 +184,11 @@ def test_student_rationales_stage_generates_with_vllm(tiny, vllm_env, tmp_path, 
 
     run = make_dataset(tmp_path / "run")
     shutil.copytree(tiny["adapter"], run / SlimStudentStage.name)
-    cfg = StudentRationalesConfig(backend="local", users=3, client=ClientConfig(base_url="", max_tokens=4,
-                                                                                temperature=0.0))
+    cfg = StudentRationalesConfig(backend="local", users=3, engine="vllm",
+                                  client=ClientConfig(base_url="", max_tokens=4, temperature=0.0))
     counts = run_stage(StudentRationalesStage(run, cfg)).counts
     assert counts["engine"] == "vllm" and counts["complete"] == 3 and counts["completion_tokens"] > 0
-    assert "slim generation engine: vllm (cpu, bfloat16, merged adapter)" in capfd.readouterr().err or not STATUS.cpu
+    assert f"slim generation engine: vllm (cpu, {DTYPE}, merged adapter)" in capfd.readouterr().err or not STATUS.cpu
     assert len(read_records(run / StudentRationalesStage.name / "records.jsonl")) == 3
 
 
@@ -199,7 +203,7 @@ def test_served_by_vllm_answers_the_project_client(served, tiny):
     log = (tiny["root"] / "server.log").read_text()
     assert "vllm.entrypoints" in log or "vLLM" in log  # vLLM served it, not transformers serve
     if STATUS.cpu:
-        assert "--enable-lora" not in log and "bfloat16" in log  # CPU: no LoRA, bf16
+        assert "--enable-lora" not in log and DTYPE in log  # CPU: no LoRA, bf16 only where native
     c = served.complete(PROMPTS[0])
     assert isinstance(c, Completion) and c.completion_tokens > 0 and c.finish_reason in ("stop", "length")
     assert c.prompt_tokens == template_tokens(tiny["tok"], PROMPTS[0])  # the chat template was applied

