@@ -171,7 +171,7 @@ def main() -> None:
     choice = engine_choice("auto")
     picked = "transformers" if choice.engine == "transformers" else f"vllm-{choice.dtype}"
     results["auto"] = {"engine": choice.engine, "dtype": choice.dtype, "reason": choice.reason}
-    console.print(choice.line("auto picks here"))
+    console.print(f"auto picks here: {choice.engine} ({choice.dtype}) - {choice.reason}")
     if picked in speed and speed:
         best = max(speed, key=speed.get)
         ratio = speed[picked] / speed[best]

@@ -4,7 +4,7 @@ which includes the SLIM student writing the rationale, its encoding and the fusi
 
 The service runs as its own process (`fusion serve`); the SLIM student is the endpoint given with
 --student-url or, by default, the run's adapter (`RUN/slim-student`) served for the bench by
-`slim serve`'s engine (--student-backend: vLLM where it runs, `transformers serve` otherwise);
+`slim serve`'s engine (--student-backend: by default the one the hardware calls for, see slim.hardware);
 --fake-student answers instantly instead (tests/slim_fake_openai.py), so new users measure the
 service's own work (prompt, encoding, fusion, retrieval) without the generation. Each level sends at
 most --requests requests (--new-requests for new users) and stops sending after --seconds

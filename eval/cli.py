@@ -31,7 +31,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 def exit_on_signal(signum: int, frame: Any) -> None:
     """SIGTERM / SIGHUP unwind like Ctrl-C: context managers stop the servers and engines a command
-    started, and append-only records stay whole (exit code 128 + the signal's number)."""
+    started, and append-only records stay whole (exit code 128 + the signal's number). A second
+    signal while unwinding is ignored, so it cannot cut a server's stop short."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(128 + signum)
 
 
@@ -104,7 +107,7 @@ def stage_command(app: typer.Typer, command: str, stage_class: type[Stage],
               *([_param("name", str, typer.Option(..., help="Model name: its folder and preset table."))] if named
                 else []),
               _param("preset", Optional[str], typer.Option(None, help="Take the settings of this preset's table "
-                                                                       "(demo, paper or a .toml file).")),
+                                                                       "(demo, study, paper or a .toml file).")),
               _param("set_", list[str], typer.Option([], "--set", help="Override a setting: key.path=value "
                                                                         "(repeatable).")),
               _param("force", bool, typer.Option(False, help="Rebuild even if the output is up to date.")),

@@ -1,8 +1,8 @@
 """Reading presets: TOML files with one table per stage (the stage's name).
 
-The shipped ones live in the `presets` data package (`demo`: the embedded CPU default, `paper`: the
-papers' setting); a user's own .toml file works the same way. String settings may use ${VAR} from
-the environment (paths of the user's data and models).
+The shipped ones live in the `presets` data package (`demo`: the embedded CPU default, `study`: its
+ablation study at full size, `paper`: the papers' setting); a user's own .toml file works the same
+way. String settings may use ${VAR} from the environment (paths of the user's data and models).
 """
 from __future__ import annotations
 

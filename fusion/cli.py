@@ -26,7 +26,7 @@ stage_command(app, "evaluate", ReportStage, lambda s: typer.echo((s.out / "repor
 @app.command("run")
 def run_cmd(
     run: Path = typer.Option(Path("runs/demo"), help="Run directory for every stage's outputs."),
-    preset: str = typer.Option("demo", help="Shipped preset (demo, paper) or your own .toml file."),
+    preset: str = typer.Option("demo", help="Shipped preset (demo, study, paper) or your own .toml file."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset setting: table.key=value (repeatable)."),
     until: Optional[str] = typer.Option(None, help="Stop after this stage's folder (e.g. 'sasrec')."),
 ) -> None:
@@ -75,7 +75,8 @@ def serve_cmd(
     student_timeout: float = typer.Option(120.0, help="Seconds a new user's rationale may take before the request "
                                                       "fails with 502."),
     serve_student: bool = typer.Option(False, help="Serve the run's SLIM student (RUN/slim-student, as `slim serve` "
-                                                   "does: vLLM where it runs) for new users while the service runs."),
+                                                   "does: the engine and dtype the hardware calls for) for new users "
+                                                   "while the service runs."),
 ) -> None:
     """Recommendations over HTTP (known users, new users' histories, items) and a page at /."""
     import contextlib

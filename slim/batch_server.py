@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import queue
 import threading
 import time
@@ -52,7 +53,8 @@ class Batcher:
         self.queue: queue.Queue[Request] = queue.Queue()
         self.held: list[Request] = []  # taken from the queue but waiting for a batch of their budget
         self.batches = 0
-        threading.Thread(target=self._work, daemon=True, name="batcher").start()
+        self.thread = threading.Thread(target=self._work, daemon=True, name="batcher")
+        self.thread.start()
 
     def submit(self, req: Request) -> Future:
         self.queue.put(req)
@@ -76,17 +78,26 @@ class Batcher:
 
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
-            try:
-                outs = self.gen.generate_chats([r.messages for r in batch], batch[0].max_tokens,
-                                               [r.temperature for r in batch], [r.seed for r in batch])
-            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error (a 500)
+            # a request whose client went away (its future cancelled) is not decoded
+            batch = [r for r in self._next_batch() if r.done.set_running_or_notify_cancel()]
+            if batch:
+                self._decode(batch)
+
+    def _decode(self, batch: list[Request]) -> None:
+        """Answer a batch; if it fails, each request alone, so one bad request fails only itself."""
+        try:
+            outs = self.gen.generate_chats([r.messages for r in batch], batch[0].max_tokens,
+                                           [r.temperature for r in batch], [r.seed for r in batch])
+        except Exception as e:  # noqa: BLE001 - the request's error becomes its 500
+            if len(batch) > 1:
                 for r in batch:
-                    r.done.set_exception(e)
-                continue
-            self.batches += 1
-            for r, c in zip(batch, outs):
-                r.done.set_result(c)
+                    self._decode([r])
+            else:
+                batch[0].done.set_exception(e)
+            return
+        self.batches += 1
+        for r, c in zip(batch, outs):
+            r.done.set_result(c)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
@@ -95,7 +106,7 @@ def _error(status: int, message: str, kind: str = "invalid_request_error"):
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
-def parse_request(body: Any, served: str) -> Request | str:
+def parse_request(body: Any) -> Request | str:
     """The request, or the one-line reason it is refused (a 400)."""
     if not isinstance(body, dict):
         return "the body must be a JSON object"
@@ -114,10 +125,10 @@ def parse_request(body: Any, served: str) -> Request | str:
     seed = body.get("seed")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         return "max_tokens: a positive integer"
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        return "temperature: a number >= 0"
-    if seed is not None and not isinstance(seed, int):
-        return "seed: an integer"
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        return "temperature: a finite number >= 0"
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        return "seed: an integer from 0 to 2**63 - 1"
     if body.get("frequency_penalty") not in (None, 0, 0.0):
         return "frequency_penalty: not supported by this server"
     return Request([{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, float(temperature),
@@ -128,10 +139,11 @@ def create_app(gen: LocalGenerator, served: str, max_batch: int = 32, gather_s: 
     """The FastAPI app: GET /v1/models, POST /v1/chat/completions, GET /health."""
     app = FastAPI(title="rationale-rec batch server")
     batcher = Batcher(gen, max_batch, gather_s)
-    app.state.batcher = batcher
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health():
+        if not batcher.thread.is_alive():
+            return _error(503, "the generation worker has stopped", "server_error")
         return {"status": "ok", "batches": batcher.batches}
 
     @app.get("/v1/models")
@@ -144,7 +156,7 @@ def create_app(gen: LocalGenerator, served: str, max_batch: int = 32, gather_s: 
             body = await request.json()
         except ValueError:
             return _error(400, "the body is not valid JSON")
-        req = parse_request(body, served)
+        req = parse_request(body)
         if isinstance(req, str):
             return _error(400, req)
         if body.get("model") not in (None, "", served):

@@ -1,4 +1,4 @@
-"""The one OpenAI-compatible chat client: OpenAI, `vllm serve` and `transformers serve` alike.
+"""The one OpenAI-compatible chat client: OpenAI, vLLM's server and the project's batching server alike.
 
 Retries with exponential backoff on 429, 5xx, timeouts and dropped connections are the `openai`
 package's own (it also honours `Retry-After`); this wrapper retries what it does not (a 200 whose
@@ -29,8 +29,8 @@ class ClientConfig:
                                                  "(the key itself is never written).")
     temperature: float = setting(0.7, "Sampling temperature (0: greedy).")
     max_tokens: int = setting(200, "Most completion tokens per answer.")
-    frequency_penalty: float | None = setting(None, "Repetition penalty, OpenAI semantics (transformers serve "
-                                                    "maps it to repetition_penalty = 1 + value).")
+    frequency_penalty: float | None = setting(None, "Repetition penalty, OpenAI semantics (OpenAI and vLLM; the "
+                                                    "project's batching server refuses it).")
     concurrency: int = setting(4, "Requests in flight.")
     timeout_s: float = setting(120.0, "Per-request timeout (s).")
     max_retries: int = setting(5, "Retries on 429, 5xx, timeouts and dropped connections (exponential backoff).")
@@ -101,7 +101,7 @@ class ChatClient:
         self.model_name = cfg.model or self.served_model()
 
     def models(self) -> list[str]:
-        """The model names the endpoint lists (`GET /models`; `transformers serve` lists none, serves any)."""
+        """The model names the endpoint lists (`GET /models`)."""
         return [m.id for m in self._client.models.list()]
 
     def served_model(self) -> str:

@@ -189,7 +189,9 @@ class ProfileEncodeConfig(EncodeConfig):
 
 class ProfileVectorsStage(VectorsStage):
     """The same encoding over the no-LLM profile records, so any fused model can read the control
-    (`vectors = "vectors-profile"` in its table); writes RUN/vectors-profile."""
+    (`vectors = "vectors-profile"` in its table); writes RUN/vectors-profile. `fusion run` builds it
+    only for a preset with a [vectors-profile] table (the study and paper presets)."""
 
     name = "vectors-profile"
     config_class = ProfileEncodeConfig
+    optional = True

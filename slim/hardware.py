@@ -77,7 +77,7 @@ def detect() -> Hardware:
     import torch
 
     if torch.cuda.is_available():
-        return Hardware("cuda", cpu_flags(), torch.cuda.is_bf16_supported())
+        return Hardware("cuda", cpu_flags(), torch.cuda.is_bf16_supported(including_emulation=False))
     return Hardware("cpu", cpu_flags())
 
 
@@ -98,11 +98,6 @@ class EngineChoice:
     engine: str   # "vllm" or "transformers"
     dtype: str    # what the engine computes in
     reason: str   # one line: why this engine here
-
-    def line(self, what: str, detail: str = "") -> str:
-        """'slim serve engine: transformers (float32, ...) - reason', the announcement."""
-        inside = ", ".join(x for x in (self.dtype, detail) if x)
-        return f"{what}: {self.engine} ({inside}) - {self.reason}"
 
 
 def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_device: str = "") -> EngineChoice:

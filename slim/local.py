@@ -23,7 +23,7 @@ from .vllm_engine import VllmGenerator, announce, engine_choice, vllm_status
 class RowSampler:
     """A logits processor that samples each row with its own temperature and seeded generator, then
     leaves only the drawn token finite, so greedy decoding takes it; rows at temperature 0 are left
-    as they are (argmax)."""
+    as they are (argmax). A row without a seed gets a random one (as the OpenAI API does)."""
 
     def __init__(self, temperatures: Sequence[float], seeds: Sequence[int | None]):
         import torch
@@ -34,7 +34,7 @@ class RowSampler:
             g = None
             if t > 0:
                 g = torch.Generator()
-                g.manual_seed(0 if s is None else int(s))
+                g.manual_seed(int(torch.randint(0, 2**62, ())) if s is None else int(s))
             self.generators.append(g)
 
     def __call__(self, input_ids, scores):
@@ -144,7 +144,7 @@ def make_generator(model_path: str | Path | None = None, adapter: str | Path | N
             last = (str(e).strip().splitlines() or [""])[-1][:200]
             why = f"fallback: vllm did not start ({type(e).__name__}: {last})"
         else:
-            detail = f"{status.device}, {gen.dtype}" + (", merged adapter" if adapter and status.cpu else
+            detail = f"{gen.dtype}, {status.device}" + (", merged adapter" if adapter and status.cpu else
                                                         ", LoRA adapter" if adapter else "")
             announce("slim generation engine", "vllm", f"{why}; started in {gen.startup_s:.0f} s", detail)
             return gen

@@ -1,7 +1,7 @@
 """LoRA adapters as plain models: merged in memory (in-process generation) or on disk (serving).
 
-`transformers serve` takes a model folder, not an adapter, so on CPU the student is served as a
-merged copy; vLLM loads the adapter itself.
+vLLM on CPU serves a merged copy (LoRA forces its slow kernels there); on a GPU it loads the adapter
+itself, and the transformers paths merge it in memory.
 """
 from __future__ import annotations
 

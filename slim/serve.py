@@ -25,6 +25,7 @@ from typing import Iterator
 from eval.errors import InputError
 
 from .client import ChatClient, ClientConfig
+from .hardware import TRANSFORMERS_DTYPE
 from .lora import adapter_base, merged_dir
 from .vllm_engine import LORA_NAME, announce, engine_choice, serve_command, vllm_status
 
@@ -74,7 +75,7 @@ class Server:
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="slim-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
         self.model_name = self.model_path
-        self.dtype = dtype or choice.dtype
+        self.dtype = TRANSFORMERS_DTYPE if self.backend == "transformers" else dtype or choice.dtype
         self.prefix_caching, self.extra_args, self.max_batch = prefix_caching, tuple(extra_args), max_batch
         self.env: dict[str, str] = dict(os.environ)
         self.startup_s: float | None = None
@@ -86,8 +87,8 @@ class Server:
             return f"{self.dtype}, batching server, up to {self.max_batch} requests a batch" + \
                 (", adapter merged" if self.adapter else "")
         if vllm_status().cpu:
-            return f"CPU, {self.dtype}, eager" + (", merged adapter" if self.adapter else "")
-        return f"GPU, {self.dtype}" + (", adapter with --enable-lora" if self.adapter else "")
+            return f"{self.dtype}, CPU, eager" + (", merged adapter" if self.adapter else "")
+        return f"{self.dtype}, GPU" + (", adapter with --enable-lora" if self.adapter else "")
 
     @property
     def base_url(self) -> str:
@@ -113,14 +114,18 @@ class Server:
     def start(self) -> "Server":
         t0 = time.monotonic()
         try:
-            self._launch()
-        except ServerExited as e:  # auto: a vLLM that cannot serve this model falls back to transformers
-            if not (self.backend == "vllm" and self.requested == "auto"):
-                raise
-            self.backend, self.dtype, self.env = "transformers", "float32", dict(os.environ)
-            announce("slim serve engine", "transformers", f"fallback: the vllm server exited ({e.cause}; "
-                                                         f"log {self.log_path})", self._detail())
-            self._launch()
+            try:
+                self._launch()
+            except ServerExited as e:  # auto: a vLLM that cannot serve this model falls back to transformers
+                if not (self.backend == "vllm" and self.requested == "auto"):
+                    raise
+                self.backend, self.dtype, self.env = "transformers", TRANSFORMERS_DTYPE, dict(os.environ)
+                announce("slim serve engine", "transformers", f"fallback: the vllm server exited ({e.cause}; "
+                                                             f"log {self.log_path})", self._detail())
+                self._launch()
+        except BaseException:  # stopped while it starts (Ctrl-C, SIGTERM): __exit__ will not run, stop it here
+            self.stop()
+            raise
         self.startup_s = time.monotonic() - t0
         return self
 

@@ -1,4 +1,4 @@
-"""vLLM as the generation engine where it runs, transformers where it does not.
+"""vLLM as the generation engine where it runs and is the faster one, transformers elsewhere.
 
 One probe (`vllm_status`, a subprocess so a broken vLLM cannot take this process down) says whether
 vLLM imports here and on which device; `engine_choice` turns a request (auto | vllm | transformers)
@@ -229,8 +229,8 @@ class VllmGenerator:
 
     vLLM batches continuously (every job is queued, up to `max_num_seqs` decode together), so
     `batch_size` is accepted for the interface and unused. `dtype` None: bfloat16 where native, else
-    float32 (`slim.hardware.generation_dtype`); "float32" matches transformers' greedy output. `prefix_caching` False for fair benchmarks;
-    `engine_args` go to `vllm.LLM` as they are."""
+    float32 (`slim.hardware.generation_dtype`); "float32" matches transformers' greedy output.
+    `prefix_caching` False for fair benchmarks; `engine_args` go to `vllm.LLM` as they are."""
 
     engine = "vllm"
 

@@ -450,16 +450,21 @@ def stages_of(run, preset, overrides=()) -> dict:
 
 
 def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
-    demo = stages_of(tmp_path, "demo")
+    demo, study = stages_of(tmp_path, "demo"), stages_of(tmp_path, "study")
     ablations = {f"fusion/hybrid-{b}{side}" for b in ("sasrec", "gru4rec", "slmrec-student")
                  for side in ("", "-items", "-users", "-none")}   # item text, rationales, both, neither
-    assert {f for f in demo if f.startswith("fusion/")} == ablations | {"fusion/hybrid-sasrec-profile", "fusion/text"}
-    assert demo["fusion/hybrid-gru4rec"].inputs()["backbone"] == tmp_path / "gru4rec"
-    assert demo["fusion/hybrid-sasrec-profile"].inputs()["vectors"] == tmp_path / "vectors-profile"
-    assert demo["vectors-profile"].config.records == "profile-rationales"
+    assert {f for f in study if f.startswith("fusion/")} == ablations | {"fusion/hybrid-sasrec-profile", "fusion/text"}
+    assert study["fusion/hybrid-gru4rec"].inputs()["backbone"] == tmp_path / "gru4rec"
+    assert study["fusion/hybrid-sasrec-profile"].inputs()["vectors"] == tmp_path / "vectors-profile"
+    assert study["vectors-profile"].config.records == "profile-rationales"
+    demo_fusions = sorted(f for f in demo if f.startswith("fusion/"))  # the demo: a subset of the study, one seed
+    assert set(demo_fusions) == {"fusion/hybrid-sasrec", "fusion/hybrid-sasrec-none", "fusion/hybrid-slmrec-student",
+                                 "fusion/text"} and "gru4rec" not in demo
+    assert all(replace(study[f].config, seeds=1) == demo[f].config for f in demo_fusions)
     student_rationales = demo["slim-student-rationales"].config
     assert student_rationales.template == "slim_student_v2"   # nested defaults survive
-    assert student_rationales.client.max_tokens == 48 and student_rationales.client.timeout_s == 900.0
+    assert student_rationales.client.max_tokens == 40 and student_rationales.client.timeout_s == 900.0
+    assert study["slim-student-rationales"].config.users is None  # the study: every user
     assert demo["fusion/text"].config.train.weight_decay == 1e-4
     with pytest.raises(InputError, match="slmrec-teacher.train: unknown setting 'epochz'"):
         build_stages(tmp_path, "demo", ["slmrec-teacher.train.epochz=2"])
@@ -469,14 +474,14 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
         build_stages(tmp_path, "demo", ['data.rating_gt="abc"'])
     with pytest.raises(InputError, match="slmrec pretrain --model gru4rec"):
         build_stages(tmp_path, "demo", ["sasrec.model=gru4rec"])
-    gru = demo["gru4rec"]
+    gru = study["gru4rec"]
     assert gru.config.model == "gru4rec" and gru.config.train.epochs == 100 and gru.out == tmp_path / "gru4rec"
     own = tmp_path / "own.toml"  # an optional stage: only a preset with its table trains it
     own.write_text('[sasrec.train]\nepochs = 3\n')
     assert "gru4rec" not in stages_of(tmp_path, str(own)) and "gru4rec" in stages_of(tmp_path, str(own), ["gru4rec.hidden=8"])
     own.unlink()
     with pytest.raises(InputError, match="gru4rec.model must be 'gru4rec'"):
-        build_stages(tmp_path, "demo", ["gru4rec.model=sasrec"])
+        build_stages(tmp_path, "study", ["gru4rec.model=sasrec"])
     for var in ("DATA", "META", "LLAMA2_7B", "TEACHER_URL", "TEACHER_MODEL"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(InputError, match="environment variable DATA"):
@@ -486,9 +491,9 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
     paper = stages_of(tmp_path, "paper", ["slmrec-teacher.train.lr=1e-4"])
     teacher = paper["slmrec-teacher"].config
     assert teacher.model.base == "/x/LLAMA2_7B" and teacher.train.lr == 1e-4
-    fusions = sorted(f for f in demo if f.startswith("fusion/"))
-    assert fusions == sorted(f for f in paper if f.startswith("fusion/"))   # the same fused models, more seeds
-    same = [replace(paper[f].config, seeds=1, train=demo[f].config.train) == replace(demo[f].config, seeds=1)
+    fusions = sorted(f for f in study if f.startswith("fusion/"))
+    assert fusions == sorted(f for f in paper if f.startswith("fusion/"))   # the study's fused models
+    same = [replace(paper[f].config, seeds=1, train=study[f].config.train) == replace(study[f].config, seeds=1)
             for f in fusions]
     assert all(same)
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2]) and parse_override("a=some/path") == ("a", "some/path")

@@ -43,7 +43,7 @@ def test_bf16_only_where_native(name):
             continue
         choice = choose(requested, hw, *vllm)
         assert choice.dtype != "bfloat16" or native, (requested, vllm, choice)
-        assert choice.engine == "vllm" or choice.dtype in ("float32", "float16", "bfloat16")
+        assert choice.engine == "vllm" or choice.dtype == "float32"  # the transformers path is float32
 
 
 @pytest.mark.parametrize("cpu, engine", [("avx2", "transformers"), ("old", "transformers"), ("avx512", "vllm"),
@@ -59,8 +59,7 @@ def test_auto_on_a_cpu_picks_the_faster_engine(cpu, engine):
             in choice.reason
     if engine == "vllm":
         assert choice.reason.startswith(VLLM["cpu build"][1])
-    line = choice.line("slim serve engine", "batching server")
-    assert line.startswith(f"slim serve engine: {engine} ({choice.dtype}, batching server) - ") and "\n" not in line
+    assert "\n" not in choice.reason
 
 
 def test_the_rule_agrees_with_the_measured_figures():
