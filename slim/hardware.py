@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Completion tokens/s of SmolLM2-135M on 2 cores, the figures the CPU rule stands on (bench/results:
-# 2026-11-23-vllm-cpu.md for AVX-512 BF16, 2026-12-02-generation-avx2.md for AVX2).
+# 2026-11-23-vllm-cpu.md for AVX-512 BF16; for AVX2 a 2-core EPYC's vLLM server at concurrency 32 and
+# batched generate at 32 prompts, 2026-12-02-generation-avx2.md says more).
 CPU_FIGURES = {
     "avx512_bf16": {"vllm bfloat16": 271.0, "vllm float32": 154.0, "transformers float32": 66.8},
     "avx2": {"vllm float32": 17.0, "transformers float32": 62.0},

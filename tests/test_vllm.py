@@ -14,7 +14,8 @@ import pytest
 from eval.errors import InputError
 from slim.client import ChatClient, ClientConfig, Completion
 from slim.hardware import detect, generation_dtype
-from slim.vllm_engine import VllmGenerator, cpu_env, engine_choice, gguf_quantized, servable_model_dir, vllm_status
+from slim.vllm_engine import (VllmGenerator, cpu_env, engine_choice, gguf_quantized, servable_model_dir,
+                              serve_command, vllm_status)
 
 STATUS = vllm_status()
 CHOICE = engine_choice("auto")
@@ -188,7 +189,7 @@ def test_student_rationales_stage_generates_with_vllm(tiny, vllm_env, tmp_path, 
                                   client=ClientConfig(base_url="", max_tokens=4, temperature=0.0))
     counts = run_stage(StudentRationalesStage(run, cfg)).counts
     assert counts["engine"] == "vllm" and counts["complete"] == 3 and counts["completion_tokens"] > 0
-    assert f"slim generation engine: vllm (cpu, {DTYPE}, merged adapter)" in capfd.readouterr().err or not STATUS.cpu
+    assert f"slim generation engine: vllm ({DTYPE}, cpu, merged adapter)" in capfd.readouterr().err or not STATUS.cpu
     assert len(read_records(run / StudentRationalesStage.name / "records.jsonl")) == 3
 
 
@@ -203,7 +204,9 @@ def test_served_by_vllm_answers_the_project_client(served, tiny):
     log = (tiny["root"] / "server.log").read_text()
     assert "vllm.entrypoints" in log or "vLLM" in log  # vLLM served it, not transformers serve
     if STATUS.cpu:
-        assert "--enable-lora" not in log and DTYPE in log  # CPU: no LoRA, bf16 only where native
+        assert "--enable-lora" not in log  # CPU: no LoRA
+        cmd, _ = serve_command(STATUS, tiny["model"], None, "127.0.0.1", 1, "m")
+        assert cmd[cmd.index("--dtype") + 1] == DTYPE  # bf16 only where native
     c = served.complete(PROMPTS[0])
     assert isinstance(c, Completion) and c.completion_tokens > 0 and c.finish_reason in ("stop", "length")
     assert c.prompt_tokens == template_tokens(tiny["tok"], PROMPTS[0])  # the chat template was applied
