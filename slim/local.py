@@ -20,6 +20,18 @@ from .lora import load_causal_lm, load_merged
 from .vllm_engine import VllmGenerator, announce, engine_choice, vllm_status
 
 
+MIN_SHARED_PREFIX = 8  # a shorter common prefix is not worth a forward pass of its own
+
+
+def shared_prefix(ids: list[list[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one token of its own."""
+    limit = min(len(i) for i in ids) - 1
+    n = 0
+    while n < limit and all(i[n] == ids[0][n] for i in ids):
+        n += 1
+    return n
+
+
 class RowSampler:
     """A logits processor that samples each row with its own temperature and seeded generator, then
     leaves only the drawn token finite, so greedy decoding takes it; rows at temperature 0 are left
@@ -59,7 +71,8 @@ class LocalGenerator:
     dtype = TRANSFORMERS_DTYPE
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
-                 batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42):
+                 batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42,
+                 prefix_reuse: bool = True):
         from transformers import AutoTokenizer
 
         if adapter:
@@ -71,32 +84,47 @@ class LocalGenerator:
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.model_name = str(adapter or model_path)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.temperature, self.seed = temperature, seed
+        self.temperature, self.seed, self.prefix_reuse = temperature, seed, prefix_reuse
 
     def generate_chats(self, chats: list[list[dict[str, str]]], max_new_tokens: int,
                        temperatures: Sequence[float], seeds: Sequence[int | None]) -> list[Completion]:
         """One batch of conversations -> completions in order; row i samples at temperatures[i] with
-        seeds[i] (0: greedy). `seconds` is the batch's time shared out over its rows."""
+        seeds[i] (0: greedy). `seconds` is the batch's time shared out over its rows.
+
+        With `prefix_reuse`, the tokens every prompt of the batch starts with (system prompt and
+        template head) are run once and their KV cache copied to every row; each row's own tokens
+        follow, left-padded after the prefix (positions come from the attention mask, so a row sees
+        the positions it would alone)."""
         import torch
         from transformers import LogitsProcessorList
 
-        enc = self.tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
-                                           return_dict=True)
+        ids = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in chats]
+        shared = shared_prefix(ids) if self.prefix_reuse and len(ids) > 1 else 0
+        width = max(len(i) for i in ids) - shared
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([i[:shared] + [pad] * (width - len(i) + shared) + i[shared:] for i in ids])
+        mask = torch.tensor([[1] * shared + [0] * (width - len(i) + shared) + [1] * (len(i) - shared) for i in ids])
         processors = LogitsProcessorList([RowSampler(temperatures, seeds)]) if any(t > 0 for t in temperatures) \
             else None
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                      top_p=None, top_k=None, logits_processor=processors,
-                                      pad_token_id=self.tok.pad_token_id)
+            extra: dict[str, Any] = {}
+            if shared >= MIN_SHARED_PREFIX:
+                cache = self.model(input_ids=input_ids[:1, :shared], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(ids))
+                extra["past_key_values"] = cache
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, temperature=None, top_p=None, top_k=None,
+                                      logits_processor=processors, pad_token_id=pad, **extra)
         seconds = (time.perf_counter() - t0) / len(chats)
-        new = out[:, enc["input_ids"].shape[1]:]
+        new = out[:, input_ids.shape[1]:]
         result = []
-        for row, mask in zip(new, enc["attention_mask"]):
+        for row, n_prompt in zip(new, (len(i) for i in ids)):
             ended = (row == self.tok.eos_token_id).nonzero()
             n = int(ended[0]) if len(ended) else len(row)
             result.append(Completion(text=self.tok.decode(row[:n], skip_special_tokens=True).strip(),
-                                     prompt_tokens=int(mask.sum()), completion_tokens=n, seconds=seconds,
+                                     prompt_tokens=n_prompt, completion_tokens=n, seconds=seconds,
                                      finish_reason="stop" if len(ended) else "length"))
         return result
 
@@ -126,12 +154,12 @@ class LocalGenerator:
 
 def make_generator(model_path: str | Path | None = None, adapter: str | Path | None = None, batch_size: int = 16,
                    max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42, engine: str = "auto",
-                   **vllm_options: Any) -> LocalGenerator | VllmGenerator:
-    """In-process generation with the engine `slim.hardware.choose` picks here (vLLM where it is the
-    faster engine and starts, else `LocalGenerator`); one line on stderr says which, in which dtype and
-    why. engine: auto | vllm | transformers (vllm where it cannot run is an error). `vllm_options` go
-    to VllmGenerator (prefix_caching, ...)."""
-    choice = engine_choice(engine)
+                   prompts: int | None = None, **vllm_options: Any) -> LocalGenerator | VllmGenerator:
+    """In-process generation with the engine `slim.hardware.choose` picks here for `prompts` prompts
+    (vLLM where it is the faster engine for that job and starts, else `LocalGenerator`); one line on
+    stderr says which, in which dtype and why. engine: auto | vllm | transformers (vllm where it cannot
+    run is an error). `vllm_options` go to VllmGenerator (prefix_caching, ...)."""
+    choice = engine_choice(engine, None if prompts is None else prompts * max_new_tokens)
     why = choice.reason
     if choice.engine == "vllm":
         status = vllm_status()

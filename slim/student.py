@@ -71,11 +71,12 @@ class StudentRationalesStage(RationaleStage):
         from .serve import endpoint
 
         cfg, label = self.config, student_label(self.adapter)
-        if not remaining_jobs(self.data_dir, out, cfg, label, cfg.cuts):  # every record is there: start no model
+        todo = remaining_jobs(self.data_dir, out, cfg, label, cfg.cuts)
+        if not todo:  # every record is there: start no model
             return {**run_generation(self.data_dir, out, cfg, None, label, self.name, cfg.cuts), "engine": "none"}
         if cfg.backend == "local":
             with make_generator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
-                                cfg.client.temperature, cfg.seed, engine=cfg.engine) as gen:
+                                cfg.client.temperature, cfg.seed, engine=cfg.engine, prompts=len(todo)) as gen:
                 summary = run_generation(self.data_dir, out, cfg, gen, label, self.name, cfg.cuts)
                 return {**summary, "engine": gen.engine}
         own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run

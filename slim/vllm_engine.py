@@ -93,15 +93,16 @@ def vllm_status(python: str = sys.executable) -> VllmStatus:
                       info["version"])
 
 
-def engine_choice(engine: str = "auto") -> EngineChoice:
-    """The engine and dtype for a request (auto | vllm | transformers) on this machine: vLLM where it
-    runs and is the faster engine here (`slim.hardware.choose`); vllm where it cannot run is an error."""
+def engine_choice(engine: str = "auto", work_tokens: int | None = None) -> EngineChoice:
+    """The engine and dtype for a request (auto | vllm | transformers) on this machine, for a job of
+    at most `work_tokens` completion tokens (None: a server): vLLM where it runs and is the faster
+    engine here (`slim.hardware.choose`); vllm where it cannot run is an error."""
     if engine not in ENGINES:
         raise InputError(f"unknown generation engine '{engine}' (choose {', '.join(ENGINES)})")
     if engine == "transformers":  # no need to probe vLLM
         return choose(engine, detect(), False, "")
     status = vllm_status()
-    return choose(engine, detect(), status.ok, status.reason, status.device)
+    return choose(engine, detect(), status.ok, status.reason, status.device, work_tokens)
 
 
 def announce(what: str, engine: str, why: str, detail: str = "") -> None:

@@ -148,3 +148,19 @@ def test_a_stopped_stage_leaves_no_server_and_resumes(model, tmp_path, sig):
     users = [json.loads(line)["user"] for line in records.read_text().splitlines()]
     assert sorted(users) == list(range(40)) and users[:len(written)] == [r["user"] for r in written]
     assert len(read_records(records)) == 40
+
+
+def test_prefix_reuse_answers_as_without_it(model):
+    """The shared head of a batch's prompts (system prompt, template) run once and its KV cache copied
+    to every row: the same greedy and seeded sampled answers and token counts as without it."""
+    from slim.local import LocalGenerator, shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2], [1, 2]]) == 1  # each row keeps a token of its own
+    assert shared_prefix([[7], [1, 2]]) == 0
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    for temperature in (0.0, 0.9):
+        runs = [LocalGenerator(model, batch_size=8, prefix_reuse=reuse)
+                .generate_chats(chats, 12, [temperature] * len(chats), [5] * len(chats)) for reuse in (True, False)]
+        assert [(c.text, c.prompt_tokens, c.completion_tokens) for c in runs[0]] == \
+            [(c.text, c.prompt_tokens, c.completion_tokens) for c in runs[1]]

