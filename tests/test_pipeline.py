@@ -148,3 +148,43 @@ def test_killed_run_resumes_without_redoing_finished_stages(synthetic, tmp_path)
 
     run_pipeline(run, build_stages(run, str(preset)))   # a third run has nothing left to do
     assert {s["status"] for s in stages(run)[4 + len(second):]} == {"up to date"}
+
+
+def test_sigterm_to_the_pipeline_stops_the_server_it_started_and_resumes(synthetic, tmp_path):
+    """`fusion run` stopped with SIGTERM while its teacher stage serves a model (the transformers
+    batching server): exit 143, no child process left, the records written are whole, and a rerun
+    finishes the stage with one record per user."""
+    from tests.test_batch_server import children_of
+
+    run, users = tmp_path / "run", 40
+    lm = tiny_lm(tmp_path / "lm", initializer_range=0.2)
+    text = PRESET.format(source=synthetic, url="http://127.0.0.1:9/v1", users=users, lm=lm)
+    served = text.replace('[slim-teacher-rationales.client]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "fake-teacher"',
+                          f'serve = "{lm}"\nengine = "transformers"\nformat_retries = 0\n'
+                          f'[slim-teacher-rationales.client]\nmodel = ""\ntemperature = 0.0')
+    assert served != text
+    preset = tmp_path / "served.toml"
+    preset.write_text(served)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "fusion.cli", "run", "--run", str(run), "--preset", str(preset),
+           "--until", "slim-teacher-rationales"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    records = run / "slim-teacher-rationales" / "records.jsonl"
+    deadline = time.time() + 600
+    while not (records.exists() and records.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    kids = children_of(proc.pid)
+    assert kids  # the teacher's server
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    time.sleep(0.5)
+    assert [k for k in kids if Path(f"/proc/{k}").exists()
+            and "zombie" not in Path(f"/proc/{k}/status").read_text().lower()] == []
+    written = [json.loads(line) for line in records.read_text().splitlines()]  # every line whole
+    assert 2 <= len(written) < users
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    done = [json.loads(line)["user"] for line in records.read_text().splitlines()]
+    assert sorted(done) == list(range(users))
