@@ -146,7 +146,7 @@ def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_devi
                                 f"{vllm_why}, but this CPU has no AVX-512: vLLM float32 decodes {speed:.1f}x faster "
                                 f"here once started, but its {fig['vllm startup s']:.0f} s start-up pays back only "
                                 f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
-        return EngineChoice("vllm", "float32", f"{vllm_why}; no AVX-512: float32 (bf16 is emulated here), "
+        return EngineChoice("vllm", dtype, f"{vllm_why}; no AVX-512: {dtype} (bf16 is emulated here), "
                                                f"{speed:.1f}x transformers once started, its start-up paid back "
                                                f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
     if vllm_device == "cpu":

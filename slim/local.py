@@ -111,7 +111,8 @@ class LocalGenerator:
         with torch.inference_mode():
             extra: dict[str, Any] = {}
             if shared >= MIN_SHARED_PREFIX:
-                cache = self.model(input_ids=input_ids[:1, :shared], use_cache=True).past_key_values
+                cache = self.model(input_ids=input_ids[:1, :shared], use_cache=True,
+                                   logits_to_keep=1).past_key_values  # only the cache is used
                 cache.batch_repeat_interleave(len(ids))
                 extra["past_key_values"] = cache
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
