@@ -7,14 +7,14 @@ case it returns [B, num_items + 1] (column 0, padding, is ignored).
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 from rich.progress import track
 
 from .dataset import SeqDataset, pad_left
-from .metrics import from_ranks, random_floor, ranks
+from .metrics import from_ranks, nonfinite_rows, random_floor, ranks
 
 
 class Scorer(Protocol):
@@ -48,14 +48,23 @@ def _batch_candidates(ds: SeqDataset, split: str, protocol: str, users: np.ndarr
     return None, valid
 
 
+class Ranking(NamedTuple):
+    """Per-user results of one model on one split and protocol."""
+
+    ranks: np.ndarray      # 0-based rank of the true item (`eval.metrics.ranks`)
+    candidates: np.ndarray  # valid candidates, truth included
+    top: np.ndarray        # the top-20 recommended items (0 pads shorter lists)
+    nonfinite: np.ndarray  # a NaN or infinite score among the user's candidates (truth ranked last)
+
+
 @torch.no_grad()
 def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",
                users: np.ndarray | None = None, batch_size: int = 256, max_len: int = 200,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-user pessimistic ranks, candidate counts and the top-20 recommended items."""
+               progress: bool = False) -> Ranking:
+    """Per-user ranks, candidate counts, top-20 recommended items and non-finite flags."""
     users = np.arange(ds.num_users) if users is None else np.asarray(users)
     targets = ds.target(split)
-    out_r, out_n, out_top = [], [], []
+    out_r, out_n, out_top, out_bad = [], [], [], []
     batches = range(0, len(users), batch_size)
     for start in (track(batches, description=f"scoring {split}/{protocol}") if progress else batches):
         u = users[start:start + batch_size]
@@ -73,39 +82,33 @@ def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str
             ids = torch.cat([t[:, None], torch.arange(ds.num_items + 1).expand(len(u), -1)], dim=1)
         else:
             ids = cand
-        out_r.append(ranks(scores, valid).numpy())
+        out_r.append(ranks(scores, valid, u).numpy())
         out_n.append(valid.sum(dim=1).numpy())
-        masked = scores.masked_fill(~valid, float("-inf"))
+        out_bad.append(nonfinite_rows(scores, valid).numpy())
+        masked = scores.nan_to_num(nan=float("-inf"), posinf=float("-inf")).masked_fill(~valid, float("-inf"))
         best = masked.topk(min(20, masked.shape[1]), dim=1)
         top = torch.gather(ids, 1, best.indices).masked_fill(best.values == float("-inf"), 0)
         out_top.append(top.numpy())  # 0 pads lists of users with fewer than 20 candidates
-    return np.concatenate(out_r), np.concatenate(out_n), np.concatenate(out_top)
+    return Ranking(*(np.concatenate(x) for x in (out_r, out_n, out_top, out_bad)))
 
 
 def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",
              batch_size: int = 256, max_len: int = 200, progress: bool = False,
              users: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of a model with the random-ranker floor of the same protocol and users/s."""
-    return evaluate_groups(model, ds, split, protocol, {}, batch_size=batch_size, max_len=max_len,
-                           progress=progress, users=users)[0]
-
-
-def evaluate_groups(model: Scorer, ds: SeqDataset, split: str, protocol: str, groups: dict[str, np.ndarray],
-                    batch_size: int = 256, max_len: int = 200, progress: bool = False,
-                    users: np.ndarray | None = None) -> tuple[dict[str, float], dict[str, dict]]:
-    """`evaluate`'s metrics, and the metrics of each group of users (ids among `users`), from one ranking."""
-    users = np.arange(ds.num_users) if users is None else np.asarray(users)
     t0 = time.perf_counter()
-    r, n, _ = rank_users(model, ds, split, protocol, users=users, batch_size=batch_size, max_len=max_len,
+    ranking = rank_users(model, ds, split, protocol, users=users, batch_size=batch_size, max_len=max_len,
                          progress=progress)
     seconds = time.perf_counter() - t0
-    overall = {**metrics_of(r, n), "users_per_s": float(len(r) / seconds) if seconds > 0 else float("inf")}
-    rows = {name: np.flatnonzero(np.isin(users, g)) for name, g in groups.items()}
-    return overall, {name: metrics_of(r[i], n[i]) for name, i in rows.items()}
+    return {**metrics_of(ranking), "users_per_s": float(len(ranking.ranks) / seconds) if seconds > 0 else float("inf")}
 
 
-def metrics_of(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
-    """Metrics of 0-based ranks `r` beside the random floor for `n` candidates per user (no users: a count of 0)."""
+def metrics_of(ranking: Ranking, rows: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of a ranking's users (or of `rows` of them) beside the random floor of their candidate
+    counts, with the count of users whose scores were not finite (no users: a count of 0)."""
+    r, n, bad = (ranking.ranks, ranking.candidates, ranking.nonfinite) if rows is None else \
+        (ranking.ranks[rows], ranking.candidates[rows], ranking.nonfinite[rows])
     if not len(r):
         return {"users": 0}
-    return {**from_ranks(r), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r))}
+    return {**from_ranks(r), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r)),
+            "nonfinite_users": int(bad.sum())}

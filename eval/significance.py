@@ -4,7 +4,10 @@ On ml-100k two SASRecs trained with different seeds differ by up to +-0.012 NDCG
 that only prints two means cannot rank models. For the per-user values a (model A) and b (model B)
 of the same users, `paired_test` gives the mean difference, a bootstrap 95 % interval of it
 (users resampled with replacement) and a two-sided p-value from a paired sign-flip permutation
-test (under "no difference" each user's a - b is as likely to have either sign).
+test (under "no difference" each user's a - b is as likely to have either sign). It holds each
+model's training fixed (one run each); `seeds_test` adds the noise of training over seeds. A report
+makes many such tests: `adjust` corrects their p-values for multiplicity before anything is called
+significant.
 """
 from __future__ import annotations
 
@@ -65,3 +68,24 @@ def seeds_test(a: np.ndarray, b: np.ndarray) -> dict[str, float | bool]:
     half = stats.t.ppf(1 - ALPHA / 2, df) * se
     p = float(2 * stats.t.sf(abs(mean) / se, df))
     return {**out, "low": float(mean - half), "high": float(mean + half), "p": p, "significant": bool(p < ALPHA)}
+
+
+CORRECTIONS = ("holm", "bh")
+
+
+def adjust(p: np.ndarray, method: str = "holm") -> np.ndarray:
+    """p-values adjusted over one family of tests: Holm's step-down (the chance of any false positive
+    stays below alpha) or Benjamini-Hochberg (the expected share of false positives among the
+    significant ones stays below alpha)."""
+    p = np.asarray(p, dtype=np.float64)
+    if method not in CORRECTIONS:
+        raise InputError(f"correction must be one of {', '.join(CORRECTIONS)}, not {method!r}")
+    if p.size == 0:
+        return p
+    if method == "bh":
+        return stats.false_discovery_control(p, method="bh")
+    order = np.argsort(p, kind="stable")
+    scaled = np.maximum.accumulate(np.minimum(1.0, (p.size - np.arange(p.size)) * p[order]))
+    out = np.empty_like(p)
+    out[order] = scaled
+    return out

@@ -67,11 +67,25 @@ def build_stages(run: str | Path, preset: str, overrides: list[str] = ()) -> lis
                            folder=f"fusion/{name}") for name, t in table.items()]
         elif cls.name in data or not cls.optional:
             stages.append(cls(run, from_dict(cls.config_class, expand(table, cls.name), cls.name)))
+    matched_control(stages, preset)
     for stage in stages:  # RUN/<backbone> is what SLMRec and the fused models read
         if isinstance(stage, BackboneStage) and stage.config.model != stage.name:
             raise InputError(f"{preset}: {stage.name}.model must be '{stage.name}'; train other backbones "
                              f"with `slmrec pretrain --model {stage.config.model}`")
     return stages
+
+
+def matched_control(stages: list[Stage], preset: str) -> None:
+    """The profile control must read the history window the student's prompts show, or "LLM vs template"
+    would compare unequal information."""
+    found = {stage.name: stage.config for stage in stages}
+    profile, student = found.get(ProfileRationalesStage.name), found.get(StudentRationalesStage.name)
+    for key in ("history_tokens", "tokenizer") if profile and student else ():
+        mine, theirs = getattr(profile, key), getattr(student, key)
+        if mine != theirs:
+            raise InputError(f"{preset}: {ProfileRationalesStage.name}.{key} = {mine!r} differs from "
+                             f"{StudentRationalesStage.name}.{key} = {theirs!r}: the control must read the "
+                             "history the LLM prompts show")
 
 
 def run_pipeline(run: str | Path, stages: list[Stage], until: str | None = None) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.errors import InputError
-from eval.io import CONFIG, read_json
+from eval.io import CONFIG, MANIFEST, read_json
 from eval.preprocess import item_title
 from eval.registry import load_model, max_len_of
 from eval.scoring import DotScorer
@@ -34,7 +34,7 @@ from slim.records import RECORDS, read_records
 from slim.student import StudentRationalesStage
 
 from .model import FusedRecommender, vectors_to_tensors
-from .report import find_models
+from .report import ReportConfig, ReportStage, best_by_selection, find_models, selection_scores
 from .vectors import load_vectors
 
 SERVING = "serving"        # RUN/serving: LanceDB tables of the served models' item vectors
@@ -132,15 +132,26 @@ def check_k(k: int) -> None:
 
 
 def default_model(run: Path) -> str:
-    """The run's fused model with the best validation MRR (what model selection uses), else SASRec."""
-    fused = {name: read_json(path / "train_log.json").get("best_valid_MRR", -math.inf)
-             if (path / "train_log.json").exists() else -math.inf
-             for name, path in find_models(run).items() if name.startswith("fusion/")}
+    """The run's fused model with the best validation MRR on every user under the report's protocol,
+    else SASRec. Each model's own training log is no measure: they select on different users."""
+    fused = {name: path for name, path in find_models(run).items() if name.startswith("fusion/")}
     if fused:
-        return max(fused, key=fused.get)
+        return best_by_selection(_selection(run, fused))
     if (run / "sasrec" / CONFIG).exists():
         return "sasrec"
     raise InputError(f"{run}: no trained model to recommend with (run `fusion run` first)")
+
+
+def _selection(run: Path, fused: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """The report's selection table when the report scored these very models, else the same scores now."""
+    report = run / ReportStage.name
+    manifest = read_json(report / MANIFEST) if (report / MANIFEST).is_file() else {}
+    if all(manifest.get("inputs", {}).get(name) == fingerprint(path) for name, path in fused.items()):
+        scores = read_json(report / "metrics.json").get("selection", {})
+        if set(scores) == set(fused):
+            return scores
+    protocol = manifest.get("config", {}).get("analysis_protocol", ReportConfig().analysis_protocol)
+    return selection_scores(fused, load_dataset(run / DATA), protocol)
 
 
 @torch.inference_mode()

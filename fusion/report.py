@@ -12,22 +12,23 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from rich.console import Console
 
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
-from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
+from eval.evaluate import Ranking, metrics_of, protocol_label, protocols_of, rank_users
 from eval.io import MANIFEST, read_json, write_json
 from eval.popularity import popularity_metrics
 from eval.registry import MODELS, load_model, max_len_of, model_type
 from eval.scoring import CachedScorer
-from eval.significance import paired_test, per_user
+from eval.significance import ALPHA, CORRECTIONS, adjust, paired_test, per_user, seeds_test
 from eval.stage import DATA, Stage
 from eval.tables import floor_of, markdown_table, print_table
 from slim.quality import QualityStage, quality_section
 
 from .groups import item_groups, item_popularity_groups, user_groups
-from .train import GROUP_KEY
+from .train import GROUP_KEY, SEED_RANKS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,6 +42,13 @@ EFF_COLUMNS = ["parameters", "trainable_parameters", "train_seconds", "users_per
 class ReportConfig:
     analysis_protocol: str = setting("full", "Protocol of the group, popularity and efficiency analyses: full "
                                              "or a candidate size (e.g. 999).")
+    correction: str = setting("holm", "Adjustment of the paired comparisons' p-values over all of the report's "
+                                      "tests: holm (family-wise error) or bh (Benjamini-Hochberg, false "
+                                      "discovery rate).")
+
+    def __post_init__(self) -> None:
+        if self.correction not in CORRECTIONS:
+            raise InputError(f"report correction must be one of {', '.join(CORRECTIONS)}, not {self.correction!r}")
 
 
 def find_models(run: Path) -> dict[str, Path]:
@@ -58,27 +66,28 @@ def find_models(run: Path) -> dict[str, Path]:
     return found
 
 
-def group_row(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
+def group_row(ranking: Ranking, rows: np.ndarray) -> dict[str, float]:
     """A group's metrics and the median rank of its targets (1 = first): on a small group such as the
     rare items NDCG@10 reads 0 until a target enters the top 10, the median shows how far off it is."""
-    if not len(r):
-        return metrics_of(r, n)
-    median = float(np.median(r)) + 1
-    return {**metrics_of(r, n), "median rank": int(median) if median.is_integer() else median}
+    if not len(rows):
+        return metrics_of(ranking, rows)
+    median = float(np.median(ranking.ranks[rows])) + 1
+    return {**metrics_of(ranking, rows), "median rank": int(median) if median.is_integer() else median}
 
 
 def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
     """Overall, per-group and popularity-bias results of one model under one protocol."""
     t0 = time.perf_counter()
-    r, n, top = rank_users(model, ds, "test", protocol, max_len=max_len)
-    users_per_s = len(r) / (time.perf_counter() - t0)
+    ranking = rank_users(model, ds, "test", protocol, max_len=max_len)
+    users_per_s = len(ranking.ranks) / (time.perf_counter() - t0)
     tail = item_popularity_groups(ds)["tail"]
+    top = ranking.top
     return {
-        "ranks": r,
-        "overall": metrics_of(r, n),
+        "ranks": ranking.ranks,
+        "overall": metrics_of(ranking),
         "users_per_s": users_per_s,
-        "user_groups": {k: group_row(r[g], n[g]) for k, g in user_groups(ds).items()},
-        "item_groups": {k: group_row(r[g], n[g]) for k, g in item_groups(ds).items()},
+        "user_groups": {k: group_row(ranking, g) for k, g in user_groups(ds).items()},
+        "item_groups": {k: group_row(ranking, g) for k, g in item_groups(ds).items()},
         "popularity": popularity_metrics(top, ds.target("test"), ds.item_popularity, ds.num_users, tail),
         "exposure@10": np.bincount(top[:, :10][top[:, :10] > 0], minlength=ds.num_items + 1).tolist(),
     }
@@ -140,15 +149,60 @@ def seed_rows(models: dict[str, Path], protocol: str) -> dict[str, dict[str, str
     return rows
 
 
-def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqDataset) -> dict:
-    """Paired tests of NDCG@10 and MRR for each (model, baseline) pair: overall and in every group."""
+def seed_ranks(path: Path, protocol: str) -> np.ndarray | None:
+    """Every seed's per-user test ranks [seeds, users] of a model trained with several seeds, else None."""
+    file = path / SEED_RANKS
+    if not file.exists():
+        return None
+    with np.load(file) as saved:
+        ranks = saved[protocol] if protocol in saved.files else None
+    return ranks if ranks is not None and len(ranks) > 1 else None
+
+
+def _pair_test(va: np.ndarray, vb: np.ndarray, users: np.ndarray) -> dict:
+    """Over seeds and users when va and vb are [seeds, users] (and the group has 2 users to cross with
+    the seeds), else over the users of one run each (the first seed's)."""
+    if va.ndim == 1:
+        return {**paired_test(va[users], vb[users]), "seeds": 1}
+    if len(users) < 2:
+        return {**paired_test(va[0, users], vb[0, users]), "seeds": 1}
+    return seeds_test(va[:, users], vb[:, users])
+
+
+def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqDataset,
+            correction: str = "holm") -> dict:
+    """Paired tests of NDCG@10 and MRR for each (model, baseline) pair, overall and in every group.
+
+    `ranks` holds per-user test ranks: [users] for a model trained once, [seeds, users] for one trained
+    with several seeds; two models with the same number of seeds are tested over seeds and users
+    (`seeds_test`), any other pair over the users of one run each. Every p-value is then adjusted over
+    the whole family of the report's tests, and only an adjusted one below ALPHA is significant."""
     groups = {"overall": np.arange(ds.num_users), **user_groups(ds), **item_groups(ds)}
     out = {}
     for a, b in pairs:
-        va, vb = per_user(ranks[a]), per_user(ranks[b])
-        out[f"{a} vs {b}"] = {g: {m: paired_test(va[m][users], vb[m][users]) for m in va}
-                              for g, users in groups.items()}
+        ra, rb = ranks[a], ranks[b]
+        if ra.shape != rb.shape:  # seeds on one side only: compare the runs kept
+            ra, rb = ra.reshape(-1, ds.num_users)[0], rb.reshape(-1, ds.num_users)[0]
+        va, vb = per_user(ra), per_user(rb)
+        out[f"{a} vs {b}"] = {g: {m: _pair_test(va[m], vb[m], users) for m in va} for g, users in groups.items()}
+    tests = [t for found in out.values() for by_metric in found.values() for t in by_metric.values()]
+    for t, q in zip(tests, adjust(np.array([t["p"] for t in tests]), correction)):
+        t["p_adjusted"], t["significant"] = float(q), bool(q < ALPHA)
     return out
+
+
+def selection_scores(models: dict[str, Path], ds: SeqDataset, protocol: str) -> dict[str, dict[str, float]]:
+    """Validation metrics of each model on every user under one protocol: what chooses among models
+    trained with different selection settings (a user group, a validation sample) on equal terms."""
+    out = {}
+    for name, path in models.items():
+        m = metrics_of(rank_users(CachedScorer(load_model(path)), ds, "valid", protocol, max_len=max_len_of(path)))
+        out[name] = {k: m[k] for k in ("users", "NDCG@10", "MRR")}
+    return out
+
+
+def best_by_selection(scores: dict[str, dict[str, float]]) -> str:
+    return max(scores, key=lambda name: scores[name]["MRR"])
 
 
 def _efficiency(path: Path, model: CachedScorer, users_per_s: float) -> dict[str, float | None]:
@@ -174,11 +228,11 @@ class ReportStage(Stage):
         return {"data": self.data_dir, **models, **({"quality": quality} if quality.exists() else {})}
 
     def build(self, out: Path) -> dict:
-        results = evaluate_run(self.run, out, self.config.analysis_protocol)
+        results = evaluate_run(self.run, out, self.config.analysis_protocol, self.config.correction)
         return {"models": len(results["efficiency"])}
 
 
-def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "full") -> dict:
+def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "full", correction: str = "holm") -> dict:
     """Score every model of `run`; write metrics.json, report.md and plots to `out`; return the results."""
     run, out = Path(run), Path(out)
     ds = load_dataset(run / DATA)
@@ -197,20 +251,24 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
         for protocol in sorted(protocols, key=lambda p: p != analysis_protocol):  # time it before the cache fills
             if protocol == analysis_protocol:
                 a = analyse(model, ds, protocol, max_len)
-                ranks[name] = a["ranks"]
+                seeded = seed_ranks(path, protocol)
+                ranks[name] = a["ranks"] if seeded is None else seeded
                 results["overall"].setdefault(protocol, {})[name] = a["overall"]
                 for key in ("user_groups", "item_groups", "popularity", "exposure@10"):
                     results[key][name] = a[key]
                 results["efficiency"][name] = _efficiency(path, model, a["users_per_s"])
             else:
-                r, n, _ = rank_users(model, ds, "test", protocol, max_len=max_len)
-                results["overall"].setdefault(protocol, {})[name] = metrics_of(r, n)
+                results["overall"].setdefault(protocol, {})[name] = metrics_of(
+                    rank_users(model, ds, "test", protocol, max_len=max_len))
     pairs = [(a, b) for a, path in models.items() if (b := baseline_of(a, path, models)) in models]
     pairs += [(a, b) for a in models for b in controls_of(a, models)]
-    results["comparisons"] = compare(ranks, pairs, ds)
+    results["comparisons"] = compare(ranks, pairs, ds, correction)
+    results["correction"] = correction
     results["seeds"] = seed_rows(models, analysis_protocol)
+    fused = {name: path for name, path in models.items() if name.startswith("fusion/")}
+    results["selection"] = selection_scores(fused, ds, analysis_protocol) if fused else {}
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "ranks.npz", **ranks)  # per-user test ranks: any further paired analysis
+    np.savez_compressed(out / "ranks.npz", **ranks)  # per-user test ranks ([seeds, users] if seeded): further analyses
     write_json(out / "metrics.json", results)
     (out / "report.md").write_text(markdown_report(results, ds) + quality_section(run))
     plot(results, ds, out)
@@ -241,10 +299,16 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
             parts += ["", f"{metric}:", "", markdown_table(rows, columns=list(sizes))]
             if metric == "NDCG@10":
                 print_table(f"{title}: {metric}", rows, columns=list(sizes))
+    parts += nonfinite_lines(results)
     if results["comparisons"]:
-        parts += ["", "## Paired comparisons (A - B over the same test users)", "",
-                  "Difference of the means, bootstrap 95 % interval, sign-flip permutation p-value; "
-                  "**bold**: p < 0.05.", "", comparisons_table(results["comparisons"])]
+        parts += ["", "## Paired comparisons (A - B over the same test users)", "", comparisons_note(results),
+                  "", comparisons_table(results["comparisons"])]
+    if results.get("selection"):
+        scores = results["selection"]
+        parts += ["", f"## Model selection (validation, every user, {protocol_label(ap)})", "",
+                  f"The service's default model: **{best_by_selection(scores)}**, the fused model with the best "
+                  "validation MRR when every candidate is scored on the same users and protocol.", "",
+                  markdown_table(scores, columns=["users", "NDCG@10", "MRR"])]
     if results.get("seeds"):
         parts += ["", f"## Fused models over several seeds ({protocol_label(ap)}, test)", "",
                   "Mean ± std over seeds; the model scored above is the first seed's. Group columns: NDCG@10 "
@@ -260,19 +324,45 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
     return "\n".join(parts) + "\n"
 
 
+def nonfinite_lines(results: dict) -> list[str]:
+    """A warning per model whose scores were NaN or infinite for some users (their truth ranked last)."""
+    lines = []
+    for protocol, rows in results["overall"].items():
+        for name, m in rows.items():
+            if m.get("nonfinite_users"):
+                lines.append(f"- **{name}** ({protocol_label(protocol)}): {m['nonfinite_users']} of {m['users']} "
+                             "users had a NaN or infinite score; their true item is ranked last.")
+                Console(width=160).print(f"[yellow]warning:[/] {lines[-1][2:].replace('**', '')}")
+    return ["", "## Warnings", "", *lines] if lines else []
+
+
+def comparisons_note(results: dict) -> str:
+    tests = sum(len(by_metric) for found in results["comparisons"].values() for by_metric in found.values())
+    method = {"holm": "Holm's step-down method (family-wise error)",
+              "bh": "the Benjamini-Hochberg method (false discovery rate)"}[results.get("correction", "holm")]
+    return ("Difference of the means, its 95 % interval and p-value as tested, then the p-value adjusted over "
+            f"all {tests} tests of this table by {method}; **bold**: adjusted p < {ALPHA}. seeds = 1: one trained "
+            "model each, a paired sign-flip permutation test over users with a bootstrap interval (single run: "
+            "training noise is not in the test). seeds = k: both models trained with k seeds, seeds and users "
+            "crossed random effects (two-way ANOVA t-test).")
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
 def _cell(t: dict) -> str:
-    p = f"p={t['p']:.3f}" if t["p"] >= 0.001 else "p<0.001"  # the permutation test cannot go lower
-    text = f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] {p}"
+    text = f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={_p(t['p'])} adj. {_p(t['p_adjusted'])}"
     return f"**{text}**" if t["significant"] else text
 
 
 def comparisons_table(comparisons: dict) -> str:
-    """One row per comparison and user/item group: users, then NDCG@10 and MRR differences."""
-    lines = ["| A vs B | group | users | NDCG@10 | MRR |", "|---|---|---|---|---|"]
+    """One row per comparison and user/item group: users, seeds, then NDCG@10 and MRR differences."""
+    lines = ["| A vs B | group | users | seeds | NDCG@10 | MRR |", "|---|---|---|---|---|---|"]
     for pair, groups in comparisons.items():
         for group, tests in groups.items():
-            lines.append(f"| {pair} | {group} | {tests['MRR']['users']} | {_cell(tests['NDCG@10'])} | "
-                         f"{_cell(tests['MRR'])} |")
+            lines.append(f"| {pair} | {group} | {tests['MRR']['users']} | {tests['MRR']['seeds']} | "
+                         f"{_cell(tests['NDCG@10'])} | {_cell(tests['MRR'])} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import torch
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.errors import InputError
-from eval.evaluate import evaluate_groups, protocol_label, protocols_of
+from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
 from eval.io import write_json
 from eval.registry import load_model, max_len_of
 from eval.stage import Stage
@@ -154,19 +154,25 @@ def train_seed(ds: SeqDataset, cfg: FusionTrainConfig, run: Path, out: Path, see
 GROUP_KEY = f"{protocol_label('full')}, "  # seeds.json: "<protocol>, <group>" entries beside the protocols
 
 
-def seed_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> dict[str, dict]:
+SEED_RANKS = "seed_ranks.npz"  # per protocol, every seed's per-user test ranks [seeds, users]
+
+
+def seed_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Test metrics under every protocol, and under full ranking those of the sparsest user group, tail
     items and rare items (the groups the fused models' claims are about, so their spread over seeds is
-    known too), keyed GROUP_KEY + group; one ranking per protocol."""
+    known too), keyed GROUP_KEY + group; and the per-user ranks by protocol (the report's seed-aware
+    tests read them). One ranking per protocol."""
     sparsest, users = next(iter(user_groups(ds).items()))
     items = item_groups(ds)
     groups = {sparsest: users, "tail": items["tail"], f"seen <= {RARE}": items[f"seen <= {RARE}"]}
-    metrics = {}
+    metrics, ranks = {}, {}
     for protocol in protocols_of(ds):
-        metrics[protocol_label(protocol)], found = evaluate_groups(
-            model, ds, "test", protocol, groups if protocol == "full" else {}, max_len=max_len)
-        metrics.update({GROUP_KEY + name: m for name, m in found.items()})
-    return metrics
+        ranking = rank_users(model, ds, "test", protocol, max_len=max_len)
+        ranks[protocol] = ranking.ranks
+        metrics[protocol_label(protocol)] = metrics_of(ranking)
+        if protocol == "full":
+            metrics.update({GROUP_KEY + name: metrics_of(ranking, g) for name, g in groups.items()})
+    return metrics, ranks
 
 
 def seed_summary(runs: list[dict[str, dict]]) -> dict:
@@ -203,11 +209,13 @@ class FusionStage(Stage):
         model, log, tc = train_seed(ds, cfg, self.run, self.out, cfg.train.seed, f"fusion {self.folder}")
         model.save_pretrained(out)
         write_json(out / "train_log.json", log)
-        runs = [seed_metrics(model, ds, tc.max_len)]
-        write_json(out / "metrics.json", {k: v for k, v in runs[0].items() if not k.startswith(GROUP_KEY)})
-        runs += [seed_metrics(train_seed(ds, cfg, self.run, self.out, cfg.train.seed + k, f"fusion {self.folder}")[0],
-                              ds, tc.max_len) for k in range(1, cfg.seeds)]
-        write_json(out / "seeds.json", seed_summary(runs))
+        results = [seed_metrics(model, ds, tc.max_len)]
+        write_json(out / "metrics.json", {k: v for k, v in results[0][0].items() if not k.startswith(GROUP_KEY)})
+        results += [seed_metrics(train_seed(ds, cfg, self.run, self.out, cfg.train.seed + k, f"fusion {self.folder}")[0],
+                                 ds, tc.max_len) for k in range(1, cfg.seeds)]
+        write_json(out / "seeds.json", seed_summary([m for m, _ in results]))
+        np.savez_compressed(out / SEED_RANKS, **{p: np.stack([r[p] for _, r in results]).astype(np.int32)
+                                                 for p in results[0][1]})
         return {"parameters": sum(p.numel() for p in model.parameters()),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "users_with_rationale": int(model.user_has.sum()), "items_with_text": int(model.item_has.sum()),

@@ -2,9 +2,10 @@
 
 It is the control every LLM rationale is measured against (quality, and what fusion gains from it):
 step 1 states the user's category shares and eras, step 2 names the top categories, step 3 lists the
-most recent titles. It reads exactly what a teacher or student rationale may see
-(`SeqDataset.rationale_history`, and with `cuts` the shorter prefixes of `rationale_prefixes`) and
-writes the same records, so encoding and fusion take it as is.
+most recent titles. It reads exactly what a teacher or student prompt shows: the same prefixes
+(`SeqDataset.rationale_history`, and with `cuts` the shorter ones of `rationale_prefixes`) cut to the
+same token budget (`history_tokens`, `slim.prompts.HistoryWindow`), so "LLM vs template" compares two
+writers of the same information; it writes the same records, so encoding and fusion take it as is.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from typing import Any
 
 import pandas as pd
 
+from eval.assets import smollm2_path
 from eval.config import setting
 from eval.dataset import load_dataset
 from eval.preprocess import item_title
 from eval.stage import Stage
 
 from .grounding import catalogue_of
+from .prompts import HistoryWindow
 from .records import RECORDS, check_cuts, cuts_setting, rationale_text
 
 PROFILE_VERSION = "profile_v1"
@@ -31,6 +34,10 @@ PROFILE_VERSION = "profile_v1"
 class ProfileConfig:
     categories: int = setting(5, "Most frequent categories named in steps 1 and 2.")
     recent: int = setting(10, "Most recent titles listed in step 3.")
+    history_tokens: int = setting(128, "Token budget of the history read (most recent items kept), as the LLM "
+                                       "prompts' history_tokens: the pipeline requires the student rationales' value.")
+    tokenizer: str | None = setting(None, "Tokenizer that counts history tokens (none: SmolLM2's), as the LLM "
+                                          "prompts' tokenizer.")
     cuts: int = cuts_setting()
 
     def __post_init__(self) -> None:
@@ -71,12 +78,13 @@ class ProfileRationalesStage(Stage):
     def build(self, out: Path) -> dict[str, Any]:
         ds = load_dataset(self.data_dir)
         items, catalogue = ds.items.set_index("item"), catalogue_of(ds.items)
+        window = HistoryWindow(ds.items, self.config.history_tokens, self.config.tokenizer or smollm2_path())
         written = 0
         with open(out / RECORDS, "w", encoding="utf-8") as f:
             for u in range(ds.num_users):
                 prefixes = ds.rationale_prefixes(u, self.config.cuts)
                 for prefix in prefixes:  # the earlier cuts' records carry the prefix they saw; the end one never did
-                    history = ds.sequences[u][:prefix].tolist()
+                    history = window(ds.sequences[u][:prefix].tolist())
                     steps = profile_steps(items, history, self.config)
                     rec = {"user": u, "raw_user": str(ds.users["raw_id"].iat[u]), "prompt_version": PROFILE_VERSION,
                            "model": "profile", **({} if prefix == prefixes[-1] else {"prefix": prefix}), **steps,

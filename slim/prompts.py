@@ -76,33 +76,41 @@ def item_line(row: pd.Series, max_chars: int = 160) -> str:
     return "- " + clean_field("; ".join(p for p in parts if p), max_chars)
 
 
-def history_block(lines: list[str], tokens: list[int], budget: int) -> str:
-    """The most recent lines whose tokens (+1 per newline) fit the budget, in chronological order."""
-    kept: list[str] = []
+def recent_fit(tokens: list[int], budget: int) -> int:
+    """How many of the most recent items fit the budget (their tokens + 1 per newline); the latest always."""
     used = 0
-    for line, n in zip(reversed(lines), reversed(tokens)):
+    for kept, n in enumerate(reversed(tokens)):
         used += n + 1
         if used > budget and kept:
-            break
-        kept.append(line)
-    return "\n".join(reversed(kept))
+            return kept
+    return len(tokens)
+
+
+class HistoryWindow:
+    """The items of a history a prompt shows: the most recent whose rendered lines fit a token budget.
+    The profile control reads the same window, so it never knows more than the LLM was shown."""
+
+    def __init__(self, items: pd.DataFrame, budget: int, tokenizer_path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.budget = budget
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.lines = {int(i): item_line(row) for i, row in items.set_index("item").iterrows()}
+        self.tokens = {i: len(tok(line, add_special_tokens=False)["input_ids"]) for i, line in self.lines.items()}
+
+    def __call__(self, history: list[int]) -> list[int]:
+        ids = [int(i) for i in history]
+        return ids[len(ids) - recent_fit([self.tokens[i] for i in ids], self.budget):]
 
 
 class PromptBuilder:
     """Renders a user's history into a template, within a token budget; `domain` names the items."""
 
     def __init__(self, items: pd.DataFrame, template: str, budget: int, tokenizer_path: str | Path, domain: str):
-        from transformers import AutoTokenizer
-
         self.template = load_template(template)
-        self.budget = budget
+        self.window = HistoryWindow(items, budget, tokenizer_path)
         self.domain = clean_field(domain, 40)
-        tok = AutoTokenizer.from_pretrained(tokenizer_path)
-        by_id = items.set_index("item")
-        self.lines = {int(i): item_line(row) for i, row in by_id.iterrows()}
-        self.tokens = {i: len(tok(line, add_special_tokens=False)["input_ids"]) for i, line in self.lines.items()}
 
     def __call__(self, history: list[int]) -> str:
-        ids = [int(i) for i in history]
-        block = history_block([self.lines[i] for i in ids], [self.tokens[i] for i in ids], self.budget)
+        block = "\n".join(self.window.lines[i] for i in self.window(history))
         return self.template.render(block, self.domain)

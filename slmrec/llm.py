@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import LlamaModel
 
 DEFAULT_PROMPT = "slmrec_v1"
+RANDOM_BASE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class LLMRecConfig:
                                       factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     prompt: str = setting(DEFAULT_PROMPT, "Prompt template name in prompts/ or a file.")
     dtype: str = setting("float32", "dtype of the frozen base (bfloat16 on GPU); adapters and heads stay float32.")
-    seed: int = setting(0, "Seed of the adapters' and projections' initial weights.")
+    # the adapters' and projections' initial weights: drawn from torch's generator when the model is built
+    # (seeded by the trainer's train.seed), kept so a checkpoint reloads bit-identically
+    seed: int | None = setting(None, cli=False)
     # derived when the model is built (kept so a checkpoint reloads without a tokenizer or the data)
     prompt_ids: list[int] | None = setting(None, cli=False)
     aux_heads: list[int] = setting(factory=list, cli=False)  # layers with an extra supervision head
@@ -85,8 +88,8 @@ def load_decoder(cfg: LLMRecConfig) -> LlamaModel:
 
     if cfg.llama is not None:
         with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)  # a random base is rebuilt bit-identically from its config
-            model = LlamaModel(LlamaConfig(**cfg.llama))
+            torch.manual_seed(RANDOM_BASE_SEED)  # a random base is a fixed function of its config, as a
+            model = LlamaModel(LlamaConfig(**cfg.llama))  # pre-trained one is: the same for teacher and student
     else:
         folder, kw = _base_location(cfg)
         total = LlamaConfig.from_pretrained(folder, **kw).num_hidden_layers
@@ -127,6 +130,8 @@ class LLMRec(DotScorer, nn.Module):
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
+        if cfg.seed is None:  # from the caller's seeded generator: train.seed reaches the initial weights
+            cfg = replace(cfg, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         if not cfg.num_items and not cfg.item_dim:
             cfg = replace(cfg, num_items=item_embeddings.shape[0] - 1, item_dim=item_embeddings.shape[1])
         if item_embeddings.shape != (cfg.num_items + 1, cfg.item_dim):

@@ -71,10 +71,20 @@ class LLMTrainConfig:
             raise InputError(f"positions '{self.positions}' is not one of {', '.join(POSITIONS)}")
 
 
+def _one_seed(table: str, model: LLMRecConfig) -> None:
+    """train.seed is the one seed of a trained model (data order and initial weights): a second one in
+    the model's table would disagree with it."""
+    if model.seed is not None:
+        raise InputError(f"{table}.seed: the initial weights are seeded by train.seed; set that instead")
+
+
 @dataclass(frozen=True)
 class SLMRecTeacherConfig:
     model: LLMRecConfig = setting(factory=lambda: LLMRecConfig(layers=8))
     train: LLMTrainConfig = setting(factory=LLMTrainConfig)
+
+    def __post_init__(self) -> None:
+        _one_seed("model", self.model)
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,9 @@ class SLMRecStudentConfig:
     distill: DistillConfig = setting(factory=DistillConfig)
     train: LLMTrainConfig = setting(factory=LLMTrainConfig)
     online_teacher_layers: int = setting(8, "Online KD: depth of the teacher trained from scratch alongside.")
+
+    def __post_init__(self) -> None:
+        _one_seed("student", self.student)
 
 
 class NextItems(torch.utils.data.Dataset):

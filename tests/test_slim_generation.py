@@ -18,7 +18,7 @@ from eval.errors import InputError
 from eval.io import read_json
 from eval.stage import run_stage
 from slim.client import ClientConfig
-from slim.prompts import TEACHER, PromptBuilder, history_block, instruction_words, load_template
+from slim.prompts import TEACHER, PromptBuilder, instruction_words, load_template, recent_fit
 from slim.rationales import RationaleConfig, TeacherRationalesStage
 from slim.records import RecordLog, parse_steps, read_cut_records, read_records
 from tests.slim_fake_openai import SERVED_MODEL, FakeOpenAI, make_dataset, run_with_data
@@ -279,9 +279,9 @@ def test_item_text_cannot_break_the_template():
 
 
 def test_history_keeps_most_recent_items_within_budget():
-    lines_ = [f"- item {i}" for i in range(10)]
-    assert history_block(lines_, [4] * 10, budget=16) == "- item 7\n- item 8\n- item 9"
-    assert history_block(lines_[:1], [100], budget=16) == "- item 0"  # the latest item is always kept
+    assert recent_fit([4] * 10, budget=16) == 3   # 3 lines of 4 tokens + a newline each
+    assert recent_fit([100], budget=16) == 1      # the latest item is always kept
+    assert recent_fit([], budget=16) == 0
 
 
 def test_a_step_copying_the_prompts_instructions_is_off_format():
