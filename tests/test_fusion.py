@@ -11,9 +11,10 @@ import eval.scoring
 from eval.config import parse_override
 from eval.dataset import load_dataset, prepare_dataset
 from eval.errors import InputError
-from eval.evaluate import evaluate
+from eval.evaluate import evaluate, rank_users
 from eval.io import manifest, read_json, write_json
 from eval.popularity import gini, popularity_metrics
+from eval.significance import adjust, per_user, seeds_test
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from fusion.groups import item_groups, item_popularity_groups, user_length_groups
@@ -156,6 +157,8 @@ def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
     results = evaluate_run(run, run / "report")
     names = ["fusion/hybrid", "fusion/text", "other", "sasrec"]
     assert sorted(results["efficiency"]) == names
+    assert sorted(results["selection"]) == names[:2]  # then each fused model on validation (the serving default)
+    seen = seen[:-2]
     assert len(seen) % len(names) == 0 and seen, len(seen)
     calls = len(seen) // len(names)
     per_model = [seen[i * calls:(i + 1) * calls] for i in range(len(names))]
@@ -224,6 +227,37 @@ def test_seeds_repeat_training_and_differ(run):
     assert row["seeds"] == "2" and "tail NDCG@10" in row and any(k.startswith("G1 (") for k in row)
     with pytest.raises(InputError, match="seeds must be at least 1"):
         run_stage(FusionStage(run, FusionTrainConfig(seeds=0), folder="fusion/none"))
+    seeded = np.load(run / "fusion" / "s" / "seed_ranks.npz")
+    assert seeded["full"].shape == (2, ds.num_users) and seeded["10"].shape == (2, ds.num_users)
+    assert np.array_equal(seeded["full"][0], rank_users(kept, ds, "test", "full", max_len=kept.config.max_len).ranks)
+
+    # its no-text twin with 2 seeds too: the report tests that pair over seeds and users, the others on one run
+    train_fused(run, "s-none", FusionTrainConfig(seeds=2, text="none", train=TrainConfig(epochs=3, lr=1e-2)))
+    results = evaluate_run(run, run / "report")
+    assert results["comparisons"]["fusion/s vs fusion/s-none"]["overall"]["MRR"]["seeds"] == 2
+    assert results["comparisons"]["fusion/s vs sasrec"]["overall"]["MRR"]["seeds"] == 1
+    assert np.load(run / "report" / "ranks.npz")["fusion/s"].shape == (2, ds.num_users)
+    report = (run / "report" / "report.md").read_text()
+    assert "Holm's step-down method" in report and "| fusion/s vs fusion/s-none | overall | 40 | 2 |" in report
+
+
+def test_report_p_values_are_adjusted_over_every_test_and_seeded_pairs_tested_over_seeds(run):
+    from fusion.report import compare
+
+    ds = load_dataset(run / "data")
+    rng = np.random.default_rng(0)
+    ranks = {"a": rng.integers(0, 30, ds.num_users), "b": rng.integers(0, 30, ds.num_users),
+             "sa": rng.integers(0, 20, (3, ds.num_users)), "sb": rng.integers(0, 30, (3, ds.num_users))}
+    out = compare(ranks, [("a", "b"), ("sa", "sb"), ("sa", "b")], ds, "holm")
+    va, vb = per_user(ranks["sa"]), per_user(ranks["sb"])
+    both = out["sa vs sb"]["overall"]["MRR"]
+    assert both["seeds"] == 3 and both["p"] == seeds_test(va["MRR"], vb["MRR"])["p"]
+    one = out["sa vs b"]["overall"]["MRR"]  # seeds on one side only: the kept (first) runs, over users
+    assert one["seeds"] == 1 and one["diff"] == pytest.approx(np.mean(va["MRR"][0] - per_user(ranks["b"])["MRR"]))
+    tests = [t for found in out.values() for by_metric in found.values() for t in by_metric.values()]
+    assert [t["p_adjusted"] for t in tests] == pytest.approx(list(adjust(np.array([t["p"] for t in tests]), "holm")))
+    assert all(t["significant"] == (t["p_adjusted"] < 0.05) and t["p_adjusted"] >= t["p"] for t in tests)
+    assert any(t["p"] < 0.05 and not t["significant"] for t in tests)  # significant before adjustment only
 
 
 def test_a_rationale_never_informs_a_position_whose_target_it_saw(run):

@@ -4,11 +4,13 @@ import json
 import pandas as pd
 import pytest
 
+from eval.assets import smollm2_path
 from eval.dataset import load_dataset, prepare_dataset
 from eval.errors import InputError
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from slim.profile import ProfileConfig, ProfileRationalesStage, profile_steps
+from slim.prompts import STUDENT, PromptBuilder
 from slim.records import parse_steps, read_records
 
 
@@ -96,3 +98,27 @@ def test_a_bad_cuts_setting_names_its_stage():
         ProfileConfig(cuts=0)
     with pytest.raises(InputError, match=r"^slim-student-rationales\.cuts must be at least 1, not -1$"):
         StudentRationalesConfig(cuts=-1)
+
+
+def test_the_control_reads_the_history_window_the_llm_prompt_shows(synthetic, tmp_path):
+    """A budget of ~4 items: step 3 lists exactly the titles the student's prompt shows, no older one."""
+    ds = prepare_dataset(PrepareConfig(source=str(synthetic), rating_gt=None, user_core=1, item_core=1,
+                                       negatives=[5]), tmp_path)
+    run_stage(ProfileRationalesStage(tmp_path, ProfileConfig(history_tokens=40, recent=50)))
+    recs = read_records(tmp_path / "profile-rationales" / "records.jsonl")
+    prompts = PromptBuilder(ds.items, STUDENT, 40, smollm2_path(), ds.domain)
+    cut = 0
+    for u, rec in recs.items():
+        block = prompts(ds.rationale_history(u).tolist()).split("<history>\n")[1].split("\n</history>")[0]
+        shown = {line[2:].split(";")[0] for line in block.splitlines()}  # "- Movie 3 (1993); Drama"
+        assert set(rec["step3"].rstrip(".").split("; ")) == shown, u
+        cut += len(shown) < len(set(ds.rationale_history(u)))
+    assert cut == len(recs)  # every history here is longer than the window
+
+
+def test_the_pipeline_refuses_a_control_that_reads_another_window(tmp_path):
+    from fusion.pipeline import build_stages
+
+    with pytest.raises(InputError, match="profile-rationales.history_tokens = 50 differs from "
+                                         "slim-student-rationales.history_tokens = 96"):
+        build_stages(tmp_path, "demo", ["profile-rationales.history_tokens=50"])

@@ -204,3 +204,34 @@ def test_recommend_command(run, monkeypatch, capsys):
     assert answer["recommendations"][0]["title"] in out
     code, out, err = cli(monkeypatch, capsys, "recommend", "--run", str(run), "--user", "3")
     assert code == 1 and err.count("\n") == 1 and "unknown user '3'" in err and out == ""
+
+
+def test_the_default_model_is_chosen_on_the_same_users_for_every_candidate(run, tmp_path):
+    """Of two fused models, the one whose own training log claims a perfect MRR (as one selected on a user
+    group of its own might) but ranks worse on every user's validation items is not the default; the
+    report's selection table agrees."""
+    import shutil
+
+    from eval.io import write_json
+    from fusion.model import FusedRecommender
+    from fusion.report import ReportStage, selection_scores
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    other = copy / "fusion" / "other"
+    shutil.copytree(copy / FUSED, other)
+    model = FusedRecommender.from_pretrained(other)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(other)
+    candidates = {FUSED: copy / FUSED, "fusion/other": other}
+    scores = selection_scores(candidates, load_dataset(copy / "data"), "full")
+    best, worst = sorted(candidates, key=lambda name: -scores[name]["MRR"])
+    assert scores[best]["MRR"] > scores[worst]["MRR"] and scores[best]["users"] == scores[worst]["users"] == 40
+    log = candidates[worst] / "train_log.json"
+    write_json(log, {**json.loads(log.read_text()), "best_valid_MRR": 1.0})
+    assert default_model(copy) == best
+    run_stage(ReportStage(copy))
+    assert json.loads((copy / "report" / "metrics.json").read_text())["selection"] == scores
+    assert default_model(copy) == best and f"default model: **{best}**" in (copy / "report" / "report.md").read_text()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from eval.errors import InputError
-from eval.significance import paired_test, per_user, seeds_test
+from eval.significance import adjust, paired_test, per_user, seeds_test
 
 
 def test_per_user_metrics_from_ranks():
@@ -70,3 +70,14 @@ def test_seeds_test_counts_training_noise_and_covers_at_its_level():
         t = seeds_test(d, np.zeros_like(d))
         covered.append(t["low"] <= 0 <= t["high"])
     assert 0.9 <= np.mean(covered) <= 0.99
+
+
+def test_adjusted_p_values_by_hand():
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04, kept monotone
+    assert adjust(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # Benjamini-Hochberg: p * 4 / rank = 0.02, 0.02, 0.04, 0.04, the smallest from each rank upwards
+    assert adjust(p, "bh") == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert adjust(np.array([]), "holm").size == 0 and adjust(np.array([0.2]), "holm") == pytest.approx([0.2])
+    with pytest.raises(InputError, match="correction must be one of holm, bh"):
+        adjust(p, "bonferroni")
