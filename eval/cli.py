@@ -7,23 +7,76 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import signal
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .config import Option, from_dict, options_of, parse_override, parse_value, set_dotted
-from .errors import InputError
+from .errors import InputError, user_path
 from .presets import expand, read_preset
 from .stage import Stage, run_stage
 
 err = Console(stderr=True)
+
+
+class PathSetting(NamedTuple):
+    kind: str          # as `user_path` takes it: "file", "folder" or "model"
+    what: str
+    must_exist: bool = True  # False: a value not on disk may be a Hub id, left to its reader
+
+
+# The settings that name a file or folder of the user's, by the name of the config class holding them
+# (its subclasses' configs are checked too). They are checked when a command starts: a file where a
+# folder belongs otherwise fails deep inside a library, or in a server that exits, minutes later.
+PATH_SETTINGS: dict[str, dict[str, PathSetting]] = {
+    "PrepareConfig": {"meta": PathSetting("file", "a metadata file")},
+    "GenerationConfig": {"tokenizer": PathSetting("folder", "a tokenizer folder", must_exist=False)},
+    "ProfileConfig": {"tokenizer": PathSetting("folder", "a tokenizer folder", must_exist=False)},
+    "RationaleConfig": {"serve": PathSetting("model", "a model folder to serve")},
+    "StudentRationalesConfig": {"base_model": PathSetting("model", "a base model folder")},
+    "SlimStudentConfig": {"base_model": PathSetting("model", "a base model folder")},
+    "EncodeConfig": {"model": PathSetting("model", "a sentence-transformers folder")},
+    "QualityConfig": {"encoder": PathSetting("model", "a sentence-transformers folder")},
+    "LLMRecConfig": {"base": PathSetting("model", "a model folder or .gguf file")},
+}
+EMBEDDED = "embedded"  # RationaleConfig.serve's name of the embedded model: not a path
+
+
+def _path_setting(cls: type, name: str) -> PathSetting | None:
+    for c in cls.__mro__:
+        if name in PATH_SETTINGS.get(c.__name__, {}):
+            return PATH_SETTINGS[c.__name__][name]
+    return None
+
+
+def check_paths(cfg: Any, where: str, missing_ok: bool = False) -> None:
+    """Every path setting of a config (nested ones too) names what it should: one line naming the
+    setting and the path otherwise. `missing_ok`: only a path that is there is checked (the pipeline
+    skips finished stages, which need their model folders no more)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_paths(value, f"{where}.{f.name}", missing_ok)
+            continue
+        spec = _path_setting(type(cfg), f.name)
+        if spec is None or value in (None, EMBEDDED):
+            continue
+        kind = "file" if str(value).endswith(".gguf") else spec.kind  # a GGUF file stands for a model folder
+        must_exist = (spec.must_exist and not missing_ok) or Path(value).exists()
+        user_path(value, kind, f"{spec.what} ({where}.{f.name})", must_exist)
+
+
+def run_folder(run: Path, must_exist: bool = False) -> Path:
+    """A run directory: a folder, or (for a command that starts one) not there yet."""
+    return user_path(run, "folder", "a run folder", must_exist)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -77,6 +130,8 @@ def _option_param(opt: Option) -> inspect.Parameter:
 def settings_data(preset: str | None, overrides: list[str] = (), table: str = "") -> dict[str, Any]:
     """The settings of a preset (or of one of its tables) with `--set key=value` overrides applied,
     ${VAR} not yet expanded."""
+    if preset and (Path(preset).suffix == ".toml" or "/" in preset):  # a path, not a shipped preset's name
+        user_path(preset, "file", "a preset file")
     data: Any = read_preset(preset) if preset else {}
     for part in filter(None, table.split(".")):
         data = data.get(part, {}) if isinstance(data, dict) else {}
@@ -118,7 +173,8 @@ def stage_command(app: typer.Typer, command: str, stage_class: type[Stage],
         table = f"{stage_class.name}.{name}" if named else stage_class.name
         cfg = settings(stage_class.config_class, table, kw.pop("preset"), kw.pop("set_"),
                        {o.path: kw[o.path.replace(".", "__")] for o in opts})
-        stage = stage_class(kw["run"], cfg, folder=table.replace(".", "/") if named else None)
+        check_paths(cfg, table)
+        stage = stage_class(run_folder(kw["run"]), cfg, folder=table.replace(".", "/") if named else None)
         result = run_stage(stage, force=kw["force"])
         typer.echo(f"{stage.out}: {result.status} ({result.seconds} s)")
         show(stage)

@@ -12,21 +12,28 @@ import gzip
 import json
 import math
 import reprlib
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import pandas as pd
 
-from .errors import InputError
+from .errors import InputError, has_surrogate, user_path, valid_text, warn
 
 ITEM_COLUMNS = ["item_id", "title", "categories", "brand", "year"]
 T = TypeVar("T")
+FORMATS = ("recbole", "movielens", "amazon", "amazon2018", "amazon2023")
+MOVIELENS_RATINGS = ("u.data", "ratings.dat")  # ml-100k / ml-1m and ml-10m
+YEAR_S = 365 * 24 * 3600
 
 
 def _require(path: Path) -> Path:
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
+    """A data file that exists, is a file and is not empty: an empty one would read as no data and fail
+    later for another reason (no titles, nothing left after filtering)."""
+    user_path(path, "file", "a data file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file")
     return path
 
 
@@ -51,7 +58,10 @@ def _number(value: object, path: Path, line: int, name: str) -> float:
 
 
 def _id(value: object, path: Path, line: int, name: str) -> str:
-    """A user or item id: a non-empty string or an integer, never null, a float or a list."""
+    """A user or item id: a non-empty string or an integer, never null, a float or a list. An id with a
+    lone surrogate is refused, not repaired: two such ids would become one."""
+    if isinstance(value, str) and has_surrogate(value):
+        raise _bad(path, line, name, "is not valid Unicode (a lone surrogate)", value)
     if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip()):
         return str(value)
     raise _bad(path, line, name, "is not an id (a non-empty string or an integer)", value)
@@ -61,8 +71,23 @@ def _empty_items() -> pd.DataFrame:
     return pd.DataFrame(columns=ITEM_COLUMNS)
 
 
-def _finish(inter: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _odd_timestamps(timestamps: pd.Series, path: Path) -> None:
+    """Warn with a count of timestamps before 1970 or later than a year from now: only their order
+    is used, so the run goes on, but they are likely a unit or a parsing mistake upstream. A file
+    whose typical value lies beyond a year from now counts in milliseconds (Amazon 2023)."""
+    limit = time.time() + YEAR_S
+    if timestamps.median() > limit:
+        limit *= 1000
+    odd = int(((timestamps < 0) | (timestamps > limit)).sum())
+    if odd:
+        warn(f"{path}: {odd} of {len(timestamps)} timestamps are negative or more than a year in the future "
+             f"(kept: only their order is used)")
+
+
+def _finish(inter: pd.DataFrame, items: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The standard frames, with a warning for odd timestamps."""
     inter = inter.astype({"user_id": str, "item_id": str, "rating": float, "timestamp": float})
+    _odd_timestamps(inter["timestamp"], path)
     items = items.reindex(columns=ITEM_COLUMNS).fillna("").astype(str)
     return inter.reset_index(drop=True), items.drop_duplicates("item_id").reset_index(drop=True)
 
@@ -74,7 +99,7 @@ def _read_atomic(path: Path) -> pd.DataFrame:
     _require(path)
     try:
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot parse as a tab-separated atomic file ({e})") from None
     df.columns = [c.split(":")[0] for c in df.columns]
     return df
@@ -93,6 +118,8 @@ def load_recbole(folder: str | Path, name: str | None = None) -> tuple[pd.DataFr
     ipath = folder / f"{name}.inter"
     inter = _read_atomic(ipath)
     _need(inter, ipath, "user_id", "item_id", "timestamp")
+    if inter.empty:
+        raise InputError(f"{ipath}: no interactions (only a header)")
     if "rating" not in inter.columns:
         inter["rating"] = "1"
     for col, check in (("user_id", _id), ("item_id", _id), ("rating", _number), ("timestamp", _number)):
@@ -112,7 +139,7 @@ def load_recbole(folder: str | Path, name: str | None = None) -> tuple[pd.DataFr
         })
         items["year"] = items["year"].astype(str).str.replace(r"\.0$", "", regex=True)
         items["categories"] = items["categories"].astype(str).str.split().str.join(", ")
-    return _finish(inter[["user_id", "item_id", "rating", "timestamp"]], items)
+    return _finish(inter[["user_id", "item_id", "rating", "timestamp"]], items, ipath)
 
 
 # --- MovieLens raw files -------------------------------------------------------------------------
@@ -144,13 +171,16 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
 
 def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """MovieLens raw files: `u.data` + `u.item` (100k) or `ratings.dat` + `movies.dat` (1m/10m)."""
-    folder = Path(folder)
+    folder = user_path(folder, "folder", "a MovieLens folder")
     if (folder / "u.data").exists():
-        path, sep = folder / "u.data", "\t"
+        path, sep = _require(folder / "u.data"), "\t"
         items = _movie_items(folder / "u.item", "|", ML100K_GENRES) if (folder / "u.item").exists() else _empty_items()
-    else:
+    elif (folder / "ratings.dat").exists():
         path, sep = _require(folder / "ratings.dat"), "::"
         items = _movie_items(folder / "movies.dat", "::", None) if (folder / "movies.dat").exists() else _empty_items()
+    else:
+        raise InputError(f"{folder}: neither u.data nor ratings.dat (not a MovieLens folder; --format recbole "
+                         f"reads a folder of .inter files)")
     rows = []
     with open(path, encoding="latin-1") as f:
         for n, line in enumerate(f, 1):
@@ -160,7 +190,7 @@ def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             rows.append((_id(parts[0], path, n, "user_id"), _id(parts[1], path, n, "item_id"),
                          _number(parts[2], path, n, "rating"), _number(parts[3], path, n, "timestamp")))
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    return _finish(inter, items)
+    return _finish(inter, items, path)
 
 
 # --- Amazon reviews (2018 and 2023) --------------------------------------------------------------
@@ -200,10 +230,11 @@ def _field(obj: dict, path: Path, n: int, check: Callable[[object, Path, int, st
 
 
 def _text(value: object) -> str:
+    """Item text from a JSON field, flattened to one string, lone surrogates replaced where it is read."""
     if isinstance(value, list):
         flat = [v for x in value for v in (x if isinstance(x, list) else [x])]
-        return ", ".join(dict.fromkeys(str(v).strip() for v in flat if str(v).strip()))
-    return "" if value is None else str(value).strip()
+        return valid_text(", ".join(dict.fromkeys(str(v).strip() for v in flat if str(v).strip())))
+    return "" if value is None else valid_text(str(value).strip())
 
 
 def load_amazon(reviews: str | Path, meta: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -222,6 +253,8 @@ def load_amazon(reviews: str | Path, meta: str | Path | None = None) -> tuple[pd
             _field(obj, reviews, n, _number, "overall", "rating"),
             _field(obj, reviews, n, _number, "unixReviewTime", "timestamp"),
         ))
+    if not rows:
+        raise InputError(f"{reviews}: no reviews (only blank lines)")
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
     if meta is None:
         raise InputError(f"{reviews}: Amazon reviews have no item titles; pass the metadata file "
@@ -237,30 +270,44 @@ def load_amazon(reviews: str | Path, meta: str | Path | None = None) -> tuple[pd
             _text(obj.get("brand") or obj.get("store") or details.get("Brand") or ""),
             "",
         ))
-    return _finish(inter, pd.DataFrame(rows, columns=ITEM_COLUMNS))
+    if not rows:
+        raise InputError(f"{meta}: no item records (only blank lines)")
+    return _finish(inter, pd.DataFrame(rows, columns=ITEM_COLUMNS), reviews)
+
+
+def guess_format(path: Path) -> str:
+    """The format of a source path: a folder of .inter files or a .inter file is RecBole, another folder
+    or a u.data / ratings.dat file is MovieLens, any other file Amazon reviews."""
+    if path.is_dir():
+        return "recbole" if any(path.glob("*.inter")) else "movielens"
+    if path.suffix == ".inter":
+        return "recbole"
+    return "movielens" if path.name in MOVIELENS_RATINGS else "amazon"
 
 
 def load_source(source: str, fmt: str = "auto", meta: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Dispatch on an embedded data set name ('ml-100k', 'ml-1m') or a path and format."""
+    """Dispatch on an embedded data set name ('ml-100k', 'ml-1m') or a path and format.
+
+    A file where a format reads a folder (or the reverse) is one line saying which it expected; a
+    RecBole .inter file or a MovieLens ratings file stands for the folder it is in."""
     from .assets import recbole_dataset
 
-    if source in ("ml-100k", "ml-1m") and not Path(source).exists():
-        return load_recbole(recbole_dataset(source))
-    path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path}: data source not found")
-    if fmt == "auto":
-        if path.is_dir() and any(path.glob("*.inter")):
-            fmt = "recbole"
-        elif path.is_dir():
-            fmt = "movielens"
-        else:
-            fmt = "amazon"
+    if fmt not in ("auto", *FORMATS):
+        raise InputError(f"unknown data format '{fmt}' (choose recbole, movielens, amazon or auto)")
+    embedded = source in ("ml-100k", "ml-1m") and not Path(source).exists()
+    path = recbole_dataset(source) if embedded else user_path(source, "any", "a data source")
+    fmt = guess_format(path) if fmt == "auto" else fmt
+    if meta is not None:
+        user_path(meta, "file", "a metadata file")
+        if not fmt.startswith("amazon"):
+            raise InputError(f"{meta}: a metadata file goes with Amazon reviews only, not with {fmt} data "
+                             f"(leave out --meta / data.meta)")
     if fmt == "recbole":
-        name = next(path.glob("*.inter")).stem if path.is_dir() else path.stem
-        return load_recbole(path if path.is_dir() else path.parent, name)
+        if path.is_file() and path.suffix != ".inter":
+            raise InputError(f"{path}: is a file, expected a RecBole folder or its .inter file")
+        folder = path if path.is_dir() else path.parent
+        name = path.stem if path.is_file() else next((p.stem for p in sorted(path.glob("*.inter"))), path.name)
+        return load_recbole(folder, name)
     if fmt == "movielens":
-        return load_movielens(path)
-    if fmt in ("amazon", "amazon2018", "amazon2023"):
-        return load_amazon(path, meta)
-    raise InputError(f"unknown data format '{fmt}' (choose recbole, movielens, amazon or auto)")
+        return load_movielens(path.parent if path.name in MOVIELENS_RATINGS and path.is_file() else path)
+    return load_amazon(user_path(path, "file", "an Amazon reviews file"), meta)

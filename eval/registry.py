@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import InputError
+from .errors import InputError, user_path
 from .io import CONFIG, MANIFEST
 
 if TYPE_CHECKING:
@@ -28,9 +28,7 @@ def register_model(cls: T) -> T:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """A model folder's config.json, or one line naming what is wrong with it."""
-    file = Path(path) / CONFIG
-    if not file.is_file():
-        raise InputError(f"{path}: no {CONFIG}; not a model folder")
+    file = user_path(path, "model", "a model folder") / CONFIG
     try:
         cfg = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -44,11 +42,16 @@ def model_type(path: str | Path) -> str | None:
     return read_config(path).get("model_type")
 
 
-def load_model(path: str | Path) -> Any:
+def registered_type(path: str | Path) -> str:
+    """The model_type of a model folder, checked against the registry; an error names this folder only."""
     kind = model_type(path)
     if kind not in MODELS:
         raise InputError(f"{Path(path) / CONFIG}: unknown model_type {kind!r} (known: {', '.join(sorted(MODELS))})")
-    return MODELS[kind].from_pretrained(path)
+    return kind
+
+
+def load_model(path: str | Path) -> Any:
+    return MODELS[registered_type(path)].from_pretrained(path)
 
 
 def max_len_of(path: str | Path) -> int:

@@ -6,10 +6,11 @@ from typing import Optional
 
 import typer
 
-from eval.cli import guarded, stage_command
+from eval.cli import check_paths, guarded, run_folder, stage_command
 from eval.dataset import DataStage
 from eval.errors import InputError
 from eval.io import read_json
+from eval.registry import registered_type
 from slmrec.cli import show_metrics
 
 from .report import ReportStage
@@ -33,8 +34,20 @@ def run_cmd(
     """The whole pipeline, stage by stage; finished stages are skipped, so a killed run resumes."""
     from .pipeline import build_stages, run_pipeline
 
-    stages = build_stages(run, preset, set_)  # every setting is checked before anything runs
+    stages = build_stages(run_folder(run), preset, set_)  # every setting is checked before anything runs
+    for stage in stages:
+        check_paths(stage.config, stage.folder.replace("/", "."), missing_ok=True)
     run_pipeline(run, stages, until)
+
+
+def run_and_model(run: Path, model: str | None) -> tuple[Path, str | None]:
+    """The run folder and the model folder asked for, checked before anything loads, so an error
+    names the one asked for (the Recommender's own check lists the run's models, reading every
+    config.json: a broken one of another model would be named instead)."""
+    run = run_folder(run, must_exist=True)
+    if model is not None:
+        registered_type(run / model)
+    return run, model
 
 
 @app.command("recommend")
@@ -53,7 +66,7 @@ def recommend_cmd(
 
     from .recommend import Recommender, show
 
-    answer = Recommender(run, model).for_user(user, k)
+    answer = Recommender(*run_and_model(run, model)).for_user(user, k)
     if json_:
         typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
     else:
@@ -97,7 +110,7 @@ def serve_cmd(
             raise InputError(f"--token-env: environment variable {token_env} is not set or empty")
     if serve_student and student_url:
         raise InputError("--serve-student and --student-url: give one of them")
-    rec = Recommender(run, model)
+    rec = Recommender(*run_and_model(run, model))
     cfg = student_settings(rec.run)
     url = student_url or (cfg.client.base_url if cfg.backend == "endpoint" else None)
     with contextlib.ExitStack() as stack:

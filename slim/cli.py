@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from eval.cli import guarded, stage_command
+from eval.errors import user_path
 from eval.io import read_json
 from eval.stage import Stage
 
@@ -49,6 +50,10 @@ def serve_cmd(
 
     from .serve import Server
 
+    if model is not None:
+        user_path(model, "model", "a model folder (--model)")
+    if adapter is not None:
+        user_path(adapter, "folder", "a LoRA adapter folder (--adapter)")
     with Server(model or (None if adapter else smollm2_path()), adapter, port, host, backend) as server:
         typer.echo(f"base_url={server.base_url}\nmodel={server.model_name}\nbackend={server.backend}")
         try:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from eval.cli import guarded, settings, stage_command
+from eval.cli import check_paths, guarded, run_folder, settings, stage_command
 from eval.io import read_json
 from eval.tables import floor_of, print_table
 
@@ -37,7 +37,8 @@ def ablation_cmd(
     """SLMRec's Table 4: the student with no feature loss, then + cos, + norm, + multi-supervision;
     writes RUN/ablation/<variant> and RUN/ablation/report.md."""
     cfg = settings(SLMRecStudentConfig, StudentStage.name, preset, set_, {})
-    distill_ablation(run, cfg, force)
+    check_paths(cfg, StudentStage.name)
+    distill_ablation(run_folder(run), cfg, force)
 
 
 main = guarded(app)
