@@ -8,14 +8,21 @@ was given, embedded by the run's sentence encoder and fused with the history by 
 
 Errors are JSON `{"error": "..."}`: 401 without the bearer token (when one is set), 404 for unknown
 ids, 422 for bad input, 502 when the student's endpoint fails, 503 for new users without one.
+
+The token is read from the Authorization header only. One sent in the address (`?token=...`, easily
+confused with the page's `#token=`) is refused, and the access log shows it as [redacted], as it does
+every query parameter named like a credential.
 """
 from __future__ import annotations
 
 import functools
 import hmac
+import logging
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote_plus
 
 import numpy as np
 import torch
@@ -40,6 +47,37 @@ from .recommend import MAX_K, Recommender, UnknownId
 
 WEB = Path(__file__).parent / "web"
 MAX_HISTORY = 1000  # most item ids a new user's history may have (the model and the prompt keep the latest)
+# query parameter names that look like a credential: never written to a log
+SECRET_PARAM = re.compile(r"token|key|secret|passw|pwd|auth|credential|signature|session", re.I)
+REDACTED = "[redacted]"
+
+
+def is_secret(param: str) -> bool:
+    """Whether a query parameter (`name=value`) is named like a credential."""
+    return SECRET_PARAM.search(unquote_plus(param.partition("=")[0])) is not None
+
+
+def redact_query(target: str) -> str:
+    """A request target (path and query) with the value of every credential-like parameter redacted."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = [f"{p.partition('=')[0]}={REDACTED}" if is_secret(p) else p for p in query.split("&")]
+    return f"{path}?{'&'.join(parts)}"
+
+
+class RedactSecrets(logging.Filter):
+    """Redacts credential-like query parameters in uvicorn's access log lines, whose arguments are
+    (client, method, target, HTTP version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
+        return True
+
+
+ACCESS_FILTER = RedactSecrets()
 
 
 def student_settings(run: Path) -> StudentRationalesConfig:
@@ -135,6 +173,11 @@ def bearer(token: str | None):
     def check(request: Request) -> None:
         if token is None:
             return
+        # never read there: a token in the address lands in logs, browser history and bookmarks
+        if any(is_secret(p) for p in request.url.query.split("&")):
+            raise HTTPException(401, "a credential in the address is not accepted: send the token in the "
+                                     "Authorization header (the page reads it from #token=, never sent)",
+                                headers={"WWW-Authenticate": "Bearer"})
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -143,6 +186,7 @@ def bearer(token: str | None):
 
 def create_app(rec: Recommender, writer: StudentWriter | None = None, token: str | None = None) -> FastAPI:
     """The service over a loaded recommender (and, for new users, the student's writer)."""
+    logging.getLogger("uvicorn.access").addFilter(ACCESS_FILTER)  # once: addFilter skips a filter it has
     app = FastAPI(title="rationale-rec", summary=f"Recommendations of {rec.run / rec.name}")
 
     @app.exception_handler(HTTPException)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from eval.config import setting
 from eval.dataset import MIN_CUT
-from eval.errors import InputError
+from eval.errors import InputError, valid_text
 
 RECORDS = "records.jsonl"  # the file of records in a rationale stage's folder
 STEPS = ("step1", "step2", "step3")
@@ -87,14 +87,23 @@ def rationale_text(rec: dict[str, Any]) -> str:
 
 
 def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a records file, each checked for its key fields and its text made valid
+    Unicode (a lone surrogate, as a JSON escape, would fail the next writer: parquet, the encoder)."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 return  # torn last line of a killed run
             try:
-                yield n, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: not a JSON record ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            if not isinstance(rec, dict) or not {"user", "prompt_version", "model"} <= rec.keys():
+                raise InputError(f"{path}:{n}: record lacks user/prompt_version/model")
+            if isinstance(rec["user"], bool) or not isinstance(rec["user"], int):
+                raise InputError(f"{path}:{n}: field 'user' is not a user index: {rec['user']!r}")
+            yield n, valid_text(rec)
 
 
 def _matching(path: str | Path, prompt_version: str | None, model: str | None,
@@ -103,9 +112,7 @@ def _matching(path: str | Path, prompt_version: str | None, model: str | None,
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no rationale records")
-    for n, rec in _read(path):
-        if "user" not in rec or "prompt_version" not in rec or "model" not in rec:
-            raise InputError(f"{path}:{n}: record lacks user/prompt_version/model")
+    for _, rec in _read(path):
         if (prompt_version in (None, rec["prompt_version"]) and model in (None, rec["model"])
                 and not (ok_only and rec.get("error"))):
             yield rec
@@ -146,6 +153,8 @@ class RecordLog:
             os.truncate(self.path, good)
 
     def append(self, rec: dict[str, Any]) -> None:
+        """Write a record (its text made valid Unicode: a model's answer may carry a lone surrogate)."""
+        rec = valid_text(rec)
         key = key_of(rec)
         if key in self.keys:
             return

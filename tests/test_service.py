@@ -21,7 +21,7 @@ import uvicorn
 from eval.dataset import pad_left
 from eval.errors import InputError
 from fusion.recommend import MAX_K, Recommender, new_user_vector
-from fusion.service import MAX_HISTORY, StudentWriter, create_app, student_settings
+from fusion.service import MAX_HISTORY, REDACTED, StudentWriter, create_app, redact_query, student_settings
 from slim.client import ChatClient
 from slim.records import rationale_text
 from slim.serve import Server
@@ -129,6 +129,27 @@ def test_bearer_token_is_required_and_never_logged(service, caplog):
     assert call(url, "/health", token=None)[0] == 200 and call(url, "/ready", token=None)[0] == 200
     assert "GET /users/u3/recommendations" in caplog.text   # the access log is on ...
     assert TOKEN not in caplog.text                         # ... and never shows the token
+
+
+@pytest.mark.parametrize("query", [f"token={TOKEN}", f"k=3&api_key={TOKEN}", f"access_token={TOKEN}&k=3",
+                                   f"Password={TOKEN}", f"my%5Fsecret={TOKEN}", f"key={TOKEN}&key={TOKEN}"])
+def test_a_credential_in_the_address_is_refused_and_redacted_in_the_access_log(service, caplog, query):
+    url, _, _, _ = service
+    caplog.set_level(logging.INFO)
+    status, answer = call(url, f"/users/u3/recommendations?{query}")  # refused even with the right header
+    assert status == 401 and "in the address is not accepted" in answer["error"] and TOKEN not in answer["error"]
+    assert call(url, f"/users/u3/recommendations?{query}", token=None)[0] == 401
+    with urllib.request.urlopen(f"{url}/?user=u3&{query}") as page:  # the page itself is served, its address logged
+        assert page.status == 200
+    assert TOKEN not in caplog.text and REDACTED in caplog.text
+    for target in (f"/users/u3/recommendations?{query}", f"/?user=u3&{query}"):
+        assert f"GET {redact_query(target)} HTTP" in caplog.text
+
+
+def test_redact_query_keeps_every_other_parameter():
+    assert redact_query("/users?prefix=u1&limit=3") == "/users?prefix=u1&limit=3"
+    assert redact_query("/x?k=3&token=abc&Api-Key=def&limit") == f"/x?k=3&token={REDACTED}&Api-Key={REDACTED}&limit"
+    assert redact_query("/x?token") == f"/x?token={REDACTED}" and redact_query("/plain") == "/plain"
 
 
 def test_new_user_history_end_to_end_with_the_students_rationale(service, monkeypatch):

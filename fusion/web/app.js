@@ -5,10 +5,18 @@
 
 const $ = (id) => document.getElementById(id);
 
+// The token travels in the fragment (#token=), which the browser never sends; it is kept in this tab
+// and never put in a query string. One given as ?token= has already gone to the server (which refuses
+// it and logs it redacted): it is dropped from the address, not used, and the user is told.
+const SECRET_PARAM = /token|key|secret|passw|pwd|auth|credential|signature|session/i;  // as service.py's
+const search = new URLSearchParams(location.search);
+const secretInAddress = [...new Set(search.keys())].filter((name) => SECRET_PARAM.test(name));
+for (const name of secretInAddress) search.delete(name);
 const hashToken = new URLSearchParams(location.hash.slice(1)).get("token");
-if (hashToken) {
-  sessionStorage.setItem("token", hashToken);
-  history.replaceState(null, "", location.pathname + location.search);  // keep the token out of the address
+if (hashToken) sessionStorage.setItem("token", hashToken);
+if (hashToken || secretInAddress.length) {  // keep the token out of the address
+  const rest = search.toString();
+  history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : ""));
 }
 $("token").value = sessionStorage.getItem("token") || "";
 $("token").addEventListener("change", () => sessionStorage.setItem("token", $("token").value));
@@ -125,7 +133,13 @@ async function start() {
       (ready.new_users ? "." : "; new users are off (no SLIM student endpoint).")
     : "The service does not answer.";
   if (ready && !ready.new_users) $("new-user").hidden = true;
-  const params = new URLSearchParams(location.search);
+  if (secretInAddress.length) {
+    $("notice").textContent = `Not used: ${secretInAddress.join(", ")} came in the address after "?", which is ` +
+      'sent to the server. Give the token after "#" (#token=...) or in the Access token box.';
+    $("notice").hidden = false;
+    $("auth").open = true;
+  }
+  const params = search;
   if (params.get("k")) $("k").value = params.get("k");
   api("/users?limit=1000")
     .then((body) => $("users").replaceChildren(...body.users.map((u) => { const o = el("option"); o.value = u; return o; })))
