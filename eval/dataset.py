@@ -2,11 +2,14 @@
 
 Layout of a data folder:
   interactions.parquet   user, item, rating, timestamp (chronological within each user)
-  users.parquet          user (0..U-1), raw_id
+  users.parquet          user (0..U-1), raw_id, has_test
   items.parquet          item (1..I), raw_id, title, categories, brand, year, text
-  candidates_{valid,test}_{n}.npy   [U, n+1] int64, column 0 = the true item
+  candidates_{valid,test}_{n}.npy   [U, n+1] int64, column 0 = the true item (a row of 0: no target)
   manifest.json
-Leave-one-out: a user's last item is the test target, the one before it the validation target.
+Leave-one-out: a user's last item is the test target, the one before it the validation target. The
+temporal split keeps the same layout: a user's sequence is what happened before the cut, then their
+test target if they have one (`has_test`); every split below is read through `pre_cut`, so training,
+validation and prompts never reach past the cut.
 """
 from __future__ import annotations
 
@@ -82,17 +85,32 @@ class SeqDataset:
         items = inter["item"].to_numpy(dtype=np.int64, copy=True)
         return [items[bounds[u]:bounds[u + 1]] for u in range(self.num_users)]
 
+    @cached_property
+    def has_test(self) -> np.ndarray:
+        """Whether each user has a test target (always, leave-one-out; temporal: an interaction after the cut)."""
+        if "has_test" not in self.users:  # a data folder written before the temporal split
+            return np.ones(self.num_users, dtype=bool)
+        return self.users["has_test"].to_numpy(dtype=bool)
+
+    def pre_cut(self, user: int) -> int:
+        """How many of a user's items come before their test target (all of them without one)."""
+        return len(self.sequences[user]) - int(self.has_test[user])
+
+    def eval_users(self, split: str) -> np.ndarray:
+        """The users with a target in `split`: every user for validation, those with a test target for test."""
+        return np.flatnonzero(self.has_test) if split == "test" else np.arange(self.num_users)
+
     def history(self, user: int, split: str) -> np.ndarray:
         """The input history for a split: training items for train/valid, + the validation item for test."""
-        seq = self.sequences[user]
-        return seq[:-1] if split == "test" else seq[:-2]
+        end = self.pre_cut(user)
+        return self.sequences[user][:end if split == "test" else max(end - 1, 0)]
 
     def rationale_history(self, user: int) -> np.ndarray:
         """What a rationale about a user may see: the training history without its last item.
 
         That last item is the fused models' training target, and validation/test targets come
         after it, so a rationale never mentions an item it is later asked to predict."""
-        return self.sequences[user][:-3]
+        return self.sequences[user][:max(self.pre_cut(user) - 2, 0)]
 
     def rationale_prefixes(self, user: int, cuts: int = 1) -> list[int]:
         """Lengths of the history prefixes a user's rationales are written from, ascending: the last is
@@ -102,12 +120,17 @@ class SeqDataset:
         return sorted({p for k in range(1, cuts) if (p := end * k // cuts) >= MIN_CUT} | {end})
 
     def target(self, split: str) -> np.ndarray:
-        """The true next item of every user for 'valid' or 'test'."""
-        k = {"valid": -2, "test": -1}[split]
-        return np.array([s[k] for s in self.sequences], dtype=np.int64)
+        """The true next item of every user for 'valid' or 'test' (0: the user has none)."""
+        if split not in ("valid", "test"):
+            raise InputError(f"split must be 'valid' or 'test', not {split!r}")
+        ends = [self.pre_cut(u) for u in range(self.num_users)]
+        if split == "valid":
+            return np.array([s[end - 1] for s, end in zip(self.sequences, ends)], dtype=np.int64)
+        return np.array([s[end] if end < len(s) else 0 for s, end in zip(self.sequences, ends)], dtype=np.int64)
 
     def train_sequences(self) -> list[np.ndarray]:
-        return [s[:-2] for s in self.sequences]
+        """Each user's training history: what came before their validation item."""
+        return [s[:max(self.pre_cut(u) - 1, 0)] for u, s in enumerate(self.sequences)]
 
     def candidates(self, split: str, negatives: int) -> np.ndarray:
         path = self.path / f"candidates_{split}_{negatives}.npy"
@@ -178,7 +201,8 @@ def source_path(cfg: PrepareConfig) -> Path:
 
 
 class DataStage(Stage):
-    """Read raw data, filter, k-core, split leave-one-out and sample fixed candidates; writes RUN/data."""
+    """Read raw data, filter, k-core, split (leave-one-out or at a global time cut) and sample fixed
+    candidates; writes RUN/data."""
 
     name = DATA
     config_class = PrepareConfig
@@ -195,7 +219,7 @@ class DataStage(Stage):
     def build(self, out: Path) -> dict:
         cfg = self.config
         raw_inter, raw_items = load_source(cfg.source, cfg.format, cfg.meta)
-        inter, users, items = prepare(cfg, raw_inter)
+        inter, users, items, cut = prepare(cfg, raw_inter)
         items = attach_item_text(items, raw_items)
         inter.to_parquet(out / "interactions.parquet", index=False)
         users.to_parquet(out / "users.parquet", index=False)
@@ -206,10 +230,11 @@ class DataStage(Stage):
             for n in cfg.negatives:
                 cand = sample_candidates(ds.sequences, ds.target(split), ds.num_items, n, cfg.seed, split)
                 np.save(out / f"candidates_{split}_{n}.npy", cand)
-                short[f"{split}_{n}"] = int((cand[:, -1] == 0).sum())
+                short[f"{split}_{n}"] = int((cand[ds.eval_users(split), -1] == 0).sum())
         lengths = np.array([len(s) for s in ds.sequences])
         domain = cfg.domain or infer_domain(cfg.source, cfg.format, cfg.meta, items)
-        return {"domain": domain, "users": ds.num_users, "items": ds.num_items, "interactions": len(inter),
+        split = {} if cut is None else {"cut_timestamp": cut, "test_users": int(ds.has_test.sum())}
+        return {"domain": domain, "users": ds.num_users, "items": ds.num_items, "interactions": len(inter), **split,
                 "raw_interactions": len(raw_inter), "avg_length": round(float(lengths.mean()), 2),
                 "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
                 "users_with_short_candidate_lists": short}

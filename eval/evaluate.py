@@ -14,6 +14,7 @@ import torch
 from rich.progress import track
 
 from .dataset import SeqDataset, pad_left
+from .errors import InputError
 from .metrics import from_ranks, nonfinite_rows, random_floor, ranks
 
 
@@ -55,15 +56,23 @@ class Ranking(NamedTuple):
     candidates: np.ndarray  # valid candidates, truth included
     top: np.ndarray        # the top-20 recommended items (0 pads shorter lists)
     nonfinite: np.ndarray  # a NaN or infinite score among the user's candidates (truth ranked last)
+    users: np.ndarray      # the users ranked, in the order of the arrays above
+
+    def rows(self, users: np.ndarray) -> np.ndarray:
+        """Positions in this ranking of those of `users` it ranked (a group's rows)."""
+        return np.flatnonzero(np.isin(self.users, users))
 
 
 @torch.no_grad()
 def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",
                users: np.ndarray | None = None, batch_size: int = 256, max_len: int = 200,
                progress: bool = False) -> Ranking:
-    """Per-user ranks, candidate counts, top-20 recommended items and non-finite flags."""
-    users = np.arange(ds.num_users) if users is None else np.asarray(users)
+    """Per-user ranks, candidate counts, top-20 recommended items and non-finite flags of `users`
+    (default: every user with a target in `split`)."""
+    users = ds.eval_users(split) if users is None else np.asarray(users)
     targets = ds.target(split)
+    if not targets[users].all():
+        raise InputError(f"{int((targets[users] == 0).sum())} of the users asked for have no {split} target")
     out_r, out_n, out_top, out_bad = [], [], [], []
     batches = range(0, len(users), batch_size)
     for start in (track(batches, description=f"scoring {split}/{protocol}") if progress else batches):
@@ -89,7 +98,7 @@ def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str
         best = masked.topk(min(20, masked.shape[1]), dim=1)
         top = torch.gather(ids, 1, best.indices).masked_fill(best.values == float("-inf"), 0)
         out_top.append(top.numpy())  # 0 pads lists of users with fewer than 20 candidates
-    return Ranking(*(np.concatenate(x) for x in (out_r, out_n, out_top, out_bad)))
+    return Ranking(*(np.concatenate(x) for x in (out_r, out_n, out_top, out_bad)), users)
 
 
 def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",

@@ -1,13 +1,15 @@
 """From raw frames to the prepared data set: the paper protocol, every knob configurable.
 
 Defaults follow SLMRec's paper: keep ratings > 3, iterative 5-core, one interaction per user-item
-pair, chronological histories, leave-one-out split. The reference code's flaws are avoided on
-purpose: histories are ordered by time (never by item id), ids are contiguous from 1 (0 is padding)
-and the id mapping is a sort, not a Python set, so it is the same on every run.
+pair, chronological histories, leave-one-out split (or a global time cut: `split = "temporal"`). The
+reference code's flaws are avoided on purpose: histories are ordered by time (never by item id), ids
+are contiguous from 1 (0 is padding) and the id mapping is a sort, not a Python set, so it is the same
+on every run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,14 @@ class PrepareConfig:
     dedup: bool = setting(True, "Keep only the first interaction of each user-item pair.")
     negatives: list[int] = setting(help="Sizes of the fixed negative candidate lists.", factory=lambda: [100, 999])
     seed: int = setting(42, "Seed of the candidate lists.")
+    split: str = setting("loo", "loo: a user's last item is the test target, the one before it the validation "
+                                "target (leave-one-out). temporal: a global time cut (Ji et al., TOIS 2023): a "
+                                "user's test target is their first interaction at or after the cut, if its item "
+                                "was known before it; later interactions are dropped; users with none are "
+                                "trained and validated but not tested; the validation target is the last item "
+                                "before the cut. Training, prompts and candidates see only items from before it.")
+    cut: float = setting(0.9, "temporal: the cut as a quantile of the interaction timestamps (0.9: the last 10 % "
+                              "of interactions are the test period).")
     domain: str | None = setting(None, "What the items are, as the rationale prompts name them (\"movies\", "
                                        "\"beauty products\"); none: from the data (MovieLens: movies; Amazon: its "
                                        "category or file name; else items).")
@@ -35,6 +45,13 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.negatives):
             raise InputError(f"negatives: sizes must be positive, got {self.negatives}")
+        if self.split not in SPLITS:
+            raise InputError(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+        if not 0 < self.cut < 1:
+            raise InputError(f"cut must be a quantile between 0 and 1 (exclusive), not {self.cut}")
+
+
+SPLITS = ("loo", "temporal")
 
 
 def _natural_key(ids: pd.Index) -> np.ndarray:
@@ -56,11 +73,27 @@ def k_core(inter: pd.DataFrame, user_core: int, item_core: int) -> pd.DataFrame:
         inter = inter[keep]
 
 
-def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Filter, k-core, map ids and order histories.
+def temporal_cut(inter: pd.DataFrame, quantile: float) -> tuple[pd.DataFrame, float]:
+    """Chronological interactions cut at a global time: everything before it, of users with at least a
+    training and a validation item there, and each such user's first interaction at or after it when
+    its item was known before it (the test target). Returns them and the cut's timestamp."""
+    cut = float(np.quantile(inter["timestamp"].to_numpy(dtype=np.float64), quantile, method="higher"))
+    before = inter[inter["timestamp"] < cut]
+    before = before[before["user_id"].map(before["user_id"].value_counts()) >= 2]
+    after = inter[inter["timestamp"] >= cut].drop_duplicates("user_id", keep="first")
+    after = after[after["user_id"].isin(before["user_id"]) & after["item_id"].isin(before["item_id"])]
+    return pd.concat([before, after]), cut
 
-    Returns (interactions with int `user`/`item`, user map, item map). Users are 0..U-1, items 1..I.
-    """
+
+class Prepared(NamedTuple):
+    interactions: pd.DataFrame  # user, item, rating, timestamp: chronological within each user
+    users: pd.DataFrame         # user (0..U-1), raw_id, has_test (the user has a test target)
+    items: pd.DataFrame         # item (1..I), raw_id
+    cut: float | None           # the temporal split's cut timestamp
+
+
+def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
+    """Filter, k-core, split, map ids and order histories. Users are 0..U-1, items 1..I."""
     src = cfg.source
     inter = inter.assign(order=np.arange(len(inter)))
     if cfg.rating_gt is not None:
@@ -70,8 +103,14 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     if cfg.dedup:
         inter = inter.drop_duplicates(["user_id", "item_id"], keep="first")
     inter = k_core(inter, cfg.user_core, cfg.item_core)
-    # leave-one-out needs train, validation and test items for every user
-    inter = inter[inter["user_id"].map(inter["user_id"].value_counts()) >= 3]
+    cut = None
+    if cfg.split == "temporal":
+        inter, cut = temporal_cut(inter, cfg.cut)
+        if not (inter["timestamp"] >= cut).any():
+            raise InputError(f"{src}: no user has an interaction at or after the temporal cut ({cfg.cut} "
+                             f"quantile, timestamp {cut:g}) on an item seen before it: lower cut")
+    else:  # leave-one-out needs train, validation and test items for every user
+        inter = inter[inter["user_id"].map(inter["user_id"].value_counts()) >= 3]
     if inter.empty:
         raise InputError(f"{src}: no interactions left after filtering "
                          f"(rating_gt={cfg.rating_gt}, user_core={cfg.user_core}, item_core={cfg.item_core})")
@@ -82,7 +121,8 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     item_ids = pd.Index(inter["item_id"].unique())
     user_ids = user_ids[_natural_key(user_ids)]
     item_ids = item_ids[_natural_key(item_ids)]
-    users = pd.DataFrame({"user": np.arange(len(user_ids)), "raw_id": user_ids})
+    tested = inter.loc[inter["timestamp"] >= cut, "user_id"] if cut is not None else user_ids
+    users = pd.DataFrame({"user": np.arange(len(user_ids)), "raw_id": user_ids, "has_test": user_ids.isin(tested)})
     items = pd.DataFrame({"item": np.arange(1, len(item_ids) + 1), "raw_id": item_ids})
 
     out = pd.DataFrame({
@@ -93,7 +133,7 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
         "order": inter["order"].to_numpy(),
     })
     out = out.sort_values(["user", "timestamp", "order"], kind="stable").drop(columns="order")
-    return out.reset_index(drop=True), users, items
+    return Prepared(out.reset_index(drop=True), users, items, cut)
 
 
 def item_title(row: pd.Series) -> str:
@@ -131,6 +171,8 @@ def sample_candidates(sequences: list[np.ndarray], targets: np.ndarray, num_item
     split_code = {"valid": 1, "test": 2}[split]
     out = np.zeros((len(sequences), n + 1), dtype=np.int64)
     for u, seq in enumerate(sequences):
+        if not targets[u]:  # a user with no target in this split (temporal: none after the cut)
+            continue
         rng = np.random.default_rng([seed, split_code, n, u])
         seen = np.unique(seq)
         if len(seen) * 2 > num_items or num_items - len(seen) <= n:

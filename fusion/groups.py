@@ -8,13 +8,13 @@ from eval.dataset import SeqDataset
 RARE = 5  # "rare items": seen at most RARE times in training (a report group; fusion's cold start)
 
 
-def user_length_groups(ds: SeqDataset, n_groups: int = 5) -> list[np.ndarray]:
-    """Users in `n_groups` equal-size groups by training-history length, shortest first (SLIM, Fig. 5).
-
-    Sorted by (length, user id), then cut into contiguous chunks: every user lands in exactly one group.
-    """
-    lengths = np.array([len(s) for s in ds.train_sequences()])
-    order = np.lexsort((np.arange(ds.num_users), lengths))
+def user_length_groups(ds: SeqDataset, n_groups: int = 5, users: np.ndarray | None = None) -> list[np.ndarray]:
+    """`users` (default: all) in `n_groups` equal-size groups by training-history length, shortest first
+    (SLIM, Fig. 5). Sorted by (length, user id), then cut into contiguous chunks: every user lands in
+    exactly one group."""
+    users = np.arange(ds.num_users) if users is None else np.asarray(users)
+    lengths = np.array([len(s) for s in ds.train_sequences()])[users]
+    order = users[np.lexsort((users, lengths))]
     return [np.sort(g) for g in np.array_split(order, n_groups)]
 
 
@@ -33,10 +33,12 @@ def users_by_test_item(ds: SeqDataset, items: np.ndarray, split: str = "test") -
     return np.flatnonzero(np.isin(ds.target(split), items))
 
 
-def user_groups(ds: SeqDataset) -> dict[str, np.ndarray]:
-    """The 5 history-length groups, named by their length range."""
+def user_groups(ds: SeqDataset, split: str = "test") -> dict[str, np.ndarray]:
+    """The 5 history-length groups of the users evaluated on `split`, named by their length range."""
     lengths = np.array([len(s) for s in ds.train_sequences()])
-    return {f"G{i + 1} ({lengths[g].min()}-{lengths[g].max()})": g for i, g in enumerate(user_length_groups(ds))}
+    groups = user_length_groups(ds, users=ds.eval_users(split))
+    return {f"G{i + 1} ({lengths[g].min()}-{lengths[g].max()})" if len(g) else f"G{i + 1} (none)": g
+            for i, g in enumerate(groups)}
 
 
 def item_groups(ds: SeqDataset, split: str = "test") -> dict[str, np.ndarray]:

@@ -66,9 +66,10 @@ def find_models(run: Path) -> dict[str, Path]:
     return found
 
 
-def group_row(ranking: Ranking, rows: np.ndarray) -> dict[str, float]:
+def group_row(ranking: Ranking, users: np.ndarray) -> dict[str, float]:
     """A group's metrics and the median rank of its targets (1 = first): on a small group such as the
     rare items NDCG@10 reads 0 until a target enters the top 10, the median shows how far off it is."""
+    rows = ranking.rows(users)
     if not len(rows):
         return metrics_of(ranking, rows)
     median = float(np.median(ranking.ranks[rows])) + 1
@@ -88,7 +89,8 @@ def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
         "users_per_s": users_per_s,
         "user_groups": {k: group_row(ranking, g) for k, g in user_groups(ds).items()},
         "item_groups": {k: group_row(ranking, g) for k, g in item_groups(ds).items()},
-        "popularity": popularity_metrics(top, ds.target("test"), ds.item_popularity, ds.num_users, tail),
+        "popularity": popularity_metrics(top, ds.target("test")[ranking.users], ds.item_popularity, ds.num_users,
+                                         tail),
         "exposure@10": np.bincount(top[:, :10][top[:, :10] > 0], minlength=ds.num_items + 1).tolist(),
     }
 
@@ -177,12 +179,14 @@ def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqD
     with several seeds; two models with the same number of seeds are tested over seeds and users
     (`seeds_test`), any other pair over the users of one run each. Every p-value is then adjusted over
     the whole family of the report's tests, and only an adjusted one below ALPHA is significant."""
-    groups = {"overall": np.arange(ds.num_users), **user_groups(ds), **item_groups(ds)}
+    tested = ds.eval_users("test")  # the users every rank array holds, in order
+    groups = {"overall": np.arange(len(tested)),
+              **{name: np.flatnonzero(np.isin(tested, g)) for name, g in {**user_groups(ds), **item_groups(ds)}.items()}}
     out = {}
     for a, b in pairs:
         ra, rb = ranks[a], ranks[b]
         if ra.shape != rb.shape:  # seeds on one side only: compare the runs kept
-            ra, rb = ra.reshape(-1, ds.num_users)[0], rb.reshape(-1, ds.num_users)[0]
+            ra, rb = ra.reshape(-1, len(tested))[0], rb.reshape(-1, len(tested))[0]
         va, vb = per_user(ra), per_user(rb)
         out[f"{a} vs {b}"] = {g: {m: _pair_test(va[m], vb[m], users) for m in va} for g, users in groups.items()}
     tests = [t for found in out.values() for by_metric in found.values() for t in by_metric.values()]

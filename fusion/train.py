@@ -76,7 +76,7 @@ def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = Non
     users = np.array([u for u in users if len(ds.rationale_history(int(u))) > 0])
     hist = [ds.rationale_history(int(u)) for u in users]
     targets = torch.zeros(len(users), max_len, dtype=torch.long)
-    targets[:, -1] = torch.as_tensor([ds.sequences[int(u)][-3] for u in users])
+    targets[:, -1] = torch.as_tensor([ds.history(int(u), "valid")[-1] for u in users])
     return users, pad_left(hist, max_len), targets
 
 
@@ -84,7 +84,7 @@ def trailing_positions(ds: SeqDataset, user: int, prefix: int) -> int:
     """How many trailing positions of a user's training row (the training history shifted by one) a
     rationale written from the first `prefix` items may inform: those whose prefix holds all of it, so
     it never saw the target it helps predict."""
-    row = max(len(ds.sequences[user]) - 3, 0)
+    row = max(len(ds.history(user, "valid")) - 1, 0)
     return min(row, max(row - prefix + 1, 0))
 
 
@@ -171,7 +171,7 @@ def seed_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> tuple
         ranks[protocol] = ranking.ranks
         metrics[protocol_label(protocol)] = metrics_of(ranking)
         if protocol == "full":
-            metrics.update({GROUP_KEY + name: metrics_of(ranking, g) for name, g in groups.items()})
+            metrics.update({GROUP_KEY + name: metrics_of(ranking, ranking.rows(g)) for name, g in groups.items()})
     return metrics, ranks
 
 

@@ -74,7 +74,7 @@ def graded(folder: Path, ds: SeqDataset, catalogue: Catalogue) -> dict[int, dict
             raise InputError(f"{folder / RECORDS}: a record of user {u}, who is not in {ds.path}")
         steps, error = parse_steps(rec.get("text") or "", instruction_words(rec["prompt_version"], ds.domain))
         grounding = catalogue.ground(steps, ds.rationale_history(u).tolist())
-        out[u] = {**rec, **steps, **grounding, "error": error, "next_item": int(ds.sequences[u][-3])}
+        out[u] = {**rec, **steps, **grounding, "error": error, "next_item": int(ds.history(u, "valid")[-1])}
     return out
 
 

@@ -39,6 +39,7 @@ def teacher8():
 
 def student_grads(**lambdas):
     cfg = DistillConfig(**{"lambda_cos": 0.0, "lambda_norm": 0.0, "lambda_ms": 0.0, **lambdas})
+    torch.manual_seed(0)  # the same initial student every time (its seed is drawn from torch's generator)
     student = build_student(SLMRecStudentConfig(student=LLMRecConfig(llama=TINY, layers=4, lora_r=4, lora_dropout=0.0),
                                                 distill=cfg), None, ITEMS)
     d = Distiller(student, teacher8(), cfg).train()
