@@ -1,4 +1,5 @@
-"""SASRec (Kang & McAuley, 2018) trained with cross-entropy over all items ("SASRec+").
+"""SASRec (Kang & McAuley, 2018), trained with cross-entropy over all items ("SASRec+") by default
+(`TrainConfig.loss` has the sampled alternatives).
 
 Its item-embedding table is what SLMRec projects into the LLM. Histories are left-padded; positions
 count back from the most recent item, so a user's encoding does not depend on how much padding the
@@ -73,7 +74,9 @@ class SASRec(SequentialRecommender):
         x = self.drop(x + self.pos_emb(pos)) * real[..., None]
         causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
         # attend to earlier real items; a padding row attends to itself only (never an empty row)
-        mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=h.device)
+        allowed = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=h.device)
+        # as an additive mask: the same scores, and CPU attention runs about twice as fast as with a bool one
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=h.device).masked_fill(~allowed, float("-inf"))
         for block in self.blocks:
             x = block(x, mask[:, None]) * real[..., None]
         return self.ln(x)

@@ -45,19 +45,41 @@ class SequentialRecommender(DotScorer, nn.Module):
         raise NotImplementedError
 
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
-        return self.encode(histories)[:, -1]
+        return self.encode(trim_padding(histories)[0])[:, -1]
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_emb.weight
 
-    def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over all items at every real position (targets 0 are ignored)."""
+    def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                      loss: str = "ce", negatives: int = 256, gbce_t: float = 0.75) -> torch.Tensor:
+        """Next-item loss at every real position (targets 0 are ignored); see `TrainConfig.loss`.
+
+        "ce" scores every item; "sampled" and "gbce" score the target against `negatives` items drawn
+        uniformly for each history (shared by its positions): one [B, L, N] product instead of [P, items]."""
+        inputs, targets = trim_padding(inputs, targets)
         h = self.encode(inputs)
         targets = targets[:, -h.shape[1]:]
         keep = targets > 0
-        logits = h[keep] @ self.item_emb.weight.T
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets[keep])
+        table = self.item_emb.weight
+        if loss == "ce":
+            logits = h[keep] @ table.T
+            logits[:, 0] = float("-inf")
+            return F.cross_entropy(logits, targets[keep])
+        drawn = torch.randint(1, len(table), (len(h), negatives), device=h.device)
+        pos = (h * table[targets]).sum(-1)[keep]
+        neg = torch.bmm(h, table[drawn].transpose(1, 2))
+        neg = neg.masked_fill(drawn[:, None, :] == targets[..., None], float("-inf"))[keep]  # a drawn target is no negative
+        if loss == "sampled":
+            # uniform draws: the logQ correction is the same for every item and cancels in the softmax
+            logits = torch.cat([pos[:, None], neg], dim=1)
+            return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=h.device))
+        if loss == "gbce":
+            # gSASRec (Petrov & Macdonald, 2023): sigmoid(pos)^beta undoes the overconfidence that
+            # sampling negatives at rate alpha teaches BCE; t = 0 is plain BCE, t = 1 full calibration
+            alpha = negatives / (len(table) - 2)
+            beta = alpha * (gbce_t * (1 - 1 / alpha) + 1 / alpha)
+            return -(beta * F.logsigmoid(pos) + F.logsigmoid(-neg).sum(1)).mean()
+        raise InputError(f"loss: unknown {loss!r} (known: ce, sampled, gbce)")
 
     def save_pretrained(self, path: str | Path) -> None:
         """config.json + weights, and the item table alone for SLMRec to project into its LLM."""
@@ -72,6 +94,14 @@ class SequentialRecommender(DotScorer, nn.Module):
         model = cls(model_config(path, cls.config_class, cls.model_type))
         load_state(model, read_weights(Path(path) / WEIGHTS), Path(path) / WEIGHTS)
         return model.eval()
+
+
+def trim_padding(histories: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the leading columns that are padding in every row (of `histories` and the tensors aligned
+    with it). Positions count back from the latest item, so the model's output does not change; a
+    batch of short histories then costs what its longest one needs, not max_len."""
+    keep = max(1, int((histories > 0).sum(1).max()))  # left-padded: a row's items are its last columns
+    return tuple(t[:, -keep:] for t in (histories, *aligned))
 
 
 def load_item_embeddings(path: str | Path) -> torch.Tensor:
