@@ -5,9 +5,9 @@ backbone and vectors) once per backbone, seed and variant on a finished run, eac
 stage's defaults with a few settings changed, and prints validation and test NDCG@10 under full
 ranking, overall, on tail items and on rare items (seen at most 5 times in training), with the rare
 targets that reach the top 10. Then, per backbone, split and group, each variant against the first
-over the same users and seeds: the mean difference in NDCG@10 and MRR with a two-level bootstrap
-interval and p-value (`eval.significance.seeds_test`: seeds and users as crossed random effects,
-so training noise counts; at least 2 seeds). Choose a setting on validation, overall; test says
+over the same users and seeds: the mean difference in NDCG@10 and MRR with a t interval and
+p-value (`eval.significance.seeds_test`: seeds and users as crossed random effects, so training
+noise counts; at least 2 seeds). Choose a setting on validation, overall; test says
 whether the choice holds, and the other rows describe (many p-values: some fall below 0.05 by chance).
 
     python bench/bench_fusion_settings.py --run runs/demo --backbones sasrec,gru4rec --seeds 42,43,44 \

@@ -346,13 +346,12 @@ def comparisons_note(results: dict) -> str:
               "bh": "the Benjamini-Hochberg method (false discovery rate)"}[results.get("correction", "holm")]
     return ("Difference of the means, its 95 % interval and p-value as tested, then the p-value adjusted over "
             f"all {tests} tests of this table by {method}; **bold**: adjusted p < {ALPHA}. seeds = 1: one trained "
-            "model each, a paired sign-flip permutation test over users with a bootstrap interval (single run: "
-            "training noise is not in the test). seeds = k: both models trained with k seeds, seeds and users "
-            "crossed random effects (two-way ANOVA t-test).")
+            "model each, a paired t-test over users (a single run: training noise is not in the test). seeds = k: "
+            "both models trained with k seeds, seeds and users crossed random effects (a two-way ANOVA t-test).")
 
 
 def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
 
 
 def _cell(t: dict) -> str:

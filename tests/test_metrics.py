@@ -90,7 +90,7 @@ def test_full_ranking_equals_candidates_of_every_unseen_item(synthetic, tmp_path
     # full ranking masks the history (all but the test item), candidates mask every seen item
     for key in ("HR@10", "NDCG@10", "MRR", "random_MRR"):
         assert full[key] == pytest.approx(cand[key])
-    _, n, top, nonfinite = rank_users(model, ds, "test", "full")
+    _, n, top, nonfinite, _ = rank_users(model, ds, "test", "full")
     assert not nonfinite.any() and full["nonfinite_users"] == 0
     assert (n == ds.num_items - np.array([len(set(ds.history(u, "test"))) for u in range(ds.num_users)])).all()
     for u in range(ds.num_users):
