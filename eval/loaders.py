@@ -94,12 +94,22 @@ def _finish(inter: pd.DataFrame, items: pd.DataFrame, path: Path) -> tuple[pd.Da
 
 # --- RecBole atomic files ------------------------------------------------------------------------
 
+def _utf8(raw: bytes, path: Path, line: int) -> str:
+    """One line of a UTF-8 file, decoded on its own so that a bad byte is reported on its line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _read_atomic(path: Path) -> pd.DataFrame:
     """A RecBole atomic file: tab-separated, header `name:type`; returns columns by bare name."""
-    _require(path)
+    with open(_require(path), "rb") as f:  # pandas names no line for a byte that is not UTF-8: find it
+        for n, raw in enumerate(f, 1):
+            _utf8(raw, path, n)
     try:
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise InputError(f"{path}: cannot parse as a tab-separated atomic file ({e})") from None
     df.columns = [c.split(":")[0] for c in df.columns]
     return df
@@ -202,10 +212,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     try:
         with opener(_require(path), "rb") as f:
             for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise InputError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                line = _utf8(raw, path, n)
                 if not line.strip():
                     continue
                 try:
@@ -296,7 +303,8 @@ def load_source(source: str, fmt: str = "auto", meta: str | None = None) -> tupl
         raise InputError(f"unknown data format '{fmt}' (choose recbole, movielens, amazon or auto)")
     embedded = source in ("ml-100k", "ml-1m") and not Path(source).exists()
     path = recbole_dataset(source) if embedded else user_path(source, "any", "a data source")
-    fmt = guess_format(path) if fmt == "auto" else fmt
+    if fmt == "auto":  # a metadata file says the reviews are Amazon's, whatever the path looks like
+        fmt = "amazon" if meta is not None and not embedded else guess_format(path)
     if meta is not None:
         user_path(meta, "file", "a metadata file")
         if not fmt.startswith("amazon"):

@@ -8,9 +8,11 @@ through `eval.scoring.DotScorer`. The project's models register when their packa
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .config import check
 from .errors import InputError, user_path
 from .io import CONFIG, MANIFEST
 
@@ -45,13 +47,20 @@ def model_type(path: str | Path) -> str | None:
 def registered_type(path: str | Path) -> str:
     """The model_type of a model folder, checked against the registry; an error names this folder only."""
     kind = model_type(path)
-    if kind not in MODELS:
+    if not isinstance(kind, str) or kind not in MODELS:
         raise InputError(f"{Path(path) / CONFIG}: unknown model_type {kind!r} (known: {', '.join(sorted(MODELS))})")
     return kind
 
 
 def load_model(path: str | Path) -> Any:
-    return MODELS[registered_type(path)].from_pretrained(path)
+    """The model in a folder. A config.json value of the right type the model cannot be built with (a
+    dropout of 2, a size past what memory holds) is one line naming the file, as a wrong type is."""
+    kind = registered_type(path)
+    try:
+        return MODELS[kind].from_pretrained(path)
+    except (ValueError, TypeError, OverflowError, RuntimeError, MemoryError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{Path(path) / CONFIG}: cannot build a {kind} model from it ({reason})") from None
 
 
 def max_len_of(path: str | Path) -> int:
@@ -61,7 +70,7 @@ def max_len_of(path: str | Path) -> int:
     path = Path(path)
     cfg = read_config(path)
     if "max_len" in cfg:
-        return int(cfg["max_len"])
+        return check(cfg["max_len"], int, f"{path / CONFIG}: max_len")
     manifest = path / MANIFEST
     train = json.loads(manifest.read_text()).get("config", {}).get("train", {}) if manifest.exists() else {}
     if "max_len" not in train:
@@ -70,13 +79,16 @@ def max_len_of(path: str | Path) -> int:
 
 
 def model_config(path: str | Path, config_class: type, kind: str) -> Any:
-    """The config dataclass of a model folder, checked: its model_type and every key known."""
+    """The config dataclass of a model folder, checked: its model_type, every key known and every value
+    of its field's type (text where a size belongs would otherwise fail deep inside torch)."""
     raw = read_config(path)
     file = Path(path) / CONFIG
     if raw.pop("model_type", None) != kind:
         raise InputError(f"{file}: model_type is not {kind!r}")
+    hints = typing.get_type_hints(config_class)
+    typed = {key: check(value, hints[key], f"{file}: {key}") if key in hints else value for key, value in raw.items()}
     try:
-        return config_class(**raw)
+        return config_class(**typed)
     except (TypeError, ValueError) as e:
         raise InputError(f"{file}: {e}") from None
 

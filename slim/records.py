@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from eval.config import setting
 from eval.dataset import MIN_CUT
-from eval.errors import InputError, valid_text
+from eval.errors import InputError, user_path, valid_text
 
 RECORDS = "records.jsonl"  # the file of records in a rationale stage's folder
 STEPS = ("step1", "step2", "step3")
@@ -30,6 +30,7 @@ _WORD = re.compile(r"[a-z0-9]+")
 ECHO_SHARE = 0.8  # a step with this share of its words from the prompt's instructions copies them
 
 Key = tuple[int, str, str, int | None]
+KEY_TYPES = {"user": int, "prompt_version": str, "model": str, "prefix": int}  # the fields of a key
 
 
 def key_of(rec: dict[str, Any]) -> Key:
@@ -101,8 +102,10 @@ def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise InputError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not isinstance(rec, dict) or not {"user", "prompt_version", "model"} <= rec.keys():
                 raise InputError(f"{path}:{n}: record lacks user/prompt_version/model")
-            if isinstance(rec["user"], bool) or not isinstance(rec["user"], int):
-                raise InputError(f"{path}:{n}: field 'user' is not a user index: {rec['user']!r}")
+            for name, kind in KEY_TYPES.items():
+                if name in rec and (isinstance(rec[name], bool) or not isinstance(rec[name], kind)):
+                    raise InputError(f"{path}:{n}: field '{name}' is not {'an integer' if kind is int else 'text'}: "
+                                     f"{rec[name]!r}")
             yield n, valid_text(rec)
 
 
@@ -112,7 +115,7 @@ def _matching(path: str | Path, prompt_version: str | None, model: str | None,
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no rationale records")
-    for _, rec in _read(path):
+    for _, rec in _read(user_path(path, "file", "a rationale records file")):
         if (prompt_version in (None, rec["prompt_version"]) and model in (None, rec["model"])
                 and not (ok_only and rec.get("error"))):
             yield rec
@@ -136,7 +139,7 @@ class RecordLog:
     """An open append-only record file that knows which keys it already holds."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = user_path(path, "file", "a rationale records file", must_exist=False)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set[Key] = set()
         self._f = open(self.path, "a", encoding="utf-8")
@@ -146,8 +149,11 @@ class RecordLog:
             self._f.close()
             raise InputError(f"{self.path}: another run is writing these records") from None
         if self.path.stat().st_size:
-            for _, rec in _read(self.path):
-                self.keys.add(key_of(rec))
+            try:
+                self.keys = {key_of(rec) for _, rec in _read(self.path)}
+            except InputError:
+                self._f.close()
+                raise
             with open(self.path, "rb") as f:
                 good = f.read().rfind(b"\n") + 1
             os.truncate(self.path, good)
