@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--length-pools", type=int, default=8, help="1: plain shuffled batches")
     ap.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
+    ap.add_argument("--minutes", type=float, default=0, help="training time budget per seed (0: none)")
     ap.add_argument("--curve-every", type=int, default=1, help="validations between test points of the curve")
     ap.add_argument("--max-len", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=64)
@@ -128,7 +129,7 @@ def main() -> None:
         train = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                             max_len=args.max_len, select_protocol="full", seed=seed, loss=args.loss,
                             negatives=args.negatives, gbce_t=args.gbce_t, length_pools=args.length_pools,
-                            eval_every=args.eval_every)
+                            eval_every=args.eval_every, time_budget_s=60 * args.minutes)
         cfg = PretrainConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, dropout=args.dropout,
                              train=train)
         results.append(run_seed(ds, cfg, args.curve_every))

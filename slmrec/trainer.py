@@ -36,6 +36,9 @@ class TrainConfig:
     select_protocol: str = setting("full", "Candidate protocol of the validation MRR used for model selection.")
     max_len: int = setting(50, "Most recent items a history keeps.")
     seed: int = setting(42, "Random seed (data order, initial weights, sampled negatives).")
+    time_budget_s: float = setting(0.0, "Stop at the first validation after this many seconds of training (0: no "
+                                        "limit). Where it cuts a run, the result depends on the machine's speed "
+                                        "as well as on the seed.")
     loss: str = setting("ce", "Next-item loss of an ID backbone: ce (cross-entropy over all items, SASRec+), "
                               "sampled (softmax over the target and `negatives` uniform draws per history), gbce "
                               "(gSASRec's calibrated BCE on the same draws). The sampled ones skip the [positions, "
@@ -137,7 +140,7 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
             if mrr > best:
                 best, best_epoch = mrr, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            elif epoch - best_epoch >= cfg.patience:
+            if epoch - best_epoch >= cfg.patience or 0 < cfg.time_budget_s <= log[-1]["seconds"]:
                 break
     model.load_state_dict(best_state)
     model.eval()

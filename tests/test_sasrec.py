@@ -139,7 +139,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
         assert str(tmp_path) in p.stderr
 
 
-def ring_fit(tmp_path, loss, seed=0, epochs=20):
+def ring_fit(tmp_path, loss, seed=0, epochs=20, **train):
     """A small SASRec trained with `loss` on users who each walk a ring of 20 items one step at a time
     (the next item is a function of the last one): its log, test metrics under full ranking, weights."""
     rng = np.random.default_rng(0)
@@ -149,7 +149,7 @@ def ring_fit(tmp_path, loss, seed=0, epochs=20):
     torch.manual_seed(seed)
     model = SASRec(SASRecConfig(num_items=ds.num_items, hidden=32, layers=1, heads=1, max_len=12, dropout=0.0))
     cfg = TrainConfig(epochs=epochs, patience=epochs, batch_size=8, lr=1e-2, max_len=12, seed=seed, loss=loss,
-                      negatives=8, length_pools=2, eval_every=5)
+                      negatives=8, length_pools=2, eval_every=5, **train)
     log = fit(model, ds, cfg)
     return log, evaluate(model, ds, "test", "full", max_len=12), model.state_dict()
 
@@ -160,6 +160,11 @@ def test_sampled_losses_learn_a_deterministic_pattern(loss, tmp_path):
     assert [e["epoch"] for e in log["epochs"]] == [0, 5, 10, 15, 20]  # validated every 5 epochs
     assert all(math.isfinite(e["loss"]) for e in log["epochs"][1:])
     assert test["HR@1"] > 0.9
+
+
+def test_time_budget_stops_at_the_next_validation(tmp_path):
+    log, _, _ = ring_fit(tmp_path, "sampled", epochs=20, time_budget_s=1e-9)
+    assert [e["epoch"] for e in log["epochs"]] == [0, 5]
 
 
 @pytest.mark.parametrize("loss", ["sampled", "gbce"])
