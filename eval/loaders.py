@@ -313,9 +313,10 @@ def load_source(source: str, fmt: str = "auto", meta: str | None = None) -> tupl
     if fmt == "recbole":
         if path.is_file() and path.suffix != ".inter":
             raise InputError(f"{path}: is a file, expected a RecBole folder or its .inter file")
-        folder = path if path.is_dir() else path.parent
-        name = path.stem if path.is_file() else next((p.stem for p in sorted(path.glob("*.inter"))), path.name)
-        return load_recbole(folder, name)
+        if path.is_dir() and not any(path.glob("*.inter")):
+            raise InputError(f"{path}: no .inter file (not a RecBole folder)")
+        name = path.stem if path.is_file() else sorted(path.glob("*.inter"))[0].stem
+        return load_recbole(path if path.is_dir() else path.parent, name)
     if fmt == "movielens":
         return load_movielens(path.parent if path.name in MOVIELENS_RATINGS and path.is_file() else path)
     return load_amazon(user_path(path, "file", "an Amazon reviews file"), meta)

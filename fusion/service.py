@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 
 from eval.assets import minilm_path, smollm2_path
 from eval.config import from_dict
-from eval.errors import InputError
+from eval.errors import InputError, valid_text
 from eval.io import read_json
 from slim.client import ChatClient
 from slim.finetune import SlimStudentStage
@@ -135,7 +135,7 @@ class StudentWriter:
         """The record (steps, raw text, error) and its vector (None for an empty answer). An off-format
         answer is used as it is, as the vectors stage uses such records, rather than asked again."""
         try:
-            text = self.chat.complete(self.prompt(items)).text
+            text = valid_text(self.chat.complete(self.prompt(items)).text)  # a lone surrogate cannot be sent back
         except Exception as e:  # noqa: BLE001 - any client failure is one line for the caller
             raise GenerationFailed(f"the SLIM student's endpoint gave no answer ({type(e).__name__})") from None
         steps, error = parse_steps(text, self.instructions)

@@ -42,3 +42,7 @@ def ablation_cmd(
 
 
 main = guarded(app)
+
+
+if __name__ == "__main__":
+    main()

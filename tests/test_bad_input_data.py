@@ -1,9 +1,12 @@
 """Bad values in raw data files: one InputError naming the file, the line and the field, never a
 traceback and never a data set that is silently wrong (a dropped row, a null as the test item)."""
 import gzip
+import importlib
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -212,3 +215,137 @@ def test_cli_prepare_reports_one_line(tmp_path, meta, case):
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(f"error: {expected}"), proc.stderr
     _nothing_left(run)
+
+
+# round 2: odd paths, empty files, text that is not valid Unicode, odd timestamps ---------------------
+
+EMPTY = {"recbole folder": ("d/d.inter", "d"), "recbole .inter file": ("d/d.inter", "d/d.inter"),
+         "ml-100k folder": ("ml/u.data", "ml"), "ml-1m ratings.dat": ("ml/ratings.dat", "ml/ratings.dat"),
+         "amazon reviews": ("r.jsonl", "r.jsonl"), "amazon reviews .gz": ("r.json.gz", "r.json.gz")}
+
+
+@pytest.mark.parametrize("fmt", ["auto", "recbole", "movielens", "amazon2018", "amazon2023"])
+@pytest.mark.parametrize("case", sorted(EMPTY))
+def test_empty_file_in_every_format_is_named_or_its_kind_is(tmp_path, case, fmt):
+    """An empty file reads as no data: it is named as empty, whatever the format given (or guessed); a
+    format that wants a folder where a file is given (or the reverse) says so instead."""
+    empty, source = EMPTY[case]
+    (tmp_path / empty).parent.mkdir(exist_ok=True)
+    (tmp_path / empty).write_bytes(b"")
+    meta = _jsonl(tmp_path / "meta.json", [{"asin": "X", "title": "Pen"}]) if fmt.startswith("amazon") else None
+    msg = _error(lambda: load_source(str(tmp_path / source), fmt, meta and str(meta)))
+    source = tmp_path / source
+    assert msg in (f"{tmp_path / empty}: empty file",
+                   f"{source}: is a folder, expected an Amazon reviews file",
+                   f"{source}: is a file, expected a MovieLens folder",
+                   f"{source}: is a file, expected a RecBole folder or its .inter file",
+                   f"{source}: no .inter file (not a RecBole folder)",
+                   f"{source}: neither u.data nor ratings.dat (not a MovieLens folder; --format recbole reads a "
+                   f"folder of .inter files)"), msg
+
+
+def test_a_lone_surrogate_in_item_text_is_replaced_where_it_is_read(tmp_path):
+    reviews = _jsonl(tmp_path / "r.json", [{**R18, "asin": a, "unixReviewTime": t} for t, a in enumerate("XYX")])
+    meta = tmp_path / "m.json"
+    meta.write_text('{"asin": "X", "title": "Pen \\ud800 blue", "categories": [["Office", "\\udfff"]]}\n'
+                    '{"asin": "Y", "title": "Cup"}\n')
+    ds = prepare_dataset(cfg(reviews, meta=str(meta), dedup=False), tmp_path / "run")  # parquet would refuse it
+    assert sorted(ds.items["title"]) == ["Cup", "Pen \ufffd blue"] and "Office, \ufffd" in set(ds.items["categories"])
+
+
+@pytest.mark.parametrize("field", ["reviewerID", "asin"])
+def test_a_lone_surrogate_in_an_id_is_refused_with_its_line(tmp_path, meta, field):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(R18) + "\n" + json.dumps(R18).replace(f'"{R18[field]}"', '"A\\ud800"') + "\n")
+    assert _error(lambda: load_amazon(path, meta)) == \
+        f"{path}:2: field '{field}' is not valid Unicode (a lone surrogate): 'A\\ud800'"
+
+
+@pytest.mark.parametrize("version", ["2018", "2023"])
+def test_negative_and_future_timestamps_are_counted_in_one_warning(tmp_path, meta, capsys, version):
+    row, key, unit = (R18, "unixReviewTime", 1) if version == "2018" else (R23, "timestamp", 1000)
+    stamps = [-5, 1_600_000_000, 1_700_000_000, 99_999_999_999]  # seconds: one before 1970, one in 5138
+    path = _jsonl(tmp_path / "r.json", [{**row, key: t * unit} for t in stamps])
+    inter, _ = load_amazon(path, meta)
+    assert len(inter) == 4  # kept: only their order is used
+    assert capsys.readouterr().err.splitlines() == [f"warning: {path}: 2 of 4 timestamps are negative or more "
+                                                    f"than a year in the future (kept: only their order is used)"]
+    load_amazon(_jsonl(tmp_path / "ok.json", [{**row, key: t * unit} for t in stamps[1:3]]), meta)
+    assert capsys.readouterr().err == ""
+
+
+REAL = {"dir as .gguf", "file as --model", "odd timestamps"}  # one per program
+
+
+def _process(args: list[str]) -> tuple[int, str]:
+    """(exit code, stderr) of `python -m <args>`, run as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc.returncode, proc.stderr
+
+
+def _in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """The same through the command's entry point (`guarded`'s main) in this process: a process costs
+    ~10 s of imports here."""
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(args[0]).main()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_table_of_odd_paths_empty_files_and_odd_text(tmp_path, monkeypatch, capsys):
+    """The closing note's table, as a new user meets it: one line naming the path (and the setting),
+    exit 1, nothing left behind; a warning and exit 0 where going on is right. The cases in REAL run
+    as processes, side by side."""
+    t = tmp_path
+    rows = [{**R18, "reviewerID": f"U{u}", "asin": f"X{(u + i) % 4}", "unixReviewTime": 1000 + i}
+            for u in range(3) for i in range(4)]
+    reviews, meta = _jsonl(t / "r.json", rows), _jsonl(t / "m.json", [{"asin": f"X{i}", "title": "Pen"} for i in range(4)])
+    _jsonl(t / "odd_ts.json", [{**r, "unixReviewTime": -r["unixReviewTime"]} if r["reviewerID"] == "U0" else r
+                               for r in rows])
+    (t / "surrogate_title.json").write_text(meta.read_text().replace('"Pen"', '"Pen \\ud800"', 1))
+    for name in ("empty.json", "afile"):
+        (t / name).write_text("" if name == "empty.json" else "x\n")
+    for folder in ("adir", "dir.toml", "dir.gguf", "ml"):
+        (t / folder).mkdir()
+    (t / "ml" / "u.data").write_text("")
+    prepare = ["fusion.cli", "prepare", "--user-core", "1", "--item-core", "1", "--rating-gt", "none"]
+    cases = {  # args -> (exit code, stderr)
+        "dir as --meta": ([*prepare, "--run", f"{t}/run1", "--source", str(reviews), "--meta", f"{t}/adir"],
+                          1, f"error: {t}/adir: is a folder, expected a metadata file (data.meta)"),
+        "file as --run": ([*prepare, "--run", f"{t}/afile"], 1, f"error: {t}/afile: is a file, expected a run folder"),
+        "dir as --preset": (["fusion.cli", "run", "--run", f"{t}/run2", "--preset", f"{t}/dir.toml"],
+                            1, f"error: {t}/dir.toml: is a folder, expected a preset file"),
+        "file as model folder": (["slim.cli", "encode", "--run", f"{t}/run3", "--model", f"{t}/afile"], 1,
+                                 f"error: {t}/afile: is a file, expected a sentence-transformers folder "
+                                 f"(vectors.model)"),
+        "dir as .gguf": (["slmrec.cli", "train-teacher", "--run", f"{t}/run4", "--model.base", f"{t}/dir.gguf"], 1,
+                         f"error: {t}/dir.gguf: is a folder, expected a model folder or .gguf file "
+                         f"(slmrec-teacher.model.base)"),
+        "file as --model": (["slim.cli", "serve", "--model", f"{t}/afile"], 1,
+                            f"error: {t}/afile: is a file, expected a model folder (--model)"),
+        "file as served model": (["slim.cli", "generate-rationales", "--run", f"{t}/run5", "--serve", f"{t}/afile"], 1,
+                                 f"error: {t}/afile: is a file, expected a model folder to serve "
+                                 f"(slim-teacher-rationales.serve)"),
+        "file as recommend --run": (["fusion.cli", "recommend", "--run", f"{t}/afile", "--user", "1"], 1,
+                                    f"error: {t}/afile: is a file, expected a run folder"),
+        "empty, guessed amazon": ([*prepare, "--run", f"{t}/run6", "--source", f"{t}/empty.json"], 1,
+                                  f"error: {t}/empty.json: empty file"),
+        "empty u.data": ([*prepare, "--run", f"{t}/run7", "--source", f"{t}/ml", "--format", "movielens"], 1,
+                         f"error: {t}/ml/u.data: empty file"),
+        "empty, wrong --format": ([*prepare, "--run", f"{t}/run8", "--source", f"{t}/empty.json", "--format",
+                                   "movielens"], 1, f"error: {t}/empty.json: is a file, expected a MovieLens folder"),
+        "surrogate in title": ([*prepare, "--run", f"{t}/ok1", "--source", str(reviews), "--meta",
+                                f"{t}/surrogate_title.json"], 0, ""),
+        "odd timestamps": ([*prepare, "--run", f"{t}/ok2", "--source", f"{t}/odd_ts.json", "--meta", str(meta)], 0,
+                           f"warning: {t}/odd_ts.json: 4 of 12 timestamps are negative or more than a year in the "
+                           f"future (kept: only their order is used)"),
+    }
+    with ThreadPoolExecutor(len(REAL)) as pool:
+        real = {name: pool.submit(_process, cases[name][0]) for name in REAL}
+        got = {name: _in_process(args, monkeypatch, capsys) for name, (args, _, _) in cases.items() if name not in REAL}
+        got.update({name: future.result() for name, future in real.items()})
+    for name, (_, code, stderr) in cases.items():
+        assert (got[name][0], got[name][1].strip()) == (code, stderr), (name, got[name][1][-2000:])
+    assert sorted(p.name for p in t.iterdir() if p.name.startswith(("run", "ok"))) == ["ok1", "ok2"]
+    assert pd.read_parquet(t / "ok1" / "data" / "items.parquet")["title"].str.contains("\ufffd").sum() == 1

@@ -86,6 +86,14 @@ def not_json(folder: Path) -> None:
     (folder / "config.json").write_text("{model_type: sasrec")
 
 
+def config_value(key: str, value: object):
+    """Damage: one config.json value replaced."""
+    def damage(folder: Path) -> None:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+    return damage
+
+
 CASES = {
     "truncated": (truncate, r"model.safetensors: not a readable safetensors file"),
     "empty": (empty, r"model.safetensors: not a readable safetensors file"),
@@ -93,6 +101,11 @@ CASES = {
     "shape": (wrong_shape, r"model.safetensors: tensor 'item_emb.weight' has shape \[20, 8\], expected \[21, 8\]"),
     "unknown key": (unknown_key, r"config.json: .*unexpected keyword argument 'hiden'"),
     "not json": (not_json, r"config.json: not valid JSON"),
+    "wrong type": (config_value("hidden", "eight"), r"config.json: hidden: expected an integer, got 'eight'$"),
+    "unbuildable": (config_value("dropout", 2.0), r"config.json: cannot build a \w+ model from it \(dropout "),
+    "model_type a list": (config_value("model_type", ["sasrec"]), r"config.json: unknown model_type \['sasrec'\]"),
+    "folder as config.json": (lambda f: ((f / "config.json").unlink(), (f / "config.json").mkdir()),
+                              r"no config.json, so not a model folder$"),
 }
 
 
@@ -114,6 +127,21 @@ def test_report_on_a_broken_model_exits_1_with_one_line(run, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(broken / "sasrec") in lines[0], result.stderr
     assert not (broken / "report").exists()
+
+
+@pytest.mark.parametrize("model, problem", [("nope", "not found (expected a model folder)"),
+                                            ("data", "no config.json, so not a model folder"),
+                                            ("gru4rec/config.json", "is a file, expected a model folder")])
+def test_recommend_names_the_model_folder_asked_for_not_another_broken_one(run, tmp_path, monkeypatch, capsys, model,
+                                                                           problem):
+    from tests.test_recommend import cli as in_process
+
+    broken = broken_copy(run, tmp_path, "sasrec", not_json)  # the run's other model folder is broken
+    code, _, err = in_process(monkeypatch, capsys, "recommend", "--run", str(broken), "--user", "u1", "--model", model)
+    assert (code, err.strip()) == (1, f"error: {broken / model}: {problem}")
+    if model == "nope":  # and once as a real command
+        result = cli("recommend", "--run", str(broken), "--user", "u1", "--model", model)
+        assert (result.returncode, result.stderr.strip()) == (1, f"error: {broken / model}: {problem}")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,22 +2,19 @@
 value of the wrong type, a folder in its place, invalid Unicode, huge values), either reads it or
 raises one InputError line naming the file, and a failed read writes nothing.
 
-Hypothesis draws the damage. The readers are called in-process (a command starts in ~10 s here: a
-few cases at the end go through the real commands); a data set goes through the data stage itself,
-so "nothing written" is the run folder after a failed prepare.
+Hypothesis draws the damage. The readers are called in-process (a command starts in ~10 s here: the
+real commands get the same kinds of input in test_bad_input_data.py's table); a data set goes through
+the data stage itself, so "nothing written" is the run folder after a failed prepare.
 """
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -29,7 +26,6 @@ from eval.preprocess import PrepareConfig
 from eval.registry import load_model
 from slim.records import RecordLog, read_records
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = settings(max_examples=25, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -220,25 +216,3 @@ def test_model_folders(model_folder, damage, target):
         except InputError as e:
             one_line_naming(e, folder)
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in model_folder.iterdir())
-
-
-# --- the same kinds of input through the real commands ----------------------------------------------
-
-def start(*args: str) -> subprocess.Popen:
-    """A command started as a user would; commands started together import side by side (~10 s each)."""
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-
-
-def test_commands_answer_one_line_and_write_nothing(tmp_path):
-    """A new user's mistakes, each run as a real command: an empty reviews file (guessed as Amazon), and
-    a data file given where `slim serve` wants a model folder."""
-    empty = tmp_path / "reviews.json"
-    empty.write_text("")
-    run = tmp_path / "run"
-    cases = [(["fusion.cli", "prepare", "--run", str(run), "--source", str(empty)], f"{empty}: empty file"),
-             (["slim.cli", "serve", "--model", str(empty)], f"{empty}: is a file, expected a model folder (--model)")]
-    for proc, message in [(start(*args), message) for args, message in cases]:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 1 and err.splitlines() == [f"error: {message}"], err
-    assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["reviews.json"]

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,6 +217,15 @@ def test_new_user_with_a_real_tiny_student_gets_its_off_format_rationale_and_k_i
         assert set(x["evidence"]) == {"categories", "title", "cosine"} and -1 <= x["evidence"]["cosine"] <= 1
     _, ready = call(url, "/ready", token=None)
     assert ready["ready"] is True and ready["new_users"] is True
+
+
+def test_a_students_answer_with_a_lone_surrogate_is_answered_with_it_replaced(service, monkeypatch):
+    """JSON lets an endpoint send "\\ud800", which no encoder writes: the answer must not fail on it."""
+    url, _, writer, _ = service
+    answer = SimpleNamespace(text="Step 1: Likes drama\ud800.\nStep 2: Drama, Comedy.\nStep 3: Movie 1; Movie 2.")
+    monkeypatch.setattr(writer, "chat", SimpleNamespace(model_name="stub", complete=lambda prompt: answer))
+    status, got = call(url, "/recommendations", {"history": ["i4", "i8"], "k": 3})
+    assert status == 200 and got["rationale"]["step1"] == "Likes drama\ufffd." and len(got["recommendations"]) == 3
 
 
 def test_student_failure_is_502_and_no_student_is_503(service, monkeypatch):
