@@ -43,10 +43,8 @@ def share_modes(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only if the block succeeds (a failed block
-    leaves nothing, not even the parent folder it had to make)."""
+    """Yield a temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
-    made_parent = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -61,9 +59,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if made_parent:  # a run folder made for a stage that failed: leave none behind
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()
         raise
 
 

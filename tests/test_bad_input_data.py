@@ -347,5 +347,6 @@ def test_cli_table_of_odd_paths_empty_files_and_odd_text(tmp_path, monkeypatch, 
         got.update({name: future.result() for name, future in real.items()})
     for name, (_, code, stderr) in cases.items():
         assert (got[name][0], got[name][1].strip()) == (code, stderr), (name, got[name][1][-2000:])
-    assert sorted(p.name for p in t.iterdir() if p.name.startswith(("run", "ok"))) == ["ok1", "ok2"]
+    left = {p.name: sorted(p.rglob("*")) for p in t.iterdir() if p.name.startswith("run")}
+    assert all(files == [] for files in left.values()), left  # at most the run folder a stage made, empty
     assert pd.read_parquet(t / "ok1" / "data" / "items.parquet")["title"].str.contains("\ufffd").sum() == 1
