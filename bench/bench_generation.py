@@ -43,7 +43,7 @@ from slim.lora import adapter_base, load_causal_lm
 from slim.prompts import STUDENT
 from slim.rationales import GenerationConfig, sample_users, user_prompts
 from slim.serve import Server
-from slim.vllm_engine import engine_choice
+from slim.engine import engine_choice
 
 # transformers float32 as it was, with each optimisation kept (prompt-prefix reuse), vLLM in both dtypes
 ENGINES = ("transformers", "transformers+prefix", "vllm-float32", "vllm-bfloat16")
@@ -83,7 +83,7 @@ def make(engine: str, model: str | None, adapter: str | None, args) -> Generator
     if engine.startswith("transformers"):
         return LocalGenerator(model, adapter, args.batch_size, args.max_tokens, 0.0,
                               prefix_reuse=engine == "transformers+prefix")
-    from slim.vllm_engine import VllmGenerator
+    from slim.vllm_offline import VllmGenerator
 
     return VllmGenerator(model, adapter, max_new_tokens=args.max_tokens, temperature=0.0,
                          dtype=engine.split("-")[1], prefix_caching=False)

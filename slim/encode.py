@@ -37,7 +37,6 @@ class EncodeConfig:
                                              "of a user wins).")
     records: str = setting("slim-student-rationales", "The rationale stage whose records are encoded "
                                                       "(slim-student-rationales, profile-rationales, ...).")
-    ann_index: bool = setting(False, "Build an IVF-PQ index (large catalogs; needs >= 256 rows).")
     device: str | None = setting(None, "Encoder device (none: automatic).")
 
 
@@ -50,7 +49,7 @@ def has_table(db, name: str) -> bool:
 
 
 def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: list[str], encoder, model_name: str,
-                 batch_size: int = 64, ann_index: bool = False, prefixes: list[int] | None = None) -> dict[str, int]:
+                 batch_size: int = 64, prefixes: list[int] | None = None) -> dict[str, int]:
     """Make `table` hold exactly these rows, encoding only new or changed ones; a row is keyed by its
     id, or by (id, prefix) when `prefixes` are given (the cut points' rationales).
 
@@ -86,8 +85,6 @@ def upsert_texts(db, table: str, ids: list[int], texts: list[str], versions: lis
         where = (f"id IN ({', '.join(map(str, stale))})" if prefixes is None
                  else " OR ".join(f"(id = {i} AND prefix = {p})" for i, p in stale))
         db.open_table(table).delete(where)
-    if ann_index and len(ids) >= 256:
-        db.open_table(table).create_index(metric="cosine", vector_column_name="vector", replace=True)
     content = sha256("".join(f"{k}:{h}\n" for k, h in sorted(zip(keys, hashes))) + model_name)
     return {"rows": len(ids), "encoded": len(todo), "deleted": len(stale), "content_sha256": content}
 
@@ -148,10 +145,10 @@ class VectorsStage(Stage):
         counts = {
             USERS_TABLE: upsert_texts(db, USERS_TABLE, users, [rationale_text(recs[u]) for u in users],
                                       [recs[u]["prompt_version"] for u in users], encoder, model_path,
-                                      cfg.batch_size, cfg.ann_index),
+                                      cfg.batch_size),
             ITEMS_TABLE: upsert_texts(db, ITEMS_TABLE, items["item"].astype(int).tolist(),
                                       items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
-                                      model_path, cfg.batch_size, cfg.ann_index),
+                                      model_path, cfg.batch_size),
         }
         cuts = self.cut_records(ds)
         if cuts:

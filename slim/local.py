@@ -2,7 +2,7 @@
 
 A one-request-at-a-time server on CPU decodes one user per forward pass; `model.generate` on a
 left-padded batch decodes many, which is several times faster for a small student. vLLM
-(slim.vllm_engine.VllmGenerator: continuous batching, its own CPU kernels) is faster still where the
+(slim.vllm_offline.VllmGenerator: continuous batching, its own CPU kernels) is faster still where the
 hardware suits it: `make_generator` asks `slim.hardware.choose` and picks one or the other.
 
 Sampling draws each row from its own generator, seeded by the request's seed, so a sampled answer
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .client import Completion
+from .engine import announce, engine_choice, vllm_status
 from .hardware import TRANSFORMERS_DTYPE
 from .lora import load_causal_lm, load_merged
-from .vllm_engine import VllmGenerator, announce, engine_choice, vllm_status
+from .vllm_offline import VllmGenerator
 
 
 MIN_SHARED_PREFIX = 8  # a shorter common prefix is not worth a forward pass of its own

@@ -26,7 +26,7 @@ from .client import ClientConfig, Completion, Generator, Usage
 from .grounding import catalogue_of
 from .prompts import TEACHER, PromptBuilder, instruction_words, load_template
 from .records import RECORDS, RecordLog, parse_steps
-from .vllm_engine import ENGINES
+from .engine import ENGINES
 
 EMBEDDED = "embedded"  # `serve = "embedded"`: serve the embedded SmolLM2-135M-Instruct
 

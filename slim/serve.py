@@ -2,7 +2,7 @@
 
 vLLM where it runs and is the faster engine here (`python -m vllm.entrypoints.openai.api_server` from
 this interpreter: on a GPU the adapter is loaded with --enable-lora, on CPU its merged copy is served
-with vLLM's CPU settings, bf16 only where native; see slim.vllm_engine and slim.hardware), otherwise
+with vLLM's CPU settings, bf16 only where native; see slim.vllm_setup and slim.hardware), otherwise
 the project's batching server over transformers (`slim.batch_server`: concurrent requests decoded
 together, the adapter merged in memory). One line on stderr says which, in which dtype and why.
 Either way the server is ready only once it has answered a real chat completion.
@@ -25,9 +25,10 @@ from typing import Iterator
 from eval.errors import InputError
 
 from .client import ChatClient, ClientConfig
+from .engine import LORA_NAME, announce, engine_choice, vllm_status
 from .hardware import TRANSFORMERS_DTYPE
 from .lora import adapter_base, merged_dir
-from .vllm_engine import LORA_NAME, announce, engine_choice, serve_command, vllm_status
+from .vllm_setup import serve_command
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -14,8 +14,9 @@ import pytest
 from eval.errors import InputError
 from slim.client import ChatClient, ClientConfig, Completion
 from slim.hardware import detect, generation_dtype
-from slim.vllm_engine import (VllmGenerator, cpu_env, engine_choice, gguf_quantized, servable_model_dir,
-                              serve_command, vllm_status)
+from slim.engine import engine_choice, vllm_status
+from slim.vllm_offline import VllmGenerator
+from slim.vllm_setup import cpu_env, gguf_quantized, servable_model_dir, serve_command
 
 STATUS = vllm_status()
 CHOICE = engine_choice("auto")
@@ -157,7 +158,8 @@ def test_cpu_vllm_loads_the_merged_adapter(tiny, vllm_env):
     from safetensors.torch import load_file
 
     from slim.lora import load_merged
-    from slim.vllm_engine import VllmStatus, model_to_load
+    from slim.engine import VllmStatus
+    from slim.vllm_setup import model_to_load
 
     model, lora = model_to_load(VllmStatus(True, "test", "cpu"), None, tiny["adapter"])
     assert lora is None and model.name == "slim-student-merged" and not gguf_quantized(model)
