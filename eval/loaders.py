@@ -72,16 +72,17 @@ def _empty_items() -> pd.DataFrame:
 
 
 def _odd_timestamps(timestamps: pd.Series, path: Path) -> None:
-    """Warn with a count of timestamps before 1970 or later than a year from now: only their order
-    is used, so the run goes on, but they are likely a unit or a parsing mistake upstream. A file
-    whose typical value lies beyond a year from now counts in milliseconds (Amazon 2023)."""
+    """Warn with a count of timestamps before 1970 or later than a year from now: the splits read
+    their order (a temporal cut is a quantile), so the run goes on, but they are likely a unit or a
+    parsing mistake upstream. A file whose typical value lies beyond a year from now counts in
+    milliseconds (Amazon 2023)."""
     limit = time.time() + YEAR_S
     if timestamps.median() > limit:
         limit *= 1000
     odd = int(((timestamps < 0) | (timestamps > limit)).sum())
     if odd:
         warn(f"{path}: {odd} of {len(timestamps)} timestamps are negative or more than a year in the future "
-             f"(kept: only their order is used)")
+             "(kept as they are)")
 
 
 def _finish(inter: pd.DataFrame, items: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

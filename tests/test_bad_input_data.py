@@ -267,9 +267,9 @@ def test_negative_and_future_timestamps_are_counted_in_one_warning(tmp_path, met
     stamps = [-5, 1_600_000_000, 1_700_000_000, 99_999_999_999]  # seconds: one before 1970, one in 5138
     path = _jsonl(tmp_path / "r.json", [{**row, key: t * unit} for t in stamps])
     inter, _ = load_amazon(path, meta)
-    assert len(inter) == 4  # kept: only their order is used
+    assert len(inter) == 4  # kept
     assert capsys.readouterr().err.splitlines() == [f"warning: {path}: 2 of 4 timestamps are negative or more "
-                                                    f"than a year in the future (kept: only their order is used)"]
+                                                    f"than a year in the future (kept as they are)"]
     load_amazon(_jsonl(tmp_path / "ok.json", [{**row, key: t * unit} for t in stamps[1:3]]), meta)
     assert capsys.readouterr().err == ""
 
@@ -339,7 +339,7 @@ def test_cli_table_of_odd_paths_empty_files_and_odd_text(tmp_path, monkeypatch, 
                                 f"{t}/surrogate_title.json"], 0, ""),
         "odd timestamps": ([*prepare, "--run", f"{t}/ok2", "--source", f"{t}/odd_ts.json", "--meta", str(meta)], 0,
                            f"warning: {t}/odd_ts.json: 4 of 12 timestamps are negative or more than a year in the "
-                           f"future (kept: only their order is used)"),
+                           f"future (kept as they are)"),
     }
     with ThreadPoolExecutor(len(REAL)) as pool:
         real = {name: pool.submit(_process, cases[name][0]) for name in REAL}
