@@ -28,8 +28,8 @@ from eval.config import from_dict, parse_override, set_dotted
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import rank_users
-from eval.metrics import from_ranks
-from eval.significance import per_user, seeds_test
+from eval.metrics import from_ranks, per_user
+from eval.significance import seeds_test
 from fusion.groups import RARE, item_groups
 from fusion.train import FusionTrainConfig, train_seed
 
@@ -53,9 +53,10 @@ def groups_of(ds: SeqDataset, split: str) -> dict[str, np.ndarray]:
     return {"all": np.arange(ds.num_users), "tail": items["tail"], "rare": items[f"seen <= {RARE}"]}
 
 
-def cells(r: np.ndarray, groups: dict[str, np.ndarray]) -> str:
-    """Table cells of one split's ranks: NDCG@10 per group and the rare targets in the top 10."""
-    nd = " | ".join(f"{from_ranks(r[u])['NDCG@10']:.4f}" for u in groups.values())
+def cells(r: np.ndarray, n: np.ndarray, groups: dict[str, np.ndarray]) -> str:
+    """Table cells of one split's ranks (n: candidate counts): NDCG@10 per group and the rare targets in
+    the top 10."""
+    nd = " | ".join(f"{from_ranks(r[u], n[u])['NDCG@10']:.4f}" for u in groups.values())
     return f"{nd} | {int((r[groups['rare']] < 10).sum())}/{len(groups['rare'])}"
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     print("| backbone | seed | variant | best epoch | valid NDCG@10 all | tail | rare | rare in top 10 "
           "| test NDCG@10 all | tail | rare | rare in top 10 |\n" + "|---" * 12 + "|")
     ranks: dict[tuple[str, str, str], list[np.ndarray]] = {}  # (backbone, variant, split) -> per seed
+    sizes: dict[str, np.ndarray] = {}  # split -> candidates per user (the same for every model)
     for backbone in args.backbones.split(","):
         for seed in seeds:
             for name, settings in variants.items():
@@ -87,9 +89,10 @@ def main() -> None:
                 cfg = from_dict(FusionTrainConfig, settings, f"variant '{name}'", base)
                 model, log, tc = train_seed(ds, cfg, run, run / "bench-fusion-settings", seed, f"{backbone} {name}")
                 for split in SPLITS:
-                    ranks.setdefault((backbone, name, split), []).append(
-                        rank_users(model, ds, split, "full", max_len=tc.max_len)[0])
-                row = " | ".join(cells(ranks[backbone, name, s][-1], groups[s]) for s in SPLITS)
+                    ranking = rank_users(model, ds, split, "full", max_len=tc.max_len)
+                    ranks.setdefault((backbone, name, split), []).append(ranking.ranks)
+                    sizes[split] = ranking.candidates
+                row = " | ".join(cells(ranks[backbone, name, s][-1], sizes[s], groups[s]) for s in SPLITS)
                 print(f"| {backbone} | {seed} | {name} | {log['best_epoch']} | {row} |", flush=True)
     first, *others = variants
     print(f"\nEach variant minus '{first}' over the same users and {len(seeds)} seeds: difference "
@@ -100,7 +103,8 @@ def main() -> None:
             for split in SPLITS:
                 a, b = (np.stack(ranks[backbone, v, split]) for v in (name, first))
                 for group, users in ((g, u) for g, u in groups[split].items() if len(u) > 1):
-                    tests = [seeds_test(per_user(a[:, users])[m], per_user(b[:, users])[m]) for m in ("NDCG@10", "MRR")]
+                    va, vb = (per_user(x[:, users], sizes[split][users]) for x in (a, b))
+                    tests = [seeds_test(va[m], vb[m]) for m in ("NDCG@10", "MRR")]
                     shown = [f"{t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}] p={t['p']:.3f}" for t in tests]
                     print(f"| {backbone} | {name} | {split} | {group} ({len(users)}) | " + " | ".join(shown) + " |")
 

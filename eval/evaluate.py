@@ -119,5 +119,5 @@ def metrics_of(ranking: Ranking, rows: np.ndarray | None = None) -> dict[str, fl
         (ranking.ranks[rows], ranking.candidates[rows], ranking.nonfinite[rows])
     if not len(r):
         return {"users": 0}
-    return {**from_ranks(r), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r)),
+    return {**from_ranks(r, n), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r)),
             "nonfinite_users": int(bad.sum())}

@@ -5,14 +5,45 @@ those tied with it (ties broken uniformly at random by a fixed draw per user, so
 everything equal gets the random floor, never a better figure). A score that is not finite (a
 diverged model) never counts in the model's favour: a NaN or infinite true score ranks the truth
 last, any other such candidate ranks above it.
+
+Every metric is one entry of `METRICS`: a per-user value from the true item's rank and the user's
+number of candidates; the metric is its mean over users, its random floor the mean over uniform
+ranks. `register_metric` adds one, and it then appears in every metrics.json, in the report's tables
+and, with `tested=True`, in its paired comparisons, with no other edit.
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-KS_HR = (1, 5, 10, 20)
-KS_NDCG = (5, 10, 20)
+PerUser = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (0-based ranks, candidate counts) -> values
+
+
+@dataclass(frozen=True)
+class Metric:
+    per_user: PerUser
+    tested: bool = False  # compared between models in the report's paired tests
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, tested: bool = False) -> Callable[[PerUser], PerUser]:
+    """Decorator: `fn(ranks, candidates) -> per-user values` becomes the metric `name`."""
+    def add(fn: PerUser) -> PerUser:
+        METRICS[name] = Metric(fn, tested)
+        _floor.cache_clear()
+        return fn
+    return add
+
+
+def tested_metrics() -> list[str]:
+    """The metrics the report's paired comparisons test."""
+    return [name for name, metric in METRICS.items() if metric.tested]
 
 
 def tie_draws(keys: np.ndarray) -> np.ndarray:
@@ -42,25 +73,42 @@ def ranks(scores: torch.Tensor, valid: torch.Tensor, keys: np.ndarray | None = N
     return above.sum(dim=1) + (share * (tied.sum(dim=1) + 1)).floor().long()
 
 
-def from_ranks(r: np.ndarray) -> dict[str, float]:
-    """HR@k, NDCG@k and MRR from 0-based ranks (one relevant item per user)."""
-    r = np.asarray(r, dtype=np.float64)
-    out = {f"HR@{k}": float((r < k).mean()) for k in KS_HR}
-    gain = 1.0 / np.log2(r + 2.0)
-    out.update({f"NDCG@{k}": float(np.where(r < k, gain, 0.0).mean()) for k in KS_NDCG})
-    out["MRR"] = float((1.0 / (r + 1.0)).mean())
-    return out
+def per_user(r: np.ndarray, n: np.ndarray, tested: bool = False) -> dict[str, np.ndarray]:
+    """Each metric's per-user values (only the tested ones with `tested`) from 0-based ranks `r` and
+    candidate counts `n` (arrays of one shape: [users], or [seeds, users])."""
+    r, n = np.asarray(r, dtype=np.float64), np.broadcast_to(np.asarray(n, dtype=np.float64), np.shape(r))
+    return {name: m.per_user(r, n) for name, m in METRICS.items() if m.tested or not tested}
+
+
+def from_ranks(r: np.ndarray, n: np.ndarray) -> dict[str, float]:
+    """Every metric from 0-based ranks and candidate counts (one relevant item per user)."""
+    return {name: float(values.mean()) for name, values in per_user(r, n).items()}
+
+
+@functools.lru_cache(maxsize=65536)
+def _floor(candidates: int) -> dict[str, float]:
+    return from_ranks(np.arange(candidates), np.full(candidates, candidates))
 
 
 def random_floor(num_candidates: np.ndarray) -> dict[str, float]:
     """Expected metrics of a random ranker when user u ranks the truth among num_candidates[u]
     items (truth included): its rank is uniform on 0..n-1."""
-    n = np.asarray(num_candidates, dtype=np.float64)
-    kmax = max(max(KS_HR), max(KS_NDCG))
-    pos = np.arange(kmax)
-    gain = 1.0 / np.log2(pos + 2.0)
-    out = {f"HR@{k}": float(np.mean(np.minimum(k, n) / n)) for k in KS_HR}
-    out.update({f"NDCG@{k}": float(np.mean([gain[: int(min(k, m))].sum() / m for m in n])) for k in KS_NDCG})
-    harmonic = {m: (1.0 / np.arange(1, m + 1)).sum() for m in np.unique(n).astype(int)}
-    out["MRR"] = float(np.mean([harmonic[int(m)] / m for m in n]))
-    return out
+    sizes, users = np.unique(np.asarray(num_candidates, dtype=np.int64), return_counts=True)
+    floors = [_floor(int(m)) for m in sizes]
+    return {name: float(np.average([f[name] for f in floors], weights=users)) for name in METRICS}
+
+
+# the metrics every report has (a registered one joins them in every table and, tested, the comparisons)
+def _hit_rate(k: int) -> PerUser:
+    return lambda r, n: (r < k).astype(np.float64)
+
+
+def _ndcg(k: int) -> PerUser:  # one relevant item: the ideal DCG is 1
+    return lambda r, n: np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
+for _k in (1, 5, 10, 20):
+    register_metric(f"HR@{_k}")(_hit_rate(_k))
+for _k in (5, 10, 20):
+    register_metric(f"NDCG@{_k}", tested=_k == 10)(_ndcg(_k))
+register_metric("MRR", tested=True)(lambda r, n: 1.0 / (r + 1.0))

@@ -18,12 +18,6 @@ from .errors import InputError
 ALPHA = 0.05
 
 
-def per_user(ranks: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-user NDCG@10 and reciprocal rank from 0-based ranks (the means are the report's metrics)."""
-    r = np.asarray(ranks, dtype=np.float64)
-    return {"NDCG@10": np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0), "MRR": 1.0 / (r + 1.0)}
-
-
 def _t_result(mean: float, se: float, df: float, out: dict) -> dict[str, float | bool]:
     """The interval, two-sided p-value and verdict of a t statistic (se 0: no noise to test against)."""
     if se == 0 or not np.isfinite(df):

@@ -7,13 +7,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .io import atomic_file, write_json
+from .metrics import METRICS
 
-MAIN_COLUMNS = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"]
 
-
-def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] = MAIN_COLUMNS,
+def markdown_table(rows: dict[str, dict[str, float]], columns: list[str] | None = None,
                    floor: dict[str, float] | None = None) -> str:
-    """One row per model (plus the random-ranker floor when given)."""
+    """One row per model (plus the random-ranker floor when given); columns default to every metric."""
+    columns = list(METRICS) if columns is None else columns
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in columns) + " |")
@@ -34,8 +34,9 @@ def floor_of(metrics: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("random_"): v for k, v in metrics.items() if k.startswith("random_")}
 
 
-def print_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] = MAIN_COLUMNS,
+def print_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] | None = None,
                 floor: dict[str, float] | None = None) -> None:
+    columns = list(METRICS) if columns is None else columns
     table = Table(title=title)
     table.add_column("model")
     for c in columns:

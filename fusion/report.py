@@ -22,7 +22,8 @@ from eval.io import MANIFEST, read_json, write_json
 from eval.popularity import popularity_metrics
 from eval.registry import MODELS, load_model, max_len_of, model_type
 from eval.scoring import CachedScorer
-from eval.significance import ALPHA, CORRECTIONS, adjust, paired_test, per_user, seeds_test
+from eval.metrics import per_user, tested_metrics
+from eval.significance import ALPHA, CORRECTIONS, adjust, paired_test, seeds_test
 from eval.stage import DATA, Stage
 from eval.tables import floor_of, markdown_table, print_table
 from slim.quality import QualityStage, quality_section
@@ -33,8 +34,6 @@ from .train import GROUP_KEY, SEED_RANKS
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-GROUP_COLUMNS = ["users", "HR@10", "NDCG@10", "MRR"]
-POP_COLUMNS = ["avg_popularity@10", "long_tail_share@10", "coverage@10", "gini@10", "EPC@10", "EFD@10"]
 EFF_COLUMNS = ["parameters", "trainable_parameters", "train_seconds", "users_per_s"]
 
 
@@ -85,6 +84,7 @@ def analyse(model, ds: SeqDataset, protocol: str, max_len: int) -> dict:
     top = ranking.top
     return {
         "ranks": ranking.ranks,
+        "candidates": ranking.candidates,
         "overall": metrics_of(ranking),
         "users_per_s": users_per_s,
         "user_groups": {k: group_row(ranking, g) for k, g in user_groups(ds).items()},
@@ -142,7 +142,7 @@ def seed_rows(models: dict[str, Path], protocol: str) -> dict[str, dict[str, str
         if summary.get("seeds", 1) > 1:
             mean, std = summary["mean"], summary["std"]
             row = {"seeds": str(summary["seeds"]),
-                   **{m: f"{mean[label][m]:.4f} ± {std[label][m]:.4f}" for m in ("NDCG@10", "HR@10", "MRR")}}
+                   **{m: f"{mean[label][m]:.4f} ± {std[label][m]:.4f}" for m in tested_metrics() if m in mean[label]}}
             for key in mean:  # "full ranking, <group>" (seeds.json written before groups were added: none)
                 if key.startswith(GROUP_KEY) and "NDCG@10" in mean[key]:
                     value = f"{mean[key]['NDCG@10']:.4f} ± {std[key]['NDCG@10']:.4f}"
@@ -171,9 +171,10 @@ def _pair_test(va: np.ndarray, vb: np.ndarray, users: np.ndarray) -> dict:
     return seeds_test(va[:, users], vb[:, users])
 
 
-def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqDataset,
+def compare(ranks: dict[str, np.ndarray], candidates: np.ndarray, pairs: list[tuple[str, str]], ds: SeqDataset,
             correction: str = "holm") -> dict:
-    """Paired tests of NDCG@10 and MRR for each (model, baseline) pair, overall and in every group.
+    """Paired tests of the tested metrics (`eval.metrics`: NDCG@10 and MRR) for each (model, baseline)
+    pair, overall and in every group; `candidates`: each tested user's candidate count.
 
     `ranks` holds per-user test ranks: [users] for a model trained once, [seeds, users] for one trained
     with several seeds; two models with the same number of seeds are tested over seeds and users
@@ -187,7 +188,7 @@ def compare(ranks: dict[str, np.ndarray], pairs: list[tuple[str, str]], ds: SeqD
         ra, rb = ranks[a], ranks[b]
         if ra.shape != rb.shape:  # seeds on one side only: compare the runs kept
             ra, rb = ra.reshape(-1, len(tested))[0], rb.reshape(-1, len(tested))[0]
-        va, vb = per_user(ra), per_user(rb)
+        va, vb = per_user(ra, candidates, tested=True), per_user(rb, candidates, tested=True)
         out[f"{a} vs {b}"] = {g: {m: _pair_test(va[m], vb[m], users) for m in va} for g, users in groups.items()}
     tests = [t for found in out.values() for by_metric in found.values() for t in by_metric.values()]
     for t, q in zip(tests, adjust(np.array([t["p"] for t in tests]), correction)):
@@ -255,6 +256,7 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
         for protocol in sorted(protocols, key=lambda p: p != analysis_protocol):  # time it before the cache fills
             if protocol == analysis_protocol:
                 a = analyse(model, ds, protocol, max_len)
+                candidates = a["candidates"]  # the same for every model: a property of the protocol
                 seeded = seed_ranks(path, protocol)
                 ranks[name] = a["ranks"] if seeded is None else seeded
                 results["overall"].setdefault(protocol, {})[name] = a["overall"]
@@ -266,7 +268,7 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
                     rank_users(model, ds, "test", protocol, max_len=max_len))
     pairs = [(a, b) for a, path in models.items() if (b := baseline_of(a, path, models)) in models]
     pairs += [(a, b) for a in models for b in controls_of(a, models)]
-    results["comparisons"] = compare(ranks, pairs, ds, correction)
+    results["comparisons"] = compare(ranks, candidates, pairs, ds, correction)
     results["correction"] = correction
     results["seeds"] = seed_rows(models, analysis_protocol)
     fused = {name: path for name, path in models.items() if name.startswith("fusion/")}
@@ -319,9 +321,10 @@ def markdown_report(results: dict, ds: SeqDataset) -> str:
                   "under full ranking on the sparsest users, tail items and rare items.", "",
                   markdown_table(results["seeds"], columns=list(dict.fromkeys(
                       c for row in results["seeds"].values() for c in row)))]
-    parts += ["", "## Popularity bias of the top 10", "", markdown_table(results["popularity"], columns=POP_COLUMNS),
+    pop_columns = list(next(iter(results["popularity"].values())))
+    parts += ["", "## Popularity bias of the top 10", "", markdown_table(results["popularity"], columns=pop_columns),
               "", "## Efficiency", "", markdown_table(results["efficiency"], columns=EFF_COLUMNS)]
-    print_table("popularity bias (top 10)", results["popularity"], columns=POP_COLUMNS)
+    print_table("popularity bias (top 10)", results["popularity"], columns=pop_columns)
     print_table("efficiency", results["efficiency"], columns=EFF_COLUMNS)
     parts += ["", "![users by history length](user_groups.png)", "![items by popularity](item_groups.png)",
               "![popularity of recommended items](popularity.png)"]
@@ -360,12 +363,14 @@ def _cell(t: dict) -> str:
 
 
 def comparisons_table(comparisons: dict) -> str:
-    """One row per comparison and user/item group: users, seeds, then NDCG@10 and MRR differences."""
-    lines = ["| A vs B | group | users | seeds | NDCG@10 | MRR |", "|---|---|---|---|---|---|"]
+    """One row per comparison and user/item group: users, seeds, then each tested metric's difference."""
+    metrics = list(next(iter(next(iter(comparisons.values())).values())))
+    lines = ["| A vs B | group | users | seeds | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 4) + "|"]
     for pair, groups in comparisons.items():
         for group, tests in groups.items():
-            lines.append(f"| {pair} | {group} | {tests['MRR']['users']} | {tests['MRR']['seeds']} | "
-                         f"{_cell(tests['NDCG@10'])} | {_cell(tests['MRR'])} |")
+            first = tests[metrics[0]]
+            lines.append(f"| {pair} | {group} | {first['users']} | {first['seeds']} | "
+                         + " | ".join(_cell(tests[m]) for m in metrics) + " |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ from eval.errors import InputError
 from eval.evaluate import evaluate, rank_users
 from eval.io import manifest, read_json, write_json
 from eval.popularity import gini, popularity_metrics
-from eval.significance import adjust, per_user, seeds_test
+from eval.metrics import per_user
+from eval.significance import adjust, seeds_test
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from fusion.groups import item_groups, item_popularity_groups, user_length_groups
@@ -248,12 +249,13 @@ def test_report_p_values_are_adjusted_over_every_test_and_seeded_pairs_tested_ov
     rng = np.random.default_rng(0)
     ranks = {"a": rng.integers(0, 30, ds.num_users), "b": rng.integers(0, 30, ds.num_users),
              "sa": rng.integers(0, 20, (3, ds.num_users)), "sb": rng.integers(0, 30, (3, ds.num_users))}
-    out = compare(ranks, [("a", "b"), ("sa", "sb"), ("sa", "b")], ds, "holm")
-    va, vb = per_user(ranks["sa"]), per_user(ranks["sb"])
+    n = np.full(ds.num_users, 31)
+    out = compare(ranks, n, [("a", "b"), ("sa", "sb"), ("sa", "b")], ds, "holm")
+    va, vb = per_user(ranks["sa"], n), per_user(ranks["sb"], n)
     both = out["sa vs sb"]["overall"]["MRR"]
     assert both["seeds"] == 3 and both["p"] == seeds_test(va["MRR"], vb["MRR"])["p"]
     one = out["sa vs b"]["overall"]["MRR"]  # seeds on one side only: the kept (first) runs, over users
-    assert one["seeds"] == 1 and one["diff"] == pytest.approx(np.mean(va["MRR"][0] - per_user(ranks["b"])["MRR"]))
+    assert one["seeds"] == 1 and one["diff"] == pytest.approx(np.mean(va["MRR"][0] - per_user(ranks["b"], n)["MRR"]))
     tests = [t for found in out.values() for by_metric in found.values() for t in by_metric.values()]
     assert [t["p_adjusted"] for t in tests] == pytest.approx(list(adjust(np.array([t["p"] for t in tests]), "holm")))
     assert all(t["significant"] == (t["p_adjusted"] < 0.05) and t["p_adjusted"] >= t["p"] for t in tests)
@@ -573,3 +575,26 @@ def test_an_llm_backbone_is_fine_tuned_inside_joint_fusion_and_reloads(run):
     moved = [k for k, v in student.checkpoint_state().items() if not torch.equal(v, tuned.checkpoint_state()[k])]
     assert any("lora" in k for k in moved) and "in_proj.weight" in moved
     assert evaluate(fused, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
+
+
+def test_a_metric_registered_from_a_test_reaches_metrics_report_and_comparisons(run):
+    from eval.metrics import METRICS, register_metric
+
+    @register_metric("HR@3", tested=True)
+    def hr3(r, n):
+        return (r < 3).astype(float)
+
+    try:
+        ds = load_dataset(run / "data")
+        write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
+        train_fused(run, "h", FusionTrainConfig(train=TrainConfig(epochs=1)))
+        results = evaluate_run(run, run / "report")
+        ranks = np.load(run / "report" / "ranks.npz")["sasrec"]
+        assert results["overall"]["full"]["sasrec"]["HR@3"] == pytest.approx(np.mean(ranks < 3))
+        assert "random_HR@3" in results["overall"]["full"]["sasrec"]
+        assert "HR@3" in results["comparisons"]["fusion/h vs sasrec"]["overall"]
+        report = (run / "report" / "report.md").read_text()
+        assert "| model | HR@1 | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 | MRR | HR@3 |" in report
+        assert "| A vs B | group | users | seeds | NDCG@10 | MRR | HR@3 |" in report
+    finally:
+        del METRICS["HR@3"]

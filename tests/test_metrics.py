@@ -7,7 +7,7 @@ import torch
 
 from eval.dataset import prepare_dataset
 from eval.evaluate import evaluate, rank_users
-from eval.metrics import from_ranks, random_floor, ranks
+from eval.metrics import METRICS, from_ranks, random_floor, ranks, register_metric
 from eval.preprocess import PrepareConfig
 
 
@@ -34,16 +34,16 @@ def test_ties_are_broken_uniformly_at_random_and_the_same_way_every_time():
     for i, (s, v) in enumerate(zip(scores.tolist(), valid.tolist())):
         for k in (1, 5, 10):
             hr, ndcg, rr = reference(s, v, k)
-            got = from_ranks(r[i])
+            got = from_ranks(r[i], 30)
             assert got[f"HR@{k}"] == pytest.approx(hr, abs=0.03)
             assert k == 1 or got[f"NDCG@{k}"] == pytest.approx(ndcg, abs=0.03)
-        assert from_ranks(r[i])["MRR"] == pytest.approx(rr, abs=0.03)
+        assert from_ranks(r[i], 30)["MRR"] == pytest.approx(rr, abs=0.03)
 
 
 def test_a_constant_scorer_gets_the_random_floor():
     users = 20000
     r = ranks(torch.zeros(users, 101), torch.ones(users, 101, dtype=torch.bool), keys=np.arange(users))
-    got, floor = from_ranks(r.numpy()), random_floor(np.full(users, 101))
+    got, floor = from_ranks(r.numpy(), 101), random_floor(np.full(users, 101))
     for key in floor:  # ~3 standard errors of a mean over 20,000 users
         assert got[key] == pytest.approx(floor[key], abs=0.006), key
 
@@ -57,16 +57,29 @@ def test_a_nan_or_infinite_score_never_helps_the_model():
     scores[2, 0] = float("inf")             # an infinite true score
     scores[3, 7] = float("nan")             # a NaN competitor ranks above the truth
     assert ranks(scores, valid).tolist() == [100, 100, 100, 1]
-    m = from_ranks(ranks(scores[:3], valid[:3]).numpy())
+    m = from_ranks(ranks(scores[:3], valid[:3]).numpy(), 101)
     assert all(m[k] == 0.0 for k in m if k != "MRR") and m["MRR"] == pytest.approx(1 / 101)
 
 
-def test_random_floor_is_the_average_over_uniform_ranks():
-    n = np.array([101, 101, 50, 7])
+def test_random_floor_by_hand():
+    n = np.array([1, 2, 2, 10])  # a user with one candidate always ranks it first
     floor = random_floor(n)
-    exact = {key: np.mean([from_ranks(np.arange(m))[key] for m in n]) for key in floor}
-    for key in floor:
-        assert floor[key] == pytest.approx(exact[key])
+    assert floor["HR@1"] == pytest.approx(np.mean([1, 1 / 2, 1 / 2, 1 / 10]))
+    assert floor["MRR"] == pytest.approx(np.mean([1, 3 / 4, 3 / 4, sum(1 / k for k in range(1, 11)) / 10]))
+    assert floor["NDCG@5"] == pytest.approx(np.mean([1, (1 + 1 / np.log2(3)) / 2, (1 + 1 / np.log2(3)) / 2,
+                                                     sum(1 / np.log2(k + 2) for k in range(5)) / 10]))
+
+
+def test_a_metric_registered_anywhere_is_computed_with_its_floor():
+    @register_metric("AUC")
+    def auc(r, n):  # the share of the other candidates ranked below the truth
+        return np.where(n > 1, 1 - r / np.maximum(n - 1, 1), 1.0)
+
+    try:
+        assert from_ranks(np.array([0, 9]), np.array([10, 10]))["AUC"] == pytest.approx(0.5)
+        assert random_floor(np.array([10, 101]))["AUC"] == pytest.approx(0.5)
+    finally:
+        del METRICS["AUC"]
 
 
 class Oracle:

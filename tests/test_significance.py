@@ -3,11 +3,13 @@ import numpy as np
 import pytest
 
 from eval.errors import InputError
-from eval.significance import adjust, paired_test, per_user, seeds_test
+from eval.metrics import per_user
+from eval.significance import adjust, paired_test, seeds_test
 
 
 def test_per_user_metrics_from_ranks():
-    m = per_user(np.array([0, 1, 9, 10]))
+    m = per_user(np.array([0, 1, 9, 10]), np.full(4, 20), tested=True)
+    assert list(m) == ["NDCG@10", "MRR"]
     assert m["NDCG@10"] == pytest.approx([1.0, 1 / np.log2(3), 1 / np.log2(11), 0.0])
     assert m["MRR"] == pytest.approx([1.0, 0.5, 0.1, 1 / 11])
 
