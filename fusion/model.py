@@ -40,8 +40,6 @@ from eval.errors import InputError
 from eval.io import CONFIG, WEIGHTS
 from eval.registry import load_model, load_state, model_config, read_weights, register_model
 from eval.scoring import CachedScorer, DotScorer
-from slmrec.llm import LLMRec
-from slmrec.seqrec import SequentialRecommender
 
 from .groups import RARE  # the cold-start gate is 0.5 at RARE training interactions
 
@@ -88,15 +86,6 @@ def text_neighbours(text: torch.Tensor, candidates: torch.Tensor, k: int = 10, t
         idx.append(i)
         weights.append(torch.softmax(top / temperature, dim=1).nan_to_num(0.0))
     return torch.cat(idx), torch.cat(weights)
-
-
-def position_vectors(backbone: nn.Module, histories: torch.Tensor) -> torch.Tensor:
-    """The backbone's user vector after every position [B, L, D] (its last column is `user_vectors`)."""
-    if isinstance(backbone, SequentialRecommender):
-        return backbone.encode(histories)
-    if isinstance(backbone, LLMRec):
-        return backbone.out_proj(backbone.hidden_states(histories)[-1])
-    raise InputError(f"joint fusion: no per-position vectors for a {type(backbone).__name__} backbone")
 
 
 @register_model
@@ -235,16 +224,17 @@ class FusedRecommender(DotScorer, nn.Module):
         return self._map
 
     def _positions(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
-        """Backbone vectors at every position; a frozen backbone's are computed once per (user, history)."""
+        """Backbone vectors at every position (any sequential model's `encode`); a frozen backbone's are
+        computed once per (user, history)."""
         if not self.config.freeze_backbone:
-            return position_vectors(self.backbone, histories)
+            return self.backbone.encode(histories)
         keys = [(int(u), h.cpu().numpy().tobytes()) for u, h in zip(users, histories)]
         todo = [i for i, k in enumerate(keys) if k not in self._positions_cache]
         if todo:
             was = self.backbone.training
             self.backbone.eval()
             with torch.no_grad():
-                vecs = position_vectors(self.backbone, histories[todo]).float()
+                vecs = self.backbone.encode(histories[todo]).float()
             self.backbone.train(was)
             self._positions_cache.update({keys[i]: v for i, v in zip(todo, vecs)})
         return torch.stack([self._positions_cache[k] for k in keys])

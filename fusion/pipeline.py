@@ -1,7 +1,8 @@
 """`fusion run`: the whole pipeline from a preset, stage by stage, skipping what is up to date.
 
 Each stage is a `Stage` (eval.stage) whose preset table is its name; the pipeline is this list.
-Adding a stage is one module with a `Stage` subclass and one line here.
+Adding a stage is one module with a `Stage` subclass and one line here; adding an ID backbone is a
+registered model (`slmrec.pretrain.backbone_names`) and a table of its name in the preset.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from slim.quality import QualityStage
 from slim.rationales import TeacherRationalesStage
 from slim.student import StudentRationalesStage
 from slmrec.llm_train import StudentStage, TeacherStage
-from slmrec.pretrain import BackboneStage, GRU4RecStage
+from slmrec.pretrain import BackboneStage, PretrainConfig, backbone_names
 
 from .report import ReportStage
 from .train import FusionStage
@@ -34,8 +35,7 @@ console = Console(width=160)
 
 PIPELINE: list[type[Stage]] = [
     DataStage,                 # data
-    BackboneStage,             # sasrec
-    GRU4RecStage,              # gru4rec (only with a [gru4rec] table)
+    BackboneStage,             # sasrec, then one per other backbone table ([gru4rec], ...)
     TeacherStage,              # slmrec-teacher
     StudentStage,              # slmrec-student
     TeacherRationalesStage,    # slim-teacher-rationales
@@ -53,10 +53,12 @@ PIPELINE: list[type[Stage]] = [
 def build_stages(run: str | Path, preset: str, overrides: list[str] = ()) -> list[Stage]:
     """Every stage of the pipeline with its settings from the preset and `--set` overrides."""
     data = settings_data(preset, overrides)
-    known = {cls.name for cls in PIPELINE}
-    unknown = sorted(set(data) - known)
+    backbones = [name for name in backbone_names() if name in data and name != BackboneStage.name]
+    known = [cls.name for cls in PIPELINE] + backbones
+    unknown = sorted(set(data) - set(known))
     if unknown:
-        raise InputError(f"{preset}: unknown table '{unknown[0]}' (stages: {', '.join(c.name for c in PIPELINE)})")
+        raise InputError(f"{preset}: unknown table '{unknown[0]}' (stages: {', '.join(known)}; a registered "
+                         f"backbone: {', '.join(backbone_names())})")
     stages: list[Stage] = []
     for cls in PIPELINE:
         table = data.get(cls.name, {})
@@ -65,13 +67,15 @@ def build_stages(run: str | Path, preset: str, overrides: list[str] = ()) -> lis
                 raise InputError(f"{preset}: fusion: expected one table per fused model")
             stages += [cls(run, from_dict(cls.config_class, expand(t, f"fusion.{name}"), f"fusion.{name}"),
                            folder=f"fusion/{name}") for name, t in table.items()]
+        elif cls is BackboneStage:  # RUN/<backbone> is what SLMRec and the fused models read
+            for name in [cls.name, *backbones]:
+                cfg = from_dict(PretrainConfig, expand(data.get(name, {}), name), name, PretrainConfig(model=name))
+                if cfg.model != name:
+                    raise InputError(f"{preset}: {name}.model must be '{name}' (a table per backbone)")
+                stages.append(cls(run, cfg))
         elif cls.name in data or not cls.optional:
             stages.append(cls(run, from_dict(cls.config_class, expand(table, cls.name), cls.name)))
     matched_control(stages, preset)
-    for stage in stages:  # RUN/<backbone> is what SLMRec and the fused models read
-        if isinstance(stage, BackboneStage) and stage.config.model != stage.name:
-            raise InputError(f"{preset}: {stage.name}.model must be '{stage.name}'; train other backbones "
-                             f"with `slmrec pretrain --model {stage.config.model}`")
     return stages
 
 

@@ -209,6 +209,11 @@ class LLMRec(DotScorer, nn.Module):
 
     # --- the Scorer interface of eval.evaluate, and what fusion needs ---
 
+    def encode(self, histories: torch.Tensor) -> torch.Tensor:
+        """User vectors after every position [B, L, item_dim], as every sequential model gives them
+        (`SequentialRecommender.encode`): what joint fusion trains on."""
+        return self.out_proj(self.hidden_states(histories)[-1])
+
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor, prefix_cache: bool = True) -> torch.Tensor:
         """[B, item_dim]: the projected last hidden state; score = user_vector . item_vector."""
         return self.out_proj(self.hidden_states(histories, prefix_cache)[-1][:, -1])

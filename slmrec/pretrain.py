@@ -29,12 +29,16 @@ class PretrainConfig:
     train: TrainConfig = setting(factory=TrainConfig)
 
 
+def backbone_names() -> list[str]:
+    """Every registered ID backbone: a `SequentialRecommender` subclass decorated with `@register_model`."""
+    return sorted(k for k, c in MODELS.items() if issubclass(c, SequentialRecommender))
+
+
 def build_backbone(cfg: PretrainConfig, num_items: int) -> SequentialRecommender:
     """A freshly initialised backbone from the settings its config has; unset ones keep its defaults."""
-    cls = MODELS.get(cfg.model)
-    if cls is None or not issubclass(cls, SequentialRecommender):
-        known = sorted(k for k, c in MODELS.items() if issubclass(c, SequentialRecommender))
-        raise InputError(f"model: unknown backbone {cfg.model!r} (known: {', '.join(known)})")
+    if cfg.model not in backbone_names():
+        raise InputError(f"model: unknown backbone {cfg.model!r} (known: {', '.join(backbone_names())})")
+    cls = MODELS[cfg.model]
     names = {f.name for f in fields(cls.config_class)}
     settings = {k: v for k, v in asdict(cfg).items() if k in names and v is not None}
     return cls(cls.config_class(num_items=num_items, max_len=cfg.train.max_len, **settings))
@@ -48,7 +52,8 @@ def test_metrics(model, ds: SeqDataset, max_len: int, batch_size: int = 256) -> 
 
 class BackboneStage(Stage):
     """Train an ID backbone (cross-entropy over all items) and export its item embeddings for SLMRec;
-    writes RUN/<model> (RUN/sasrec by default)."""
+    writes RUN/<model> (RUN/sasrec by default). The pipeline trains SASRec, whose item table SLMRec
+    reads, and every other registered backbone a preset names by a table of its own ([gru4rec], ...)."""
 
     name = "sasrec"
     config_class = PretrainConfig
@@ -70,17 +75,3 @@ class BackboneStage(Stage):
         write_json(out / "metrics.json", test_metrics(model, ds, cfg.train.max_len))
         return {"parameters": sum(p.numel() for p in model.parameters()), "best_epoch": log["best_epoch"],
                 "train_seconds": round(log["train_seconds"], 1)}
-
-
-@dataclass(frozen=True)
-class GRU4RecConfig(PretrainConfig):
-    model: str = setting("gru4rec", "ID backbone: a registered sequential model (gru4rec here).")
-
-
-class GRU4RecStage(BackboneStage):
-    """A second ID backbone, for fused models on GRU4Rec (RUN/gru4rec); the pipeline trains it only
-    when the preset has a [gru4rec] table."""
-
-    name = "gru4rec"
-    config_class = GRU4RecConfig
-    optional = True

@@ -508,7 +508,7 @@ def test_presets_load_and_name_bad_settings(tmp_path, monkeypatch):
         build_stages(tmp_path, "demo", ["teacher.train.epochs=2"])
     with pytest.raises(InputError, match="data.rating_gt: expected a number"):
         build_stages(tmp_path, "demo", ['data.rating_gt="abc"'])
-    with pytest.raises(InputError, match="slmrec pretrain --model gru4rec"):
+    with pytest.raises(InputError, match=r"sasrec.model must be 'sasrec' \(a table per backbone\)"):
         build_stages(tmp_path, "demo", ["sasrec.model=gru4rec"])
     gru = study["gru4rec"]
     assert gru.config.model == "gru4rec" and gru.config.train.epochs == 100 and gru.out == tmp_path / "gru4rec"
