@@ -350,3 +350,26 @@ def test_cli_table_of_odd_paths_empty_files_and_odd_text(tmp_path, monkeypatch, 
     left = {p.name: sorted(p.rglob("*")) for p in t.iterdir() if p.name.startswith("run")}
     assert all(files == [] for files in left.values()), left  # at most the run folder a stage made, empty
     assert pd.read_parquet(t / "ok1" / "data" / "items.parquet")["title"].str.contains("\ufffd").sum() == 1
+
+
+def test_every_path_setting_is_a_field_of_a_stage_config():
+    """PATH_SETTINGS names config classes by name: a renamed class or field would silently go unchecked."""
+    import dataclasses
+    import typing
+
+    from eval.cli import PATH_SETTINGS
+    from fusion.pipeline import PIPELINE
+
+    found: dict[str, set[str]] = {}
+
+    def walk(cls: type) -> None:
+        for c in cls.__mro__:
+            if dataclasses.is_dataclass(c):
+                found[c.__name__] = {f.name for f in dataclasses.fields(c)}
+        for hint in typing.get_type_hints(cls).values():
+            if dataclasses.is_dataclass(hint):
+                walk(hint)
+    for stage in PIPELINE:
+        walk(stage.config_class)
+    for name, paths in PATH_SETTINGS.items():
+        assert name in found and set(paths) <= found[name], name
