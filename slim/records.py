@@ -87,8 +87,8 @@ def rationale_text(rec: dict[str, Any]) -> str:
     return (rec.get("text") or "").strip()
 
 
-def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) of a records file, each checked for its key fields and its text made valid
+def _read(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a file, each checked for its key fields and its text made valid
     Unicode (a lone surrogate, as a JSON escape, would fail the next writer: parquet, the encoder)."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -106,7 +106,7 @@ def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 if name in rec and (isinstance(rec[name], bool) or not isinstance(rec[name], kind)):
                     raise InputError(f"{path}:{n}: field '{name}' is not {'an integer' if kind is int else 'text'}: "
                                      f"{rec[name]!r}")
-            yield n, valid_text(rec)
+            yield valid_text(rec)
 
 
 def _matching(path: str | Path, prompt_version: str | None, model: str | None,
@@ -115,7 +115,7 @@ def _matching(path: str | Path, prompt_version: str | None, model: str | None,
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no rationale records")
-    for _, rec in _read(user_path(path, "file", "a rationale records file")):
+    for rec in _read(user_path(path, "file", "a rationale records file")):
         if (prompt_version in (None, rec["prompt_version"]) and model in (None, rec["model"])
                 and not (ok_only and rec.get("error"))):
             yield rec
@@ -150,7 +150,7 @@ class RecordLog:
             raise InputError(f"{self.path}: another run is writing these records") from None
         if self.path.stat().st_size:
             try:
-                self.keys = {key_of(rec) for _, rec in _read(self.path)}
+                self.keys = {key_of(rec) for rec in _read(self.path)}
             except InputError:
                 self._f.close()
                 raise
