@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.dataset import SeqDataset, load_dataset, pad_left
-from eval.errors import InputError
+from eval.errors import InputError, user_path
 from eval.io import CONFIG, MANIFEST, read_json
 from eval.preprocess import item_title
 from eval.registry import load_model, max_len_of
@@ -175,9 +175,7 @@ class Recommender:
         self.run = Path(run)
         self.ds: SeqDataset = load_dataset(self.run / DATA)
         self.name = name or default_model(self.run)
-        path = self.run / self.name
-        if not (path / CONFIG).is_file():
-            raise InputError(f"{path}: not a model folder of the run (models: {', '.join(find_models(self.run))})")
+        path = user_path(self.run / self.name, "model", "a model folder of the run")  # this folder alone
         self.model = load_model(path)
         self.max_len = max_len_of(path)
         with torch.inference_mode():

@@ -179,7 +179,7 @@ def test_other_models_bad_k_and_unknown_ids(run, rec):
     for k in (0, 101):
         with pytest.raises(InputError, match="k: must be between 1 and 100"):
             rec.for_user("u3", k)
-    with pytest.raises(InputError, match="not a model folder"):
+    with pytest.raises(InputError, match=r"fusion/nothing: not found \(expected a model folder of the run\)"):
         Recommender(run, "fusion/nothing")
     few = rec.for_user("u3", k=100)["recommendations"]       # more than the unseen items: all of them
     assert len(few) == rec.ds.num_items - len(set(rec.ds.sequences[3].tolist()))
