@@ -6,6 +6,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# marked slow: the whole pipeline, vLLM, LLM fine-tuning and served generation (whole modules), the
+# browser, and the few other tests over ~15 s on 2 cores (trainings to convergence, CLI tables of many
+# processes); `make test` runs everything, `pytest -m "not slow"` the rest in a few minutes
+SLOW_MODULES = {"test_pipeline", "test_vllm", "test_slim_finetune", "test_batch_server"}
+SLOW_TESTS = {"test_pretrain_learns_and_is_skipped_when_up_to_date", "test_cli_table_of_odd_paths_empty_files_and_odd_text",
+              "test_teacher_then_student_end_to_end", "test_killed_run_resumes_with_one_record_per_user"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS or "browser" in item.name:
+            item.add_marker(pytest.mark.slow)
+
 
 def write_atomic(folder, name, rows, item_rows=None):
     """A RecBole atomic data set: rows of (user, item, rating, timestamp)."""
