@@ -69,7 +69,7 @@ def report(result: dict) -> None:
           f"(valid MRR {log['best_valid_MRR']:.4f})")
     print(f"{'epoch':>5}{'minutes':>9}{'loss':>8}{'val MRR':>9}{'val N@10':>9}{'test H@10':>10}{'test N@10':>10}")
     for e in log["epochs"]:
-        cells = [f"{e.get(k, float('nan')):>{w}.4f}" if k in e else " " * w
+        cells = [f"{e[k]:>{w}.4f}" if k in e else " " * w
                  for k, w in (("loss", 8), ("valid_MRR", 9), ("valid_NDCG@10", 9), ("test_HR@10", 10),
                               ("test_NDCG@10", 10))]
         print(f"{e['epoch']:>5}{e['seconds'] / 60:>9.1f}{''.join(cells)}")
