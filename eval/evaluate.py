@@ -93,8 +93,11 @@ def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str
             ids = cand
         out_r.append(ranks(scores, valid, u).numpy())
         out_n.append(valid.sum(dim=1).numpy())
-        out_bad.append(nonfinite_rows(scores, valid).numpy())
-        masked = scores.nan_to_num(nan=float("-inf"), posinf=float("-inf")).masked_fill(~valid, float("-inf"))
+        bad = nonfinite_rows(scores, valid)
+        out_bad.append(bad.numpy())
+        if bad.any():  # nothing recommended from a NaN or infinite score
+            scores = scores.nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+        masked = scores.masked_fill(~valid, float("-inf"))
         best = masked.topk(min(20, masked.shape[1]), dim=1)
         top = torch.gather(ids, 1, best.indices).masked_fill(best.values == float("-inf"), 0)
         out_top.append(top.numpy())  # 0 pads lists of users with fewer than 20 candidates

@@ -65,9 +65,11 @@ def ranks(scores: torch.Tensor, valid: torch.Tensor, keys: np.ndarray | None = N
     """0-based rank of column 0 (the true item) among the valid columns of each row: candidates scored
     above it, plus ties broken at random by `tie_draws(keys)` (keys: user ids; default the row index)."""
     truth, others, v = scores[:, :1], scores[:, 1:], valid[:, 1:]
-    bad_truth = ~torch.isfinite(truth)
-    above = ((others > truth) | ~torch.isfinite(others) | bad_truth) & v
-    tied = (others == truth) & v & ~above
+    above, tied = (others > truth) & v, (others == truth) & v
+    bad = ~torch.isfinite(scores)
+    if bad.any():  # a non-finite score never helps: it beats the truth, or the truth beats nothing
+        above |= (bad[:, 1:] | bad[:, :1]) & v
+        tied &= ~above
     keys = np.arange(len(scores)) if keys is None else keys
     share = torch.as_tensor(tie_draws(keys), dtype=torch.float64)
     return above.sum(dim=1) + (share * (tied.sum(dim=1) + 1)).floor().long()
