@@ -139,6 +139,15 @@ def test_cli_bad_input_is_one_line(tmp_path):
         assert str(tmp_path) in p.stderr
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a loaded machine lose a lot to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ring_fit(tmp_path, loss, seed=0, epochs=20, **train):
     """A small SASRec trained with `loss` on users who each walk a ring of 20 items one step at a time
     (the next item is a function of the last one): its log, test metrics under full ranking, weights."""
@@ -155,20 +164,20 @@ def ring_fit(tmp_path, loss, seed=0, epochs=20, **train):
 
 
 @pytest.mark.parametrize("loss", ["sampled", "gbce"])
-def test_sampled_losses_learn_a_deterministic_pattern(loss, tmp_path):
+def test_sampled_losses_learn_a_deterministic_pattern(loss, tmp_path, one_thread):
     log, test, _ = ring_fit(tmp_path, loss)
     assert [e["epoch"] for e in log["epochs"]] == [0, 5, 10, 15, 20]  # validated every 5 epochs
     assert all(math.isfinite(e["loss"]) for e in log["epochs"][1:])
     assert test["HR@1"] > 0.9
 
 
-def test_time_budget_stops_at_the_next_validation(tmp_path):
+def test_time_budget_stops_at_the_next_validation(tmp_path, one_thread):
     log, _, _ = ring_fit(tmp_path, "sampled", epochs=20, time_budget_s=1e-9)
     assert [e["epoch"] for e in log["epochs"]] == [0, 5]
 
 
 @pytest.mark.parametrize("loss", ["sampled", "gbce"])
-def test_sampled_losses_are_seeded(loss, tmp_path):
+def test_sampled_losses_are_seeded(loss, tmp_path, one_thread):
     runs = [ring_fit(tmp_path / str(i), loss, seed, epochs=3) for i, seed in enumerate((1, 1, 2))]
     (la, _, a), (lb, _, b), (lc, _, c) = runs
     assert [e["loss"] for e in la["epochs"][1:]] == [e["loss"] for e in lb["epochs"][1:]]
@@ -176,7 +185,7 @@ def test_sampled_losses_are_seeded(loss, tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["sampled", "gbce"])
-def test_sampled_loss_steps_rank_the_target_first(loss):
+def test_sampled_loss_steps_rank_the_target_first(loss, one_thread):
     m = small(dropout=0.0).train()
     inputs, targets = torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 3, 4]])
     opt = torch.optim.Adam(m.parameters(), lr=0.02)
