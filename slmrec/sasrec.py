@@ -75,7 +75,7 @@ class SASRec(SequentialRecommender):
         causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
         # attend to earlier real items; a padding row attends to itself only (never an empty row)
         allowed = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=h.device)
-        # as an additive mask: the same scores, and CPU attention runs about twice as fast as with a bool one
+        # as an additive mask: the same scores, and CPU attention (inference) about twice as fast as with a bool one
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=h.device).masked_fill(~allowed, float("-inf"))
         for block in self.blocks:
             x = block(x, mask[:, None]) * real[..., None]

@@ -68,7 +68,8 @@ class SequentialRecommender(DotScorer, nn.Module):
         drawn = torch.randint(1, len(table), (len(h), negatives), device=h.device)
         pos = (h * table[targets]).sum(-1)[keep]
         neg = torch.bmm(h, table[drawn].transpose(1, 2))
-        neg = neg.masked_fill(drawn[:, None, :] == targets[..., None], float("-inf"))[keep]  # a drawn target is no negative
+        hit = drawn[:, None, :] == targets[..., None]  # a drawn target is no negative
+        neg = neg.masked_fill(hit, float("-inf"))[keep]
         if loss == "sampled":
             # uniform draws: the logQ correction is the same for every item and cancels in the softmax
             logits = torch.cat([pos[:, None], neg], dim=1)

@@ -152,7 +152,8 @@ def ring_fit(tmp_path, loss, seed=0, epochs=20, **train):
     """A small SASRec trained with `loss` on users who each walk a ring of 20 items one step at a time
     (the next item is a function of the last one): its log, test metrics under full ranking, weights."""
     rng = np.random.default_rng(0)
-    rows = [(f"u{u}", f"i{(start + t) % 20}", 5, t) for u, start in enumerate(rng.integers(0, 20, 40)) for t in range(12)]
+    rows = [(f"u{u}", f"i{(start + t) % 20}", 5, t)
+            for u, start in enumerate(rng.integers(0, 20, 40)) for t in range(12)]
     ds = prepare_dataset(PrepareConfig(source=str(write_atomic(tmp_path / "ring", "ring", rows)), rating_gt=None,
                                        user_core=1, item_core=1, negatives=[10]), tmp_path / f"run-{seed}")
     torch.manual_seed(seed)
