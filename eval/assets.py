@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import InputError
+from .io import CONFIG, WEIGHTS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -48,7 +49,7 @@ def smollm2_path() -> Path:
     plain `LlamaForCausalLM` and cached; every later load is a fast local `from_pretrained`.
     """
     out = cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if (out / CONFIG).exists() and (out / WEIGHTS).exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 

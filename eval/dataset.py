@@ -31,6 +31,7 @@ from .preprocess import PrepareConfig, attach_item_text, prepare, sample_candida
 from .stage import DATA, Stage, run_stage
 
 SPLITS = ("train", "valid", "test")
+INTERACTIONS_FILE, USERS_FILE, ITEMS_FILE = "interactions.parquet", "users.parquet", "items.parquet"  # a data folder's tables
 MOVIES, ITEMS = "movies", "items"  # the domains of MovieLens data and of data the loaders cannot name
 MIN_CUT = 3  # the shortest history prefix an earlier (cut) rationale is written from
 _AMAZON_FILE = re.compile(r"^(?:reviews_|meta_)?(?P<name>.+?)(?:_5)?(?:\.jsonl?)?(?:\.gz)?$", re.I)
@@ -183,9 +184,9 @@ def load_dataset(path: str | Path) -> SeqDataset:
         raise InputError(f"{path}: not a prepared data set (no {MANIFEST}; run the prepare stage)")
     ds = SeqDataset(
         path=path,
-        interactions=pd.read_parquet(path / "interactions.parquet"),
-        users=pd.read_parquet(path / "users.parquet"),
-        items=pd.read_parquet(path / "items.parquet"),
+        interactions=pd.read_parquet(path / INTERACTIONS_FILE),
+        users=pd.read_parquet(path / USERS_FILE),
+        items=pd.read_parquet(path / ITEMS_FILE),
         manifest=read_json(path / MANIFEST),
     )
     return ds
@@ -221,9 +222,9 @@ class DataStage(Stage):
         raw_inter, raw_items = load_source(cfg.source, cfg.format, cfg.meta)
         inter, users, items, cut = prepare(cfg, raw_inter)
         items = attach_item_text(items, raw_items)
-        inter.to_parquet(out / "interactions.parquet", index=False)
-        users.to_parquet(out / "users.parquet", index=False)
-        items.to_parquet(out / "items.parquet", index=False)
+        inter.to_parquet(out / INTERACTIONS_FILE, index=False)
+        users.to_parquet(out / USERS_FILE, index=False)
+        items.to_parquet(out / ITEMS_FILE, index=False)
         ds = SeqDataset(out, inter, users, items, {})
         short: dict[str, int] = {}  # users with fewer never-seen items than the negatives asked for
         for split in ("valid", "test"):

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .io import CONFIG
+
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # what a JSON "\ud800" escape reads as: no encoder writes it
 
 
@@ -28,7 +30,7 @@ def user_path(path: str | Path, kind: str, what: str, must_exist: bool = True) -
         raise InputError(f"{path}: is a folder, expected {what}")
     if kind in ("folder", "model") and not path.is_dir():
         raise InputError(f"{path}: is a file, expected {what}")
-    if kind == "model" and not (path / "config.json").is_file():
+    if kind == "model" and not (path / CONFIG).is_file():
         raise InputError(f"{path}: no config.json, so not {what}")
     return path
 

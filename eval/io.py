@@ -18,7 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"       # every stage folder: inputs, config, counts, digest
+METRICS_FILE = "metrics.json"    # test metrics of a trained model (and the report's results)
+TRAIN_LOG = "train_log.json"     # a trained model's training log
+REPORT = "report.md"             # a report's Markdown
 CONFIG = "config.json"           # a model folder: its config (with model_type) ...
 WEIGHTS = "model.safetensors"    # ... and its weights
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from .config import config_dict
 from .errors import InputError
-from .io import MANIFEST, atomic_dir, file_hash, manifest, read_json, share_modes, write_json
+from .io import MANIFEST, METRICS_FILE, TRAIN_LOG, atomic_dir, file_hash, manifest, read_json, share_modes, write_json
 
 
 DATA = "data"  # the prepared data set's folder: the one input every other stage reads
@@ -46,7 +46,7 @@ class Stage(ABC):
     missing_what: ClassVar[str] = "units of work unfinished"  # what `missing` counts, for the error
     # files that describe how the build went (timings, test metrics), not what it built: a rebuild
     # that writes the same artifact with other timings keeps the stages downstream up to date
-    notes: ClassVar[tuple[str, ...]] = ("metrics.json", "train_log.json")
+    notes: ClassVar[tuple[str, ...]] = (METRICS_FILE, TRAIN_LOG)
     optional: ClassVar[bool] = False  # `fusion run` builds it only when the preset has its table
 
     def __init__(self, run: str | Path, config: Any = None, folder: str | None = None):

@@ -6,7 +6,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .io import atomic_file, write_json
+from .io import METRICS_FILE, REPORT, atomic_file, write_json
 from .metrics import METRICS
 
 
@@ -52,13 +52,13 @@ def write_metrics_report(out_dir: str | Path, results: dict[str, dict[str, dict[
                          title: str) -> str:
     """results: protocol -> model -> metrics. Writes metrics.json and report.md; returns the Markdown."""
     out_dir = Path(out_dir)
-    write_json(out_dir / "metrics.json", results)
+    write_json(out_dir / METRICS_FILE, results)
     parts = [f"# {title}"]
     for protocol, rows in results.items():
         floor = floor_of(next(iter(rows.values())))
         parts += ["", f"## {protocol}", "", markdown_table(rows, floor=floor)]
         print_table(f"{title}: {protocol}", rows, floor=floor)
     md = "\n".join(parts) + "\n"
-    with atomic_file(out_dir / "report.md") as f:
+    with atomic_file(out_dir / REPORT) as f:
         f.write(md)
     return md

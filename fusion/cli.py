@@ -9,7 +9,7 @@ import typer
 from eval.cli import check_paths, guarded, run_folder, stage_command
 from eval.dataset import DataStage
 from eval.errors import InputError
-from eval.io import read_json
+from eval.io import MANIFEST, REPORT, read_json
 from eval.registry import registered_type
 from slmrec.cli import show_metrics
 
@@ -19,9 +19,9 @@ from .train import FusionStage
 app = typer.Typer(help="Fusion of rationale vectors with recommenders, evaluation and the end-to-end pipeline.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
-stage_command(app, "prepare", DataStage, lambda s: typer.echo(read_json(s.out / "manifest.json")["counts"]))
+stage_command(app, "prepare", DataStage, lambda s: typer.echo(read_json(s.out / MANIFEST)["counts"]))
 stage_command(app, "train", FusionStage, lambda s: show_metrics(s.out), named=True)
-stage_command(app, "evaluate", ReportStage, lambda s: typer.echo((s.out / "report.md").read_text()))
+stage_command(app, "evaluate", ReportStage, lambda s: typer.echo((s.out / REPORT).read_text()))
 
 
 @app.command("run")

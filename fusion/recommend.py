@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.errors import InputError, user_path
-from eval.io import CONFIG, MANIFEST, read_json
+from eval.io import CONFIG, MANIFEST, METRICS_FILE, read_json
 from eval.preprocess import item_title
 from eval.registry import load_model, max_len_of
 from eval.scoring import DotScorer
@@ -147,7 +147,7 @@ def _selection(run: Path, fused: dict[str, Path]) -> dict[str, dict[str, float]]
     report = run / ReportStage.name
     manifest = read_json(report / MANIFEST) if (report / MANIFEST).is_file() else {}
     if all(manifest.get("inputs", {}).get(name) == fingerprint(path) for name, path in fused.items()):
-        scores = read_json(report / "metrics.json").get("selection", {})
+        scores = read_json(report / METRICS_FILE).get("selection", {})
         if set(scores) == set(fused):
             return scores
     protocol = manifest.get("config", {}).get("analysis_protocol", ReportConfig().analysis_protocol)
@@ -210,7 +210,7 @@ class Recommender:
 
     def vectors_config(self) -> dict[str, Any]:
         """The settings the vectors stage ran with (encoder, which records); {} when unknown."""
-        manifest = self.run / VectorsStage.name / "manifest.json"
+        manifest = self.run / VectorsStage.name / MANIFEST
         return read_json(manifest).get("config", {}) if manifest.exists() else {}
 
     # --- ids ---

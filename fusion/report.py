@@ -18,7 +18,7 @@ from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import Ranking, metrics_of, protocol_label, protocols_of, rank_users
-from eval.io import MANIFEST, read_json, write_json
+from eval.io import MANIFEST, METRICS_FILE, REPORT, read_json, write_json
 from eval.popularity import popularity_metrics
 from eval.registry import MODELS, load_model, max_len_of, model_type
 from eval.scoring import CachedScorer
@@ -29,7 +29,7 @@ from eval.tables import floor_of, markdown_table, print_table
 from slim.quality import QualityStage, quality_section
 
 from .groups import item_groups, item_popularity_groups, user_groups
-from .train import GROUP_KEY, SEED_RANKS
+from .train import GROUP_KEY, SEED_RANKS, SEEDS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -137,7 +137,7 @@ def seed_rows(models: dict[str, Path], protocol: str) -> dict[str, dict[str, str
     rows = {}
     label = protocol_label(protocol)
     for name, path in models.items():
-        file = path / "seeds.json"
+        file = path / SEEDS
         summary = read_json(file) if file.exists() else {}
         if summary.get("seeds", 1) > 1:
             mean, std = summary["mean"], summary["std"]
@@ -211,7 +211,7 @@ def best_by_selection(scores: dict[str, dict[str, float]]) -> str:
 
 
 def _efficiency(path: Path, model: CachedScorer, users_per_s: float) -> dict[str, float | None]:
-    counts = read_json(path / "manifest.json").get("counts", {})
+    counts = read_json(path / MANIFEST).get("counts", {})
     params = sum(p.numel() for p in model.model.parameters())
     trainable = counts.get("trainable_parameters", sum(p.numel() for p in model.model.parameters() if p.requires_grad))
     return {"parameters": counts.get("parameters", params), "trainable_parameters": trainable,
@@ -275,8 +275,8 @@ def evaluate_run(run: str | Path, out: str | Path, analysis_protocol: str = "ful
     results["selection"] = selection_scores(fused, ds, analysis_protocol) if fused else {}
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "ranks.npz", **ranks)  # per-user test ranks ([seeds, users] if seeded): further analyses
-    write_json(out / "metrics.json", results)
-    (out / "report.md").write_text(markdown_report(results, ds) + quality_section(run))
+    write_json(out / METRICS_FILE, results)
+    (out / REPORT).write_text(markdown_report(results, ds) + quality_section(run))
     plot(results, ds, out)
     return results
 

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from eval.assets import minilm_path, smollm2_path
 from eval.config import from_dict
 from eval.errors import InputError, valid_text
-from eval.io import read_json
+from eval.io import MANIFEST, read_json
 from slim.client import ChatClient
 from slim.finetune import SlimStudentStage
 from slim.prompts import PromptBuilder, instruction_words
@@ -84,9 +84,9 @@ def student_settings(run: Path) -> StudentRationalesConfig:
     """The settings the run's student rationales were written with (template, history budget, client),
     so a new user's prompt is rendered as every other user's was. A run without them (not written
     yet): the prompt the student was fine-tuned on, the other settings' defaults."""
-    manifest = run / StudentRationalesStage.name / "manifest.json"
+    manifest = run / StudentRationalesStage.name / MANIFEST
     if not manifest.exists():
-        trained = run / SlimStudentStage.name / "manifest.json"
+        trained = run / SlimStudentStage.name / MANIFEST
         cfg = read_json(trained).get("config", {}) if trained.exists() else {}
         return from_dict(StudentRationalesConfig, {k: cfg[k] for k in ("template", "history_tokens") if k in cfg},
                          str(trained))

@@ -12,7 +12,7 @@ from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.errors import InputError
 from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
-from eval.io import write_json
+from eval.io import METRICS_FILE, TRAIN_LOG, write_json
 from eval.registry import load_model, max_len_of
 from eval.stage import Stage
 from slmrec.trainer import TrainConfig, fit
@@ -154,6 +154,7 @@ def train_seed(ds: SeqDataset, cfg: FusionTrainConfig, run: Path, out: Path, see
 GROUP_KEY = f"{protocol_label('full')}, "  # seeds.json: "<protocol>, <group>" entries beside the protocols
 
 
+SEEDS = "seeds.json"  # every seed's test metrics with their mean and std
 SEED_RANKS = "seed_ranks.npz"  # per protocol, every seed's per-user test ranks [seeds, users]
 
 
@@ -208,12 +209,12 @@ class FusionStage(Stage):
         ds = load_dataset(self.data_dir)
         model, log, tc = train_seed(ds, cfg, self.run, self.out, cfg.train.seed, f"fusion {self.folder}")
         model.save_pretrained(out)
-        write_json(out / "train_log.json", log)
+        write_json(out / TRAIN_LOG, log)
         results = [seed_metrics(model, ds, tc.max_len)]
-        write_json(out / "metrics.json", {k: v for k, v in results[0][0].items() if not k.startswith(GROUP_KEY)})
+        write_json(out / METRICS_FILE, {k: v for k, v in results[0][0].items() if not k.startswith(GROUP_KEY)})
         results += [seed_metrics(train_seed(ds, cfg, self.run, self.out, cfg.train.seed + k, f"fusion {self.folder}")[0],
                                  ds, tc.max_len) for k in range(1, cfg.seeds)]
-        write_json(out / "seeds.json", seed_summary([m for m, _ in results]))
+        write_json(out / SEEDS, seed_summary([m for m, _ in results]))
         np.savez_compressed(out / SEED_RANKS, **{p: np.stack([r[p] for _, r in results]).astype(np.int32)
                                                  for p in results[0][1]})
         return {"parameters": sum(p.numel() for p in model.parameters()),

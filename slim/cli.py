@@ -10,7 +10,7 @@ import typer
 
 from eval.cli import guarded, stage_command
 from eval.errors import user_path
-from eval.io import read_json
+from eval.io import MANIFEST, read_json
 from eval.stage import Stage
 
 from .encode import ProfileVectorsStage, VectorsStage
@@ -25,7 +25,7 @@ app = typer.Typer(help="SLIM: chain-of-thought rationales from a teacher LLM, di
 
 
 def _print_counts(stage: Stage) -> None:
-    typer.echo(json.dumps(read_json(stage.out / "manifest.json")["counts"], indent=2, default=str))
+    typer.echo(json.dumps(read_json(stage.out / MANIFEST)["counts"], indent=2, default=str))
 
 
 for command, stage_class in (("generate-rationales", TeacherRationalesStage), ("finetune-student", SlimStudentStage),

@@ -21,7 +21,7 @@ from eval.assets import smollm2_path
 from eval.config import setting
 from eval.dataset import load_dataset
 from eval.errors import InputError
-from eval.io import write_json
+from eval.io import CONFIG, write_json
 from eval.stage import Stage
 from prompts import template_path
 
@@ -171,7 +171,7 @@ class SlimStudentStage(Stage):
 
         cfg = self.config
         base = Path(cfg.base_model or smollm2_path())
-        if not (base / "config.json").exists():
+        if not (base / CONFIG).exists():
             raise InputError(f"{base}: not a model folder (no config.json)")
         set_seed(cfg.seed)
         tok = AutoTokenizer.from_pretrained(base)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from eval.errors import InputError
+from eval.io import CONFIG
 
 from .engine import LORA_NAME, VllmStatus
 from .hardware import detect, generation_dtype
@@ -64,13 +65,13 @@ def cpu_scheduler_args(model_dir: str | Path) -> dict[str, Any]:
     vLLM's default of 2,048 tokens)."""
     from eval.io import read_json
 
-    context = int(read_json(Path(model_dir) / "config.json").get("max_position_embeddings") or 0)
+    context = int(read_json(Path(model_dir) / CONFIG).get("max_position_embeddings") or 0)
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(context, 2048)}
 
 
 def gguf_quantized(model_dir: str | Path) -> bool:
     """Whether config.json carries a GGUF quantization_config (left over on de-quantized weights)."""
-    cfg = Path(model_dir) / "config.json"
+    cfg = Path(model_dir) / CONFIG
     if not cfg.exists():
         return False
     quant = json.loads(cfg.read_text()).get("quantization_config") or {}
@@ -87,18 +88,18 @@ def servable_model_dir(model_dir: str | Path, cache: str | Path | None = None) -
     src = Path(model_dir).resolve()
     if not gguf_quantized(src):
         return src
-    text = (src / "config.json").read_text()
+    text = (src / CONFIG).read_text()
     key = hashlib.sha256(f"{src}\n{text}".encode()).hexdigest()[:12]
     out = Path(cache or cache_dir() / "vllm-models") / f"{src.name}-{key}"
-    if (out / "config.json").exists():
+    if (out / CONFIG).exists():
         return out
     config = json.loads(text)
     del config["quantization_config"]
     with atomic_dir(out) as tmp:
         for f in src.iterdir():
-            if f.name != "config.json":
+            if f.name != CONFIG:
                 (tmp / f.name).symlink_to(f)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from eval.cli import check_paths, guarded, run_folder, settings, stage_command
-from eval.io import read_json
+from eval.io import METRICS_FILE, read_json
 from eval.tables import floor_of, print_table
 
 from .llm_train import SLMRecStudentConfig, StudentStage, TeacherStage, distill_ablation
@@ -19,7 +19,7 @@ app = typer.Typer(help="SLMRec: ID-backbone pre-training, LLM teacher training, 
 
 def show_metrics(folder: Path) -> None:
     """The test metrics a model stage wrote, one table per protocol."""
-    for protocol, m in read_json(folder / "metrics.json").items():
+    for protocol, m in read_json(folder / METRICS_FILE).items():
         print_table(f"{folder.name} test: {protocol}", {folder.name: m}, floor=floor_of(m))
 
 

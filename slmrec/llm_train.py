@@ -36,7 +36,7 @@ from eval.config import config_dict, setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import evaluate
-from eval.io import read_json, write_json
+from eval.io import METRICS_FILE, TRAIN_LOG, read_json, write_json
 from eval.scoring import CachedScorer
 from eval.stage import Stage, fingerprint, run_stage
 from eval.tables import write_metrics_report
@@ -236,8 +236,8 @@ class LLMStage(Stage):
         users_per_s = round(ds.num_users / (time.perf_counter() - t0), 2)  # one encoding pass serves every protocol
         for m in metrics.values():
             m["users_per_s"] = users_per_s
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "train_log.json", log)
+        write_json(out / METRICS_FILE, metrics)
+        write_json(out / TRAIN_LOG, log)
         return {"parameters": sum(p.numel() for p in main.parameters()),
                 "trainable_parameters": sum(p.numel() for p in main.parameters() if p.requires_grad),
                 "layers": main.num_layers, "train_seconds": log["train_seconds"], "users_per_s": users_per_s}
@@ -330,7 +330,7 @@ def distill_ablation(run: str | Path, cfg: SLMRecStudentConfig, force: bool = Fa
                                                lambda_ms=d.lambda_ms * ms))
         stage = StudentStage(run, variant, folder=f"ablation/{name}")
         run_stage(stage, force)
-        for protocol, m in read_json(stage.out / "metrics.json").items():
+        for protocol, m in read_json(stage.out / METRICS_FILE).items():
             results[protocol][name] = m
     write_metrics_report(Path(run) / "ablation", dict(results), "SLMRec distillation ablation (Table 4)")
     return dict(results)

@@ -10,7 +10,7 @@ from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
 from eval.evaluate import evaluate, protocol_label, protocols_of
-from eval.io import write_json
+from eval.io import METRICS_FILE, TRAIN_LOG, write_json
 from eval.registry import MODELS
 from eval.stage import Stage
 
@@ -71,7 +71,7 @@ class BackboneStage(Stage):
         model = build_backbone(cfg, ds.num_items)
         log = fit(model, ds, cfg.train, desc=type(model).__name__)
         model.save_pretrained(out)
-        write_json(out / "train_log.json", log)
-        write_json(out / "metrics.json", test_metrics(model, ds, cfg.train.max_len))
+        write_json(out / TRAIN_LOG, log)
+        write_json(out / METRICS_FILE, test_metrics(model, ds, cfg.train.max_len))
         return {"parameters": sum(p.numel() for p in model.parameters()), "best_epoch": log["best_epoch"],
                 "train_seconds": round(log["train_seconds"], 1)}
