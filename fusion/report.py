@@ -289,8 +289,10 @@ def _by_group(results: dict, key: str, metric: str) -> dict[str, dict[str, float
 def markdown_report(results: dict, ds: SeqDataset) -> str:
     """The report as Markdown; the overall tables are also printed to the terminal."""
     ap = results["analysis_protocol"]
-    parts = ["# Evaluation report", "", f"{ds.num_users} users, {ds.num_items} items; test split, "
-             f"pessimistic ties. Analyses below use {protocol_label(ap)}."]
+    tested = len(ds.eval_users("test"))
+    users = f"{ds.num_users} users" + (f" ({tested} with a test target)" if tested < ds.num_users else "")
+    parts = ["# Evaluation report", "", f"{users}, {ds.num_items} items; test split, ties broken at random by a "
+             f"fixed draw per user. Analyses below use {protocol_label(ap)}."]
     for protocol, rows in results["overall"].items():
         floor = floor_of(next(iter(rows.values())))
         parts += ["", f"## Overall: {protocol_label(protocol)}", "", markdown_table(rows, floor=floor)]
