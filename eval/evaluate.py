@@ -60,7 +60,12 @@ class Ranking(NamedTuple):
 
     def rows(self, users: np.ndarray) -> np.ndarray:
         """Positions in this ranking of those of `users` it ranked (a group's rows)."""
-        return np.flatnonzero(np.isin(self.users, users))
+        return rows_of(self.users, users)
+
+
+def rows_of(ranked: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Positions in `ranked` (the users of a ranking, in order) of those of `users` it holds."""
+    return np.flatnonzero(np.isin(ranked, users))
 
 
 @torch.no_grad()
@@ -118,8 +123,8 @@ def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str =
 def metrics_of(ranking: Ranking, rows: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of a ranking's users (or of `rows` of them) beside the random floor of their candidate
     counts, with the count of users whose scores were not finite (no users: a count of 0)."""
-    r, n, bad = (ranking.ranks, ranking.candidates, ranking.nonfinite) if rows is None else \
-        (ranking.ranks[rows], ranking.candidates[rows], ranking.nonfinite[rows])
+    take = slice(None) if rows is None else rows
+    r, n, bad = ranking.ranks[take], ranking.candidates[take], ranking.nonfinite[take]
     if not len(r):
         return {"users": 0}
     return {**from_ranks(r, n), **{f"random_{k}": v for k, v in random_floor(n).items()}, "users": int(len(r)),

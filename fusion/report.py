@@ -17,7 +17,7 @@ from rich.console import Console
 from eval.config import setting
 from eval.dataset import SeqDataset, load_dataset
 from eval.errors import InputError
-from eval.evaluate import Ranking, metrics_of, protocol_label, protocols_of, rank_users
+from eval.evaluate import Ranking, metrics_of, protocol_label, protocols_of, rank_users, rows_of
 from eval.io import MANIFEST, METRICS_FILE, REPORT, read_json, write_json
 from eval.popularity import popularity_metrics
 from eval.registry import MODELS, load_model, max_len_of, model_type
@@ -182,7 +182,7 @@ def compare(ranks: dict[str, np.ndarray], candidates: np.ndarray, pairs: list[tu
     the whole family of the report's tests, and only an adjusted one below ALPHA is significant."""
     tested = ds.eval_users("test")  # the users every rank array holds, in order
     groups = {"overall": np.arange(len(tested)),
-              **{name: np.flatnonzero(np.isin(tested, g)) for name, g in {**user_groups(ds), **item_groups(ds)}.items()}}
+              **{name: rows_of(tested, g) for name, g in {**user_groups(ds), **item_groups(ds)}.items()}}
     out = {}
     for a, b in pairs:
         ra, rb = ranks[a], ranks[b]
