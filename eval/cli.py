@@ -142,14 +142,16 @@ def settings_data(preset: str | None, overrides: list[str] = (), table: str = ""
     return data
 
 
-def settings(config_class: type, table: str, preset: str | None, overrides: list[str],
-             options: dict[str, Any]) -> Any:
-    """A stage's config from the preset's table, `--set key=value` (relative to the table) and options."""
+def settings(config_class: type | Callable[[dict[str, Any], str], type], table: str, preset: str | None,
+             overrides: list[str], options: dict[str, Any]) -> Any:
+    """A stage's config from the preset's table, `--set key=value` (relative to the table) and options;
+    `config_class` may be a function of the settings and the table that picks it (`Stage.config_class_of`)."""
     data = settings_data(preset, overrides, table)
     for path, value in options.items():
         if value is not None:
             set_dotted(data, path, value if isinstance(value, bool) else parse_value(value))
-    return from_dict(config_class, expand(data, table), table)
+    data = expand(data, table)
+    return from_dict(config_class if isinstance(config_class, type) else config_class(data, table), data, table)
 
 
 def stage_command(app: typer.Typer, command: str, stage_class: type[Stage],
@@ -157,7 +159,9 @@ def stage_command(app: typer.Typer, command: str, stage_class: type[Stage],
     """Add `command` to `app`: run one stage of a run, with its config's settings as options.
 
     `named` stages (fusion models) take `--name`, their folder and preset table under the stage's."""
-    opts = options_of(stage_class.config_class)
+    opts: list[Option] = []
+    for config_class in stage_class.config_classes():  # an option of several kinds' configs: the first's
+        opts += [o for o in options_of(config_class) if o.path not in {p.path for p in opts}]
     params = [_param("run", Path, typer.Option(..., help="Run directory (every stage's folder lives in it).")),
               *([_param("name", str, typer.Option(..., help="Model name: its folder and preset table."))] if named
                 else []),
@@ -171,7 +175,7 @@ def stage_command(app: typer.Typer, command: str, stage_class: type[Stage],
     def run(**kw: Any) -> None:
         name = kw.pop("name", None)
         table = f"{stage_class.name}.{name}" if named else stage_class.name
-        cfg = settings(stage_class.config_class, table, kw.pop("preset"), kw.pop("set_"),
+        cfg = settings(stage_class.config_class_of, table, kw.pop("preset"), kw.pop("set_"),
                        {o.path: kw[o.path.replace(".", "__")] for o in opts})
         check_paths(cfg, table)
         stage = stage_class(run_folder(kw["run"]), cfg, folder=table.replace(".", "/") if named else None)

@@ -81,15 +81,25 @@ def max_len_of(path: str | Path) -> int:
 def model_config(path: str | Path, config_class: type, kind: str) -> Any:
     """The config dataclass of a model folder, checked: its model_type, every key known and every value
     of its field's type (text where a size belongs would otherwise fail deep inside torch)."""
+    return model_configs(path, (config_class,), kind)[0]
+
+
+def model_configs(path: str | Path, config_classes: tuple[type, ...], kind: str) -> tuple[Any, ...]:
+    """`model_config` for a config.json that holds the fields of several dataclasses side by side (e.g. a
+    model's shape and its settings): one checked instance of each, every key going to the first class
+    that has the field (an unknown key: the first class, which names it)."""
     raw = read_config(path)
     file = Path(path) / CONFIG
     if raw.pop("model_type", None) != kind:
         raise InputError(f"{file}: model_type is not {kind!r}")
-    hints = typing.get_type_hints(config_class)
-    typed = {key: check(value, hints[key], f"{file}: {key}") if key in hints else value for key, value in raw.items()}
+    hints = [typing.get_type_hints(c) for c in config_classes]
+    parts: list[dict[str, Any]] = [{} for _ in config_classes]
+    for key, value in raw.items():
+        i = next((i for i, h in enumerate(hints) if key in h), 0)
+        parts[i][key] = check(value, hints[i][key], f"{file}: {key}") if key in hints[i] else value
     try:
-        return config_class(**typed)
-    except (TypeError, ValueError) as e:
+        return tuple(c(**typed) for c, typed in zip(config_classes, parts))
+    except (TypeError, ValueError, InputError) as e:
         raise InputError(f"{file}: {e}") from None
 
 

@@ -57,6 +57,17 @@ class Stage(ABC):
     def default_folder(self) -> str:
         return self.name
 
+    @classmethod
+    def config_classes(cls) -> list[type]:
+        """Every config class the stage's settings may take (one per kind of model, for a stage that
+        trains several kinds): the command-line options are theirs."""
+        return [cls.config_class]
+
+    @classmethod
+    def config_class_of(cls, settings: Any, where: str) -> type:
+        """The config class of a table of settings (`where` in the preset): one of `config_classes`."""
+        return cls.config_class
+
     @property
     def out(self) -> Path:
         return self.run / self.folder

@@ -2,7 +2,9 @@
 
 Each stage is a `Stage` (eval.stage) whose preset table is its name; the pipeline is this list.
 Adding a stage is one module with a `Stage` subclass and one line here; adding an ID backbone is a
-registered model (`slmrec.pretrain.backbone_names`) and a table of its name in the preset.
+registered model (`slmrec.pretrain.backbone_names`) and a table of its name in the preset; adding a
+kind of fused model is a registered `fusion.model.FusedRecommender` subclass and `[fusion.NAME]`
+tables with `mode = "KIND"`.
 """
 from __future__ import annotations
 
@@ -65,8 +67,10 @@ def build_stages(run: str | Path, preset: str, overrides: list[str] = ()) -> lis
         if cls is FusionStage:
             if not isinstance(table, dict):
                 raise InputError(f"{preset}: fusion: expected one table per fused model")
-            stages += [cls(run, from_dict(cls.config_class, expand(t, f"fusion.{name}"), f"fusion.{name}"),
-                           folder=f"fusion/{name}") for name, t in table.items()]
+            for name, t in table.items():  # each table's `mode` names its kind of fused model
+                where = f"{cls.name}.{name}"
+                t = expand(t, where)
+                stages.append(cls(run, from_dict(cls.config_class_of(t, where), t, where), folder=f"{cls.name}/{name}"))
         elif cls is BackboneStage:  # RUN/<backbone> is what SLMRec and the fused models read
             for name in [cls.name, *backbones]:
                 cfg = from_dict(PretrainConfig, expand(data.get(name, {}), name), name, PretrainConfig(model=name))

@@ -156,16 +156,12 @@ def _selection(run: Path, fused: dict[str, Path]) -> dict[str, dict[str, float]]
 
 @torch.inference_mode()
 def new_user_vector(model: DotScorer, histories: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-    """The user vector of someone the model was not trained with: the backbone reads the history, the
-    fusion heads read the rationale vector (or the learned "missing" vector), where
-    FusedRecommender.user_vectors looks the text vector up by user id."""
-    nobody = torch.zeros(len(histories), dtype=torch.long)  # ID and LLM backbones ignore the user id
-    if not isinstance(model, FusedRecommender):
-        return model.user_vectors(nobody, histories)
-    t = (model.missing_user if text is None else text.float()).expand(len(histories), -1)
-    if model.config.mode == "text":
-        return model.g_user(t)
-    return model.fuse(t, model.backbone.user_vectors(nobody, histories))  # not the frozen cache: new histories
+    """The user vector of someone the model was not trained with: a fused model reads the history and
+    the rationale vector (or its learned "missing" vector; `FusedRecommender.new_user_vectors`), where
+    its `user_vectors` looks the text vector up by user id; any other model reads the history."""
+    if isinstance(model, FusedRecommender):
+        return model.new_user_vectors(histories, text)
+    return model.user_vectors(torch.zeros(len(histories), dtype=torch.long), histories)  # backbones ignore the id
 
 
 class Recommender:

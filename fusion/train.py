@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from eval.config import setting
+from eval.config import check
 from eval.dataset import SeqDataset, load_dataset, pad_left
-from eval.errors import InputError
 from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
 from eval.io import METRICS_FILE, TRAIN_LOG, write_json
 from eval.registry import load_model, max_len_of
@@ -18,52 +18,12 @@ from eval.stage import Stage
 from slmrec.trainer import TrainConfig, fit
 
 from .groups import RARE, item_groups, user_groups, user_length_groups
-from .model import FusedRecommender, FusionConfig, vectors_to_tensors
+from .model import (DEFAULT_KIND, FusedConfig, FusedRecommender, HybridConfig, Shape, fused_kinds, fused_model,
+                    vectors_to_tensors)
 from .vectors import TextVectors, load_vectors
 
 
-@dataclass(frozen=True)
-class FusionTrainConfig:
-    mode: str = setting("hybrid", "hybrid (text + ID backbone) | text (ID-agnostic text matching).")
-    backbone: str = setting("sasrec", "Backbone model folder of the run (hybrid): sasrec, gru4rec or "
-                                      "slmrec-student.")
-    training: str = setting("joint", "joint: the backbone's own objective (cross-entropy over all items) at every "
-                                     "position of every training history, each rationale only after the prefix it "
-                                     "saw (the latest one there, with cuts); frozen: SLIM's head, one example per "
-                                     "user (the history a rationale saw and the item after it).")
-    freeze_backbone: bool = setting(False, "Keep the backbone frozen (else it is fine-tuned from its checkpoint "
-                                           "and saved with the model).")
-    text: str = setting("both", "Text the hybrid reads: both, items (item text only), users (rationales only), "
-                                "none (the same training without text: what the text adds).")
-    pop_gate: bool = setting(True, "Item cold start: mix each item's ID vector with those of its text neighbours "
-                                   "by a learned gate on log(1 + training count), so rarely seen items are placed "
-                                   "by their text.")
-    cold_ridge: float = setting(0.1, f"Item cold start at scoring: an item seen at most {RARE} times in training "
-                                     "gets the vector a ridge map from item text predicts, fitted on the trained "
-                                     f"vectors of items seen more than {2 * RARE} times; this is the ridge penalty "
-                                     "(smaller: rare items ranked higher, at some cost overall; 0: off).")
-    id_dropout: float = setting(0.0, "Item cold start in training (DropoutNet): each step this share of items, drawn "
-                                     f"afresh, is scored without its own ID vector, as items seen at most {RARE} times "
-                                     "then always are; with pop_gate a dropped item is gated as a rare one, so the "
-                                     "text path and the borrowed ID vectors learn to carry such items (0: off).")
-    vectors: str = setting("vectors", "The run's vectors folder to read (vectors, or another vectors stage, e.g. "
-                                      "vectors-profile over the profile control).")
-    seeds: int = setting(1, "Train with this many seeds (train.seed, +1, ...); the first seed's model is kept and "
-                            "seeds.json holds every seed's test metrics with their mean and std.")
-    hidden: int = setting(64, "Size of the text-only model's vectors.")
-    user_group: int | None = setting(None, "Train and select on one of the 5 history-length groups "
-                                           "(0 = shortest; none: all users).")
-    train: TrainConfig = setting(factory=lambda: TrainConfig(epochs=50, patience=5, lr=1e-3, weight_decay=1e-4))
-
-    def __post_init__(self) -> None:
-        if self.training not in ("joint", "frozen"):
-            raise InputError(f"fusion training must be 'joint' or 'frozen', not {self.training!r}")
-        if self.cold_ridge < 0:
-            raise InputError(f"fusion cold_ridge must be 0 (off) or positive, not {self.cold_ridge}")
-        if not 0 <= self.id_dropout < 1:
-            raise InputError(f"fusion id_dropout must be in [0, 1), not {self.id_dropout}")
-        if self.seeds < 1:
-            raise InputError(f"fusion seeds must be at least 1, not {self.seeds}")
+FusionTrainConfig = HybridConfig  # the name bench/ scripts import: the settings of a hybrid
 
 
 def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = None
@@ -109,44 +69,33 @@ def cut_tables(ds: SeqDataset, vectors: TextVectors) -> tuple[torch.Tensor, torc
     return torch.as_tensor(vectors.cut_vectors).reshape(-1, vectors.dim), index, positions
 
 
-def build(ds: SeqDataset, cfg: FusionTrainConfig, vectors: TextVectors, backbone_dir: Path | None,
+def build(ds: SeqDataset, cfg: FusedConfig, vectors: TextVectors, backbone_dir: Path | None,
           out: Path) -> FusedRecommender:
-    """A fresh fused model; a frozen backbone is referenced from `out` by relative path."""
+    """A fresh fused model of the kind `cfg.mode` names; a backbone is referenced from `out` by relative
+    path (a trained one is saved inside the model too)."""
     users, has_u = vectors_to_tensors(vectors.user_ids, vectors.user_vectors, ds.num_users, vectors.dim)
     items, has_i = vectors_to_tensors(vectors.item_ids, vectors.item_vectors, ds.num_items + 1, vectors.dim)
-    backbone, id_dim, max_len, rel = None, 0, cfg.train.max_len, ""
+    shape, backbone = Shape(ds.num_users, ds.num_items, vectors.dim, max_len=cfg.train.max_len), None
     if backbone_dir is not None:
         backbone = load_model(backbone_dir)
-        id_dim, max_len = backbone.item_vectors().shape[1], max_len_of(backbone_dir)
-        rel = os.path.relpath(backbone_dir, out) if cfg.freeze_backbone else ""
-    hybrid = cfg.mode == "hybrid"
-    item_text = hybrid and cfg.text in ("both", "items")
-    fc = FusionConfig(mode=cfg.mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=vectors.dim,
-                      id_dim=id_dim, hidden=cfg.hidden, max_len=max_len, freeze_backbone=cfg.freeze_backbone,
-                      backbone_path=rel, joint=hybrid and cfg.training == "joint", text=cfg.text,
-                      pop_gate=item_text and cfg.pop_gate, cold_ridge=cfg.cold_ridge if item_text else 0.0,
-                      id_dropout=cfg.id_dropout if item_text else 0.0)
-    model = FusedRecommender(fc, users, has_u, items, has_i, backbone,
-                             item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
+        shape = replace(shape, id_dim=backbone.item_vectors().shape[1], max_len=max_len_of(backbone_dir),
+                        backbone_path=os.path.relpath(backbone_dir, out))
+    model = fused_model(cfg.mode)(cfg, shape, users, has_u, items, has_i, backbone,
+                                  item_pop=torch.as_tensor(ds.item_popularity, dtype=torch.float32))
     model.text_positions.copy_(text_positions(ds))
     model.set_cuts(*cut_tables(ds, vectors))
     return model
 
 
-def backbone_dir(run: Path, cfg: FusionTrainConfig) -> Path | None:
-    """The run's backbone folder a hybrid fuses with (none for text matching)."""
-    return run / cfg.backbone if cfg.mode == "hybrid" else None
-
-
-def train_seed(ds: SeqDataset, cfg: FusionTrainConfig, run: Path, out: Path, seed: int, desc: str = "fusion"
+def train_seed(ds: SeqDataset, cfg: FusedConfig, run: Path, out: Path, seed: int, desc: str = "fusion"
                ) -> tuple[FusedRecommender, dict, TrainConfig]:
     """A fused model on `run`'s backbone and vectors, trained with `seed` (its new heads' initial weights
     and the data order); `out` is where it will live (a frozen backbone is referenced from there)."""
     torch.manual_seed(seed)  # the new heads' initial weights are part of the seeded run
-    model = build(ds, cfg, load_vectors(run / cfg.vectors), backbone_dir(run, cfg), out)
-    tc = replace(cfg.train, max_len=model.config.max_len, seed=seed)
+    model = build(ds, cfg, load_vectors(run / cfg.vectors), cfg.backbone_dir(run), out)
+    tc = replace(cfg.train, max_len=model.shape.max_len, seed=seed)
     group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
-    examples = None if model.config.joint else fusion_examples(ds, tc.max_len, group)
+    examples = None if model.every_position else fusion_examples(ds, tc.max_len, group)
     log = fit(model, ds, tc, desc=f"{desc} seed {seed}", examples=examples, valid_users=group)
     return model, log, tc
 
@@ -188,15 +137,25 @@ def seed_summary(runs: list[dict[str, dict]]) -> dict:
 
 
 class FusionStage(Stage):
-    """SLIM's fusion of rationale and item-text vectors with an ID backbone, or text matching alone;
-    writes RUN/fusion/<name> (one stage per fusion.<name> table of the preset)."""
+    """A fused model of any registered kind (SLIM's hybrid of rationale and item-text vectors with an ID
+    backbone, text matching alone, ...); writes RUN/fusion/<name> (one stage per fusion.<name> table of
+    the preset, whose `mode` names the kind)."""
 
     name = "fusion"
-    config_class = FusionTrainConfig
+    config_class = HybridConfig  # the default kind's; `config_class_of` gives each table's
+
+    @classmethod
+    def config_classes(cls) -> list[type]:
+        return [kind.config_class for kind in fused_kinds().values()]
+
+    @classmethod
+    def config_class_of(cls, settings: Any, where: str) -> type:
+        mode = settings.get("mode", DEFAULT_KIND) if isinstance(settings, dict) else DEFAULT_KIND
+        return fused_model(check(mode, str, f"{where}.mode"), f"{where}.mode").config_class
 
     @property
     def backbone_dir(self) -> Path | None:
-        return backbone_dir(self.run, self.config)
+        return self.config.backbone_dir(self.run)
 
     def inputs(self) -> dict[str, Path]:
         files = {"data": self.data_dir, "vectors": self.run / self.config.vectors}

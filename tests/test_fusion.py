@@ -1,6 +1,9 @@
 """Fusion: fused models with missing vectors, groups, popularity metrics, the report, and presets."""
 import json
+import shutil
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,10 +22,11 @@ from eval.significance import adjust, seeds_test
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from fusion.groups import item_groups, item_popularity_groups, user_length_groups
-from fusion.model import FusedRecommender, FusionConfig, vectors_to_tensors
+from eval.registry import load_model
+from fusion.model import FusedConfig, HybridConfig, HybridFusion, Shape, TextMatching, TextMatchingConfig, vectors_to_tensors
 from fusion.pipeline import build_stages
 from fusion.report import evaluate_run
-from fusion.train import FusionStage, FusionTrainConfig
+from fusion.train import FusionStage
 from fusion.vectors import TextVectors, load_vectors
 from slim.encode import CUTS_TABLE, ITEMS_TABLE, USERS_TABLE
 from slmrec.sasrec import SASRec, SASRecConfig
@@ -77,7 +81,7 @@ def with_cuts(ds, v: TextVectors, cuts: int = 3, seed: int = 1) -> TextVectors:
                    cut_vectors=rng.normal(size=(len(pairs), v.dim)).astype(np.float32))
 
 
-def train_fused(run, name: str, cfg: FusionTrainConfig) -> dict:
+def train_fused(run, name: str, cfg: FusedConfig) -> dict:
     """Train RUN/fusion/NAME (the stage reads RUN/data, RUN/vectors and the backbone); its test metrics."""
     result = run_stage(FusionStage(run, cfg, folder=f"fusion/{name}"))
     assert result.status == "ran"
@@ -125,9 +129,11 @@ def test_user_without_rationale_and_item_without_text_are_scored(run, mode):
     u_t, u_has = vectors_to_tensors(v.user_ids, v.user_vectors, ds.num_users, v.dim)
     i_t, i_has = vectors_to_tensors(v.item_ids, v.item_vectors, ds.num_items + 1, v.dim)
     backbone = SASRec.from_pretrained(run / "sasrec") if mode == "hybrid" else None
-    cfg = FusionConfig(mode=mode, num_users=ds.num_users, num_items=ds.num_items, text_dim=v.dim,
-                       id_dim=16 if backbone else 0, max_len=10)
-    model = FusedRecommender(cfg, u_t, u_has, i_t, i_has, backbone).eval()
+    shape = Shape(num_users=ds.num_users, num_items=ds.num_items, text_dim=v.dim, id_dim=16 if backbone else 0,
+                  max_len=10)
+    hybrid = HybridConfig(training="frozen", freeze_backbone=True, pop_gate=False, cold_ridge=0.0)
+    kind, cfg = (HybridFusion, hybrid) if backbone else (TextMatching, TextMatchingConfig())
+    model = kind(cfg, shape, u_t, u_has, i_t, i_has, backbone).eval()
     hist = torch.tensor([[0, 0, 3, 4], [0, 5, 6, 7]])
     before = model.score(torch.tensor([0, 1]), hist, None)
     assert torch.isfinite(before[:, 1:]).all()
@@ -143,10 +149,10 @@ def test_fused_training_and_report_use_identical_candidates(run, monkeypatch):
     v = vectors(ds, users=range(0, ds.num_users, 2), items=range(1, ds.num_items + 1))  # half the users lack one
     write_vectors(run, v)
     fast = TrainConfig(epochs=2, batch_size=16)
-    metrics = train_fused(run, "hybrid", FusionTrainConfig(mode="hybrid", backbone="sasrec", train=fast))
+    metrics = train_fused(run, "hybrid", HybridConfig(backbone="sasrec", train=fast))
     assert metrics["full ranking"]["users"] == ds.num_users
     assert read_json(run / "fusion" / "hybrid" / "manifest.json")["counts"]["users_with_rationale"] == len(v.user_ids)
-    train_fused(run, "text", FusionTrainConfig(mode="text", hidden=8, train=fast))
+    train_fused(run, "text", TextMatchingConfig(hidden=8, train=fast))
     seen: list[tuple[str, torch.Tensor | None]] = []
     real = eval.scoring.dot_scores
 
@@ -193,11 +199,11 @@ def test_same_seed_gives_the_same_fused_model_and_it_reloads(run, training, froz
     write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
     for i, name in enumerate(("h", "h2")):
         torch.manual_seed(100 + i)  # whatever ran before in the process must not matter
-        metrics = train_fused(run, name, FusionTrainConfig(mode="hybrid", backbone="sasrec", training=training,
-                                                           freeze_backbone=frozen, train=TrainConfig(epochs=2)))
-    a = FusedRecommender.from_pretrained(run / "fusion" / "h")
-    b = FusedRecommender.from_pretrained(run / "fusion" / "h2")
-    assert a.config.joint == (training == "joint") and a.config.pop_gate and a.config.cold_ridge == 0.1
+        metrics = train_fused(run, name, HybridConfig(backbone="sasrec", training=training, freeze_backbone=frozen,
+                                                      train=TrainConfig(epochs=2)))
+    a = load_model(run / "fusion" / "h")
+    b = load_model(run / "fusion" / "h2")
+    assert a.every_position == (training == "joint") and a.config.pop_gate and a.config.cold_ridge == 0.1
     hist = torch.tensor([[0, 1, 2, 3]])
     assert torch.equal(a.score(torch.tensor([3]), hist, None), b.score(torch.tensor([3]), hist, None))
     assert evaluate(a, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
@@ -211,7 +217,7 @@ def test_same_seed_gives_the_same_fused_model_and_it_reloads(run, training, froz
 def test_seeds_repeat_training_and_differ(run):
     ds = load_dataset(run / "data")
     write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
-    train_fused(run, "s", FusionTrainConfig(seeds=2, train=TrainConfig(epochs=3, lr=1e-2)))
+    train_fused(run, "s", HybridConfig(seeds=2, train=TrainConfig(epochs=3, lr=1e-2)))
     summary = read_json(run / "fusion" / "s" / "seeds.json")
     first, second = (r["full ranking"] for r in summary["runs"])
     assert first == read_json(run / "fusion" / "s" / "metrics.json")["full ranking"]  # seed 0 is the kept model
@@ -220,20 +226,20 @@ def test_seeds_repeat_training_and_differ(run):
     assert summary["std"]["full ranking"]["MRR"] == pytest.approx(abs(first["MRR"] - second["MRR"]) / 2 ** 0.5)
     groups = [k for k in summary["mean"] if k.startswith("full ranking, ")]   # every seed's sparsest users, tail, rare
     assert len(groups) == 3 and {"full ranking, tail", "full ranking, seen <= 5"} < set(groups)
-    kept, tail = FusedRecommender.from_pretrained(run / "fusion" / "s"), item_groups(ds)["tail"]
-    alone = evaluate(kept, ds, "test", "full", max_len=kept.config.max_len, users=tail)  # a group's metrics are its users' alone
+    kept, tail = load_model(run / "fusion" / "s"), item_groups(ds)["tail"]
+    alone = evaluate(kept, ds, "test", "full", max_len=kept.shape.max_len, users=tail)  # a group's metrics are its users' alone
     assert summary["runs"][0]["full ranking, tail"] == {k: v for k, v in alone.items() if k != "users_per_s"}
     from fusion.report import find_models, seed_rows
     row = seed_rows(find_models(run), "full")["fusion/s"]
     assert row["seeds"] == "2" and "tail NDCG@10" in row and any(k.startswith("G1 (") for k in row)
     with pytest.raises(InputError, match="seeds must be at least 1"):
-        run_stage(FusionStage(run, FusionTrainConfig(seeds=0), folder="fusion/none"))
+        run_stage(FusionStage(run, HybridConfig(seeds=0), folder="fusion/none"))
     seeded = np.load(run / "fusion" / "s" / "seed_ranks.npz")
     assert seeded["full"].shape == (2, ds.num_users) and seeded["10"].shape == (2, ds.num_users)
-    assert np.array_equal(seeded["full"][0], rank_users(kept, ds, "test", "full", max_len=kept.config.max_len).ranks)
+    assert np.array_equal(seeded["full"][0], rank_users(kept, ds, "test", "full", max_len=kept.shape.max_len).ranks)
 
     # its no-text twin with 2 seeds too: the report tests that pair over seeds and users, the others on one run
-    train_fused(run, "s-none", FusionTrainConfig(seeds=2, text="none", train=TrainConfig(epochs=3, lr=1e-2)))
+    train_fused(run, "s-none", HybridConfig(seeds=2, text="none", train=TrainConfig(epochs=3, lr=1e-2)))
     results = evaluate_run(run, run / "report")
     assert results["comparisons"]["fusion/s vs fusion/s-none"]["overall"]["MRR"]["seeds"] == 2
     assert results["comparisons"]["fusion/s vs sasrec"]["overall"]["MRR"]["seeds"] == 1
@@ -279,7 +285,7 @@ def test_a_rationale_never_informs_a_position_whose_target_it_saw(run):
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
     item_text = dict(zip(v.item_ids.tolist(), v.item_vectors))
     leaky = np.stack([item_text[int(t[t > 0][0])] for t in targets])
-    model = build(ds, FusionTrainConfig(), v, run / "sasrec", run / "fusion" / "x").eval()
+    model = build(ds, HybridConfig(), v, run / "sasrec", run / "fusion" / "x").eval()
     u = torch.as_tensor(users)
     with torch.no_grad():
         model.g_f.weight.normal_()  # a text path that matters
@@ -303,7 +309,7 @@ def test_each_position_reads_the_latest_rationale_whose_prefix_it_holds(run):
     ds = load_dataset(run / "data")
     v = with_cuts(ds, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
     item_text = dict(zip(v.item_ids.tolist(), v.item_vectors))
-    model = build(ds, FusionTrainConfig(), v, run / "sasrec", run / "fusion" / "x").eval()
+    model = build(ds, HybridConfig(), v, run / "sasrec", run / "fusion" / "x").eval()
     assert len(model.cut_text) == len(v.cut_ids) == 2 * ds.num_users   # 12 items: prefixes 3, 6 and the end's 9
     users, inputs, _ = next_item_pairs(ds, 10)
     u = torch.as_tensor(users)
@@ -345,13 +351,13 @@ def test_joint_fusion_with_cuts_trains_saves_and_reloads(run):
     plain = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
     fast = TrainConfig(epochs=2, lr=1e-2)
     write_vectors(run, plain)
-    train_fused(run, "plain", FusionTrainConfig(train=fast))
+    train_fused(run, "plain", HybridConfig(train=fast))
     write_vectors(run, with_cuts(ds, plain))
-    metrics = train_fused(run, "cuts", FusionTrainConfig(train=fast))
+    metrics = train_fused(run, "cuts", HybridConfig(train=fast))
     assert read_json(run / "fusion" / "cuts" / "manifest.json")["counts"]["cut_rationales"] == 2 * ds.num_users
     losses = [read_json(run / "fusion" / name / "train_log.json")["epochs"][1]["loss"] for name in ("plain", "cuts")]
     assert losses[0] != losses[1]                                    # the cuts were read in training
-    fused = FusedRecommender.from_pretrained(run / "fusion" / "cuts")
+    fused = load_model(run / "fusion" / "cuts")
     assert len(fused.cut_text) == 0                                  # training-only: scoring reads the end rationale
     assert evaluate(fused, ds, "test", "full", max_len=10)["MRR"] == metrics["full ranking"]["MRR"]
 
@@ -362,7 +368,7 @@ def test_text_sides_read_only_the_text_they_name(run, text):
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
-    model = build(ds, FusionTrainConfig(text=text), v, run / "sasrec", run / "fusion" / "x").eval()
+    model = build(ds, HybridConfig(text=text), v, run / "sasrec", run / "fusion" / "x").eval()
     users, hist = torch.tensor([0, 1]), torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6]])
     with torch.no_grad():
         model.g_f.weight.normal_()
@@ -393,7 +399,7 @@ def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
-    model = build(ds, FusionTrainConfig(cold_ridge=1e-6), v, run / "sasrec", run / "fusion" / "x").eval()
+    model = build(ds, HybridConfig(cold_ridge=1e-6), v, run / "sasrec", run / "fusion" / "x").eval()
     rare = torch.tensor([1, 2])
     with torch.no_grad():
         model.item_pop.fill_(3 * RARE)
@@ -408,10 +414,12 @@ def test_rare_items_are_scored_by_the_vector_their_text_predicts(run):
     model.train()
     plain = model.item_vectors()
     assert not torch.allclose(fused[rare], plain[rare]) and torch.equal(fused[3:], plain[3:])
-    for off in (FusionTrainConfig(cold_ridge=0.0), FusionTrainConfig(text="users")):
+    for off in (HybridConfig(cold_ridge=0.0), HybridConfig(text="users")):   # off, and off where it cannot apply
         assert build(ds, off, v, run / "sasrec", run / "fusion" / "x").config.cold_ridge == 0.0
+    with pytest.raises(InputError, match=r"^fusion cold_ridge = 0.1 cannot apply: text = 'users' reads no item text"):
+        HybridConfig(text="users", cold_ridge=0.1)
     with pytest.raises(InputError, match="cold_ridge must be 0"):
-        FusionTrainConfig(cold_ridge=-1.0)
+        HybridConfig(cold_ridge=-1.0)
 
 
 @pytest.mark.parametrize("pop_gate", [False, True])
@@ -424,7 +432,7 @@ def test_id_dropout_scores_rare_and_dropped_items_without_their_own_id_vector(ru
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1), dim=4)
-    model = build(ds, FusionTrainConfig(cold_ridge=0.0, pop_gate=pop_gate, id_dropout=0.5), v, run / "sasrec",
+    model = build(ds, HybridConfig(cold_ridge=0.0, pop_gate=pop_gate, id_dropout=0.5), v, run / "sasrec",
                   run / "fusion" / "x").eval()
     with torch.no_grad():
         model.item_pop.fill_(3 * RARE)
@@ -458,10 +466,10 @@ def test_id_dropout_scores_rare_and_dropped_items_without_their_own_id_vector(ru
         ids = model.backbone.item_emb.weight
         half = 0.5 * (model.neighbour_weights[j, :, None] * ids[model.neighbours[j]]).sum(0)
     assert torch.allclose(fused, model.g_f(torch.cat([model.g_l(model.item_text[j]), half])), atol=1e-6)
-    assert build(ds, FusionTrainConfig(text="users", id_dropout=0.5), v, run / "sasrec",
-                 run / "fusion" / "x").config.id_dropout == 0                 # no item text: nothing to score from
+    with pytest.raises(InputError, match="fusion id_dropout = 0.5 cannot apply"):   # no item text: nothing to score from
+        HybridConfig(text="users", id_dropout=0.5)
     with pytest.raises(InputError, match="id_dropout must be in"):
-        FusionTrainConfig(id_dropout=1.0)
+        HybridConfig(id_dropout=1.0)
 
 
 def test_report_compares_each_hybrid_with_its_text_controls(tmp_path):
@@ -478,6 +486,84 @@ def test_report_compares_each_hybrid_with_its_text_controls(tmp_path):
     assert controls_of("fusion/a-items", models) == ["fusion/a-none"]
     assert controls_of("fusion/a-profile", models) == []   # the control is compared the other way round
     assert controls_of("fusion/t", models) == [] and controls_of("sasrec", models) == []
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "fusion-1a10810"
+
+
+@pytest.mark.parametrize("name,kind", [("hybrid-frozen", HybridFusion), ("hybrid-tuned", HybridFusion),
+                                       ("text", TextMatching)])
+def test_a_fused_model_saved_by_1a10810s_code_loads_and_scores_as_it_did(tmp_path, name, kind):
+    """Folders written by commit 1a10810 (model_type "fusion" with a mode; make_fixture.py there): a
+    hybrid referencing a frozen SASRec with pop_gate and cold_ridge, a jointly trained one with its
+    fine-tuned SASRec inside, text matching. Each loads as its class, scores exactly as that code did,
+    and saved again is written in its class's format."""
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    assert expected["written_by"].startswith("1a10810")
+    assert json.loads((FIXTURE / name / "config.json").read_text())["model_type"] == "fusion"
+    users, hist = torch.tensor(expected["users"]), torch.tensor(expected["histories"])
+    want = expected["models"][name]
+    model = load_model(FIXTURE / name)
+    assert type(model) is kind
+    with torch.no_grad():
+        assert torch.equal(model.score(users, hist, None), torch.tensor(want["scores"]))
+        assert torch.equal(model.item_vectors(), torch.tensor(want["item_vectors"]))
+    if name == "hybrid-frozen":
+        assert model.config.training == "frozen" and model.config.pop_gate and model.config.cold_ridge == 0.1
+        assert model.config.freeze_backbone and not model.saves_backbone
+    if name == "hybrid-tuned":
+        assert model.every_position and model.config.text == "users" and not model.config.pop_gate
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    model.save_pretrained(tmp_path / "old" / "again")   # beside the SASRec a frozen backbone is referenced
+    assert json.loads((tmp_path / "old" / "again" / "config.json").read_text())["model_type"] == kind.model_type
+    again = load_model(tmp_path / "old" / "again")
+    with torch.no_grad():
+        assert torch.equal(again.score(users, hist, None), torch.tensor(want["scores"]))
+    assert again.config == model.config and again.shape == model.shape
+
+
+def test_each_kind_takes_its_own_settings_and_one_that_cannot_apply_is_an_error(tmp_path):
+    demo = stages_of(tmp_path, "demo")
+    none = demo["fusion/hybrid-sasrec-none"].config   # the shipped preset: unset means "where it applies"
+    assert none.pop_gate is None and none.cold_ridge is None and not none.resolved().pop_gate
+    assert none.resolved().cold_ridge == 0.0 and demo["fusion/hybrid-sasrec"].config.resolved().cold_ridge == 0.1
+    assert isinstance(demo["fusion/text"].config, TextMatchingConfig) and demo["fusion/text"].config.hidden == 64
+    bad = {"fusion.hybrid-sasrec-none.pop_gate=true": r"^fusion pop_gate = true cannot apply: text = 'none' reads no "
+                                                       r"item text \(leave it unset\)$",
+           "fusion.hybrid-sasrec-none.cold_ridge=0.5": r"^fusion cold_ridge = 0.5 cannot apply",
+           "fusion.hybrid-sasrec-none.id_dropout=0.1": r"^fusion id_dropout = 0.1 cannot apply",
+           "fusion.text.pop_gate=false": r"^fusion.text: unknown setting 'pop_gate' \(known: hidden, mode, ",
+           "fusion.text.backbone=sasrec": r"^fusion.text: unknown setting 'backbone'",
+           "fusion.text.mode=txt": r"^fusion.text.mode: unknown fused model kind 'txt' \(known: hybrid, text\)$",
+           "fusion.text.mode=[1]": r"^fusion.text.mode: expected text, got \[1\]$"}
+    for override, message in bad.items():
+        with pytest.raises(InputError, match=message):
+            build_stages(tmp_path, "demo", [override])
+    assert stages_of(tmp_path, "demo", ["fusion.hybrid-sasrec-none.pop_gate=false"])  # off is no error
+    with pytest.raises(InputError, match="a HybridFusion is 'hybrid'"):
+        HybridFusion(TextMatchingConfig(), Shape(2, 3, 4), torch.zeros(2, 4), torch.ones(2), torch.zeros(4, 4),
+                     torch.ones(4))
+
+
+def test_fusion_train_takes_each_kinds_options(run, monkeypatch, capsys):
+    from fusion.cli import main
+
+    ds = load_dataset(run / "data")
+    write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
+
+    def cli(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["fusion", "train", "--run", str(run), *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        return e.value.code, capsys.readouterr().err
+
+    assert cli("--name", "t", "--mode", "text", "--hidden", "8", "--train.epochs", "1")[0] in (0, None)
+    assert type(load_model(run / "fusion" / "t")) is TextMatching and load_model(run / "fusion" / "t").config.hidden == 8
+    code, err = cli("--name", "t2", "--mode", "text", "--pop-gate", "false")
+    assert code == 1 and err.count("\n") == 1 and "fusion.t2: unknown setting 'pop_gate'" in err
+    code, err = cli("--name", "h", "--text", "users", "--id-dropout", "0.2")
+    assert code == 1 and "fusion id_dropout = 0.2 cannot apply: text = 'users' reads no item text" in err
+    assert not (run / "fusion" / "t2").exists() and not (run / "fusion" / "h").exists()
 
 
 def stages_of(run, preset, overrides=()) -> dict:
@@ -543,12 +629,12 @@ def test_fine_tuned_backbone_is_saved_with_the_fused_model(run):
 
     ds = load_dataset(run / "data")
     v = vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1))
-    model = build(ds, FusionTrainConfig(), v, run / "sasrec", run / "fusion" / "ft")
+    model = build(ds, HybridConfig(), v, run / "sasrec", run / "fusion" / "ft")
     with torch.no_grad():
         model.backbone.item_emb.weight.add_(1.0)   # what fine-tuning did
         model.gate.add_(0.5)
     model.save_pretrained(run / "fusion" / "ft")
-    fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
+    fused = load_model(run / "fusion" / "ft")
     original = SASRec.from_pretrained(run / "sasrec")
     assert (run / "fusion" / "ft" / "backbone" / "config.json").exists()
     assert torch.equal(fused.item_vectors(), model.eval().item_vectors())
@@ -568,9 +654,9 @@ def test_an_llm_backbone_is_fine_tuned_inside_joint_fusion_and_reloads(run):
     write_json(run / "student" / "manifest.json", manifest("student", inputs={}, config={"train": {"max_len": 10}},
                                                              seed=0, counts={}))
     write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
-    metrics = train_fused(run, "ft", FusionTrainConfig(backbone="student", freeze_backbone=False,
+    metrics = train_fused(run, "ft", HybridConfig(backbone="student", freeze_backbone=False,
                                                        train=TrainConfig(epochs=2, lr=1e-2, max_len=10)))
-    fused = FusedRecommender.from_pretrained(run / "fusion" / "ft")
+    fused = load_model(run / "fusion" / "ft")
     tuned = LLMRec.from_pretrained(run / "fusion" / "ft" / "backbone")
     moved = [k for k, v in student.checkpoint_state().items() if not torch.equal(v, tuned.checkpoint_state()[k])]
     assert any("lora" in k for k in moved) and "in_proj.weight" in moved
@@ -587,7 +673,7 @@ def test_a_metric_registered_from_a_test_reaches_metrics_report_and_comparisons(
     try:
         ds = load_dataset(run / "data")
         write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
-        train_fused(run, "h", FusionTrainConfig(train=TrainConfig(epochs=1)))
+        train_fused(run, "h", HybridConfig(train=TrainConfig(epochs=1)))
         results = evaluate_run(run, run / "report")
         ranks = np.load(run / "report" / "ranks.npz")["sasrec"]
         assert results["overall"]["full"]["sasrec"]["HR@3"] == pytest.approx(np.mean(ranks < 3))

@@ -14,7 +14,8 @@ from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from fusion.recommend import (ItemIndex, Rationale, Recommender, ann_recall, default_model, find, key_words,
                               new_user_vector, words)
-from fusion.train import FusionStage, FusionTrainConfig
+from fusion.model import HybridConfig
+from fusion.train import FusionStage
 from slim.encode import ITEMS_TABLE, USERS_TABLE, VectorsStage, read_vectors
 from slim.prompts import STUDENT
 from slim.records import RECORDS
@@ -63,7 +64,7 @@ def build_run(folder: Path) -> Path:
             # a rationale at an earlier cut point, written after the end one: readers must show the end one
             f.write(json.dumps({**rec, "prefix": 3, "step3": "Cut", "text": "Step 1: cut"}) + "\n")
     run_stage(VectorsStage(folder))
-    run_stage(FusionStage(folder, FusionTrainConfig(backbone="sasrec", train=fast), folder=FUSED))
+    run_stage(FusionStage(folder, HybridConfig(backbone="sasrec", train=fast), folder=FUSED))
     return folder
 
 
@@ -213,14 +214,14 @@ def test_the_default_model_is_chosen_on_the_same_users_for_every_candidate(run, 
     import shutil
 
     from eval.io import write_json
-    from fusion.model import FusedRecommender
+    from eval.registry import load_model
     from fusion.report import ReportStage, selection_scores
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     other = copy / "fusion" / "other"
     shutil.copytree(copy / FUSED, other)
-    model = FusedRecommender.from_pretrained(other)
+    model = load_model(other)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))

@@ -11,7 +11,8 @@ from eval.config import from_dict
 from eval.dataset import load_dataset, prepare_dataset
 from eval.errors import InputError
 from eval.preprocess import PrepareConfig
-from fusion.train import FusionStage, FusionTrainConfig
+from fusion.model import HybridConfig, TextMatchingConfig
+from fusion.train import FusionStage
 from slmrec.distill import DistillConfig
 from slmrec.llm import LLMRec, LLMRecConfig
 from slmrec.llm_train import LLMTrainConfig, SLMRecStudentConfig, SLMRecTeacherConfig, StudentStage, TeacherStage
@@ -74,10 +75,10 @@ KINDS = {  # kind: (training function the stage calls, stage for a seed)
         model="gru4rec", train=TrainConfig(seed=s)))),
     "slmrec-teacher": ("slmrec.llm_train.train_llm", lambda run, s: TeacherStage(run, teacher(s))),
     "slmrec-student": ("slmrec.llm_train.train_llm", lambda run, s: StudentStage(run, student(s))),
-    "fusion hybrid": ("fusion.train.fit", lambda run, s: FusionStage(run, FusionTrainConfig(
+    "fusion hybrid": ("fusion.train.fit", lambda run, s: FusionStage(run, HybridConfig(
         train=TrainConfig(seed=s)), folder="fusion/h")),
-    "fusion text": ("fusion.train.fit", lambda run, s: FusionStage(run, FusionTrainConfig(
-        mode="text", hidden=8, train=TrainConfig(seed=s)), folder="fusion/t")),
+    "fusion text": ("fusion.train.fit", lambda run, s: FusionStage(run, TextMatchingConfig(
+        hidden=8, train=TrainConfig(seed=s)), folder="fusion/t")),
 }
 
 

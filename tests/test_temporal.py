@@ -11,7 +11,8 @@ from eval.evaluate import rank_users
 from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from fusion.report import evaluate_run
-from fusion.train import FusionStage, FusionTrainConfig
+from fusion.model import HybridConfig
+from fusion.train import FusionStage
 from slim.profile import ProfileConfig, ProfileRationalesStage
 from slim.prompts import STUDENT, PromptBuilder
 from slim.records import read_records
@@ -94,7 +95,7 @@ def test_the_same_stages_and_report_run_on_the_temporal_split(staggered, tmp_pat
     fast = TrainConfig(epochs=2, max_len=10)
     run_stage(BackboneStage(run, PretrainConfig(hidden=16, layers=1, train=fast)))
     write_vectors(run, vectors(ds, users=range(ds.num_users), items=range(1, ds.num_items + 1)))
-    run_stage(FusionStage(run, FusionTrainConfig(train=fast), folder="fusion/hybrid"))
+    run_stage(FusionStage(run, HybridConfig(train=fast), folder="fusion/hybrid"))
     results = evaluate_run(run, run / "report")
     tested = len(ds.eval_users("test"))
     assert results["overall"]["full"]["sasrec"]["users"] == tested
