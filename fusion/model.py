@@ -68,6 +68,9 @@ class FusedConfig:
                                            "(0 = shortest; none: all users).")
     train: TrainConfig = setting(factory=lambda: TrainConfig(epochs=50, patience=5, lr=1e-3, weight_decay=1e-4))
 
+    # whether the model reads the rationale and the item-text vectors (a kind's config may say by its settings)
+    reads_user_text = reads_item_text = True
+
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise InputError(f"fusion seeds must be at least 1, not {self.seeds}")
@@ -181,8 +184,8 @@ class FusedRecommender(DotScorer, nn.Module):
     learned "missing" vector for those without), which rationale each training position may read,
     the training loss, saving and loading. A kind is a subclass with a `kind` (its preset tables'
     `mode`; its model_type is fusion-KIND), a `config_class` (a FusedConfig) and its heads
-    (`user_vectors`, `item_vectors`), decorated with `@register_model`: `fusion run` then trains it
-    from a `[fusion.NAME]` table with `mode = "KIND"`."""
+    (`add_heads`, `user_vectors`, `item_vectors`), decorated with `@register_model`: `fusion run` then
+    trains it from a `[fusion.NAME]` table with `mode = "KIND"`."""
 
     kind: ClassVar[str]
     config_class: ClassVar[type[FusedConfig]]
@@ -213,25 +216,15 @@ class FusedRecommender(DotScorer, nn.Module):
         self.missing_user = nn.Parameter(torch.zeros(shape.text_dim))
         self.missing_item = nn.Parameter(torch.zeros(shape.text_dim))
         self.backbone = backbone
+        # a kind trained at every position of every training history (else one example per user), or one
+        # that trains its backbone (so saves it with the model, else references it), sets these
+        self.every_position = self.saves_backbone = False
+        self.add_heads(item_pop)
 
-    # --- what a kind may override ---
-    @property
-    def reads_user_text(self) -> bool:
-        return True
-
-    @property
-    def reads_item_text(self) -> bool:
-        return True
-
-    @property
-    def every_position(self) -> bool:
-        """Trained at every position of every training history (else one example per user)."""
-        return False
-
-    @property
-    def saves_backbone(self) -> bool:
-        """Its backbone is trained with it, so saved with it (else referenced by `Shape.backbone_path`)."""
-        return False
+    # --- what a kind implements (and `user_vectors`, `item_vectors`) or may override ---
+    def add_heads(self, item_pop: torch.Tensor | None) -> None:
+        """The kind's own layers, made when the model is built (`item_pop`: each item's training count)."""
+        raise NotImplementedError
 
     def new_user_vectors(self, histories: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         """User vectors of people the model was not trained with, from their histories and a rationale
@@ -246,11 +239,11 @@ class FusedRecommender(DotScorer, nn.Module):
 
     # --- text sides ---
     def _user_text(self, users: torch.Tensor) -> torch.Tensor:
-        has = self.user_has[users, None] & self.reads_user_text
+        has = self.user_has[users, None] & self.config.reads_user_text
         return torch.where(has, self.user_text[users], self.missing_user)
 
     def _item_text(self) -> torch.Tensor:
-        has = self.item_has[:, None] & self.reads_item_text
+        has = self.item_has[:, None] & self.config.reads_item_text
         return torch.where(has, self.item_text, self.missing_item)
 
     def given_text(self, text: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -342,14 +335,12 @@ class HybridFusion(FusedRecommender):
     kind = "hybrid"
     config_class = HybridConfig
 
-    def __init__(self, config: HybridConfig, shape: Shape, user_text: torch.Tensor, user_has: torch.Tensor,
-                 item_text: torch.Tensor, item_has: torch.Tensor, backbone: nn.Module | None = None,
-                 item_pop: torch.Tensor | None = None):
-        super().__init__(config, shape, user_text, user_has, item_text, item_has, backbone)
-        cfg, dim = self.config, shape.id_dim
+    def add_heads(self, item_pop: torch.Tensor | None) -> None:
+        cfg, dim, backbone = self.config, self.shape.id_dim, self.backbone
         if backbone is None:
             raise InputError("hybrid fusion needs a backbone recommender")
-        self.g_l = nn.Linear(shape.text_dim, dim)
+        self.every_position, self.saves_backbone = cfg.training == "joint", not cfg.freeze_backbone
+        self.g_l = nn.Linear(self.shape.text_dim, dim)
         self.g_f = nn.Linear(2 * dim, dim)
         with torch.no_grad():  # g_f starts as the sum of the ID half and, jointly trained, g_l's text half
             nn.init.normal_(self.g_f.weight, std=1e-3)
@@ -375,22 +366,6 @@ class HybridFusion(FusedRecommender):
         self._map_key: tuple | None = None  # what the cached ridge map (`_text_map`) was solved for
         self._map: torch.Tensor | None = None
 
-    @property
-    def reads_user_text(self) -> bool:
-        return self.config.reads_user_text
-
-    @property
-    def reads_item_text(self) -> bool:
-        return self.config.reads_item_text
-
-    @property
-    def every_position(self) -> bool:
-        return self.config.training == "joint"
-
-    @property
-    def saves_backbone(self) -> bool:
-        return not self.config.freeze_backbone
-
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         return self.fuse(self._user_text(users), (self.frozen or self.backbone).user_vectors(users, histories))
 
@@ -402,7 +377,7 @@ class HybridFusion(FusedRecommender):
     def fuse(self, text: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """g_f([g_l(text); ids]): also for users the model was not trained with (a new history).
         A model trained without user text reads its "missing" vector whatever text it is given."""
-        if not self.reads_user_text:
+        if not self.config.reads_user_text:
             text = self.missing_user.expand(*ids.shape[:-1], -1)
         return self.g_f(torch.cat([self.g_l(text), ids], dim=-1))
 
@@ -495,12 +470,9 @@ class TextMatching(FusedRecommender):
     kind = "text"
     config_class = TextMatchingConfig
 
-    def __init__(self, config: TextMatchingConfig, shape: Shape, user_text: torch.Tensor, user_has: torch.Tensor,
-                 item_text: torch.Tensor, item_has: torch.Tensor, backbone: nn.Module | None = None,
-                 item_pop: torch.Tensor | None = None):
-        super().__init__(config, shape, user_text, user_has, item_text, item_has, backbone)
-        self.g_user = nn.Linear(shape.text_dim, self.config.hidden)
-        self.g_item = nn.Linear(shape.text_dim, self.config.hidden)
+    def add_heads(self, item_pop: torch.Tensor | None) -> None:
+        self.g_user = nn.Linear(self.shape.text_dim, self.config.hidden)
+        self.g_item = nn.Linear(self.shape.text_dim, self.config.hidden)
 
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         return self.g_user(self._user_text(users))

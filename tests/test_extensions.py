@@ -16,6 +16,20 @@ from slmrec.seqrec import SequentialRecommender
 from tests.test_fusion import vectors, write_vectors
 
 
+DATA_AND_SASREC = """
+[data]
+source = "{synthetic}"
+user_core = 1
+item_core = 1
+negatives = [10]
+[sasrec]
+hidden = 16
+[sasrec.train]
+epochs = 1
+max_len = 10
+"""  # the tiny run each test adds to: the synthetic data and a SASRec (the report's baseline)
+
+
 @dataclass
 class MeanConfig:
     num_items: int
@@ -44,17 +58,7 @@ class RecentMean(SequentialRecommender):
 
 def test_a_backbone_added_from_a_test_module_is_trained_fused_and_reported(synthetic, tmp_path):
     preset = tmp_path / "toy.toml"
-    preset.write_text(f"""
-[data]
-source = "{synthetic}"
-user_core = 1
-item_core = 1
-negatives = [10]
-[sasrec]
-hidden = 16
-[sasrec.train]
-epochs = 1
-max_len = 10
+    preset.write_text(DATA_AND_SASREC.format(synthetic=synthetic) + """
 [recent-mean]
 hidden = 16
 [recent-mean.train]
@@ -88,17 +92,15 @@ class MeanTextConfig(FusedConfig):
     history_weight: float = 1.0
 
 
-@register_model
 class MeanText(FusedRecommender):
     """A toy fused model: a user is their rationale plus the mean item text of their history, an item its
-    text, both through one shared layer."""
+    text, both through one shared layer (registered by its test, so no other test sees it)."""
 
     kind = "mean-text"
     config_class = MeanTextConfig
 
-    def __init__(self, config, shape, user_text, user_has, item_text, item_has, backbone=None, item_pop=None):
-        super().__init__(config, shape, user_text, user_has, item_text, item_has, backbone)
-        self.g = torch.nn.Linear(shape.text_dim, self.config.hidden)
+    def add_heads(self, item_pop):
+        self.g = torch.nn.Linear(self.shape.text_dim, self.config.hidden)
 
     def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         seen = (histories > 0).float()[..., None]
@@ -111,17 +113,7 @@ class MeanText(FusedRecommender):
 
 def test_a_fused_model_kind_added_from_a_test_module_is_trained_and_reported(synthetic, tmp_path):
     preset = tmp_path / "toy.toml"
-    preset.write_text(f"""
-[data]
-source = "{synthetic}"
-user_core = 1
-item_core = 1
-negatives = [10]
-[sasrec]
-hidden = 16
-[sasrec.train]
-epochs = 1
-max_len = 10
+    preset.write_text(DATA_AND_SASREC.format(synthetic=synthetic) + """
 [fusion.toy]
 mode = "mean-text"
 history_weight = 0.5
@@ -130,6 +122,7 @@ epochs = 2
 max_len = 10
 """)
     run = tmp_path / "run"
+    register_model(MeanText)
     try:
         stages = {s.folder: s for s in build_stages(run, str(preset))}
         assert isinstance(stages["fusion/toy"].config, MeanTextConfig)
