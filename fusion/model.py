@@ -125,8 +125,9 @@ class HybridConfig(FusedConfig):
             raise InputError(f"fusion id_dropout must be in [0, 1), not {self.id_dropout}")
         on = [k for k in ("pop_gate", "cold_ridge", "id_dropout") if getattr(self, k)]
         if on and not self.reads_item_text:
-            raise InputError(f"fusion {on[0]} = {json.dumps(getattr(self, on[0]))} cannot apply: text = {self.text!r} reads no "
-                             "item text (leave it unset)")
+            value = json.dumps(getattr(self, on[0]))
+            raise InputError(f"fusion {on[0]} = {value} cannot apply: text = {self.text!r} reads no item text "
+                             "(leave it unset)")
 
     @property
     def reads_user_text(self) -> bool:

@@ -23,7 +23,8 @@ from eval.preprocess import PrepareConfig
 from eval.stage import run_stage
 from fusion.groups import item_groups, item_popularity_groups, user_length_groups
 from eval.registry import load_model
-from fusion.model import FusedConfig, HybridConfig, HybridFusion, Shape, TextMatching, TextMatchingConfig, vectors_to_tensors
+from fusion.model import (FusedConfig, HybridConfig, HybridFusion, Shape, TextMatching, TextMatchingConfig,
+                          vectors_to_tensors)
 from fusion.pipeline import build_stages
 from fusion.report import evaluate_run
 from fusion.train import FusionStage
@@ -227,7 +228,7 @@ def test_seeds_repeat_training_and_differ(run):
     groups = [k for k in summary["mean"] if k.startswith("full ranking, ")]   # every seed's sparsest users, tail, rare
     assert len(groups) == 3 and {"full ranking, tail", "full ranking, seen <= 5"} < set(groups)
     kept, tail = load_model(run / "fusion" / "s"), item_groups(ds)["tail"]
-    alone = evaluate(kept, ds, "test", "full", max_len=kept.shape.max_len, users=tail)  # a group's metrics are its users' alone
+    alone = evaluate(kept, ds, "test", "full", max_len=kept.shape.max_len, users=tail)  # a group's: its users' alone
     assert summary["runs"][0]["full ranking, tail"] == {k: v for k, v in alone.items() if k != "users_per_s"}
     from fusion.report import find_models, seed_rows
     row = seed_rows(find_models(run), "full")["fusion/s"]
@@ -466,7 +467,7 @@ def test_id_dropout_scores_rare_and_dropped_items_without_their_own_id_vector(ru
         ids = model.backbone.item_emb.weight
         half = 0.5 * (model.neighbour_weights[j, :, None] * ids[model.neighbours[j]]).sum(0)
     assert torch.allclose(fused, model.g_f(torch.cat([model.g_l(model.item_text[j]), half])), atol=1e-6)
-    with pytest.raises(InputError, match="fusion id_dropout = 0.5 cannot apply"):   # no item text: nothing to score from
+    with pytest.raises(InputError, match="fusion id_dropout = 0.5 cannot apply"):   # no item text to score from
         HybridConfig(text="users", id_dropout=0.5)
     with pytest.raises(InputError, match="id_dropout must be in"):
         HybridConfig(id_dropout=1.0)
@@ -558,7 +559,8 @@ def test_fusion_train_takes_each_kinds_options(run, monkeypatch, capsys):
         return e.value.code, capsys.readouterr().err
 
     assert cli("--name", "t", "--mode", "text", "--hidden", "8", "--train.epochs", "1")[0] in (0, None)
-    assert type(load_model(run / "fusion" / "t")) is TextMatching and load_model(run / "fusion" / "t").config.hidden == 8
+    text = load_model(run / "fusion" / "t")
+    assert type(text) is TextMatching and text.config.hidden == 8
     code, err = cli("--name", "t2", "--mode", "text", "--pop-gate", "false")
     assert code == 1 and err.count("\n") == 1 and "fusion.t2: unknown setting 'pop_gate'" in err
     code, err = cli("--name", "h", "--text", "users", "--id-dropout", "0.2")
