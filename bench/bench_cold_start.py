@@ -26,7 +26,8 @@ import slmrec.sasrec  # noqa: F401
 from bench_fusion_settings import cells, groups_of
 from eval.dataset import load_dataset
 from eval.evaluate import rank_users
-from fusion.train import FusionTrainConfig, train_seed
+from fusion.model import HybridConfig
+from fusion.train import train_seed
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
           "| test NDCG@10 all | tail | rare | rare in top 10 |\n" + "|---" * 12 + "|")
     for backbone in args.backbones.split(","):
         for seed in map(int, args.seeds.split(",")):
-            cfg = FusionTrainConfig(backbone=backbone, freeze_backbone=backbone == "slmrec-student")
+            cfg = HybridConfig(backbone=backbone, freeze_backbone=backbone == "slmrec-student")
             model, _, tc = train_seed(ds, cfg, run, run / "bench-cold-start", seed, backbone)
             model.config = replace(model.config, cold_ridge=0.0)
             with torch.no_grad():

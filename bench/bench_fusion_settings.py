@@ -31,7 +31,8 @@ from eval.evaluate import rank_users
 from eval.metrics import from_ranks, per_user
 from eval.significance import seeds_test
 from fusion.groups import RARE, item_groups
-from fusion.train import FusionTrainConfig, train_seed
+from fusion.model import HybridConfig
+from fusion.train import train_seed
 
 SPLITS = ("valid", "test")
 
@@ -85,8 +86,8 @@ def main() -> None:
     for backbone in args.backbones.split(","):
         for seed in seeds:
             for name, settings in variants.items():
-                base = FusionTrainConfig(backbone=backbone, text=args.text, freeze_backbone=backbone == "slmrec-student")
-                cfg = from_dict(FusionTrainConfig, settings, f"variant '{name}'", base)
+                base = HybridConfig(backbone=backbone, text=args.text, freeze_backbone=backbone == "slmrec-student")
+                cfg = from_dict(HybridConfig, settings, f"variant '{name}'", base)
                 model, log, tc = train_seed(ds, cfg, run, run / "bench-fusion-settings", seed, f"{backbone} {name}")
                 for split in SPLITS:
                     ranking = rank_users(model, ds, split, "full", max_len=tc.max_len)

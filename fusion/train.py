@@ -23,9 +23,6 @@ from .model import (DEFAULT_KIND, FusedConfig, FusedRecommender, HybridConfig, S
 from .vectors import TextVectors, load_vectors
 
 
-FusionTrainConfig = HybridConfig  # the name bench/ scripts import: the settings of a hybrid
-
-
 def fusion_examples(ds: SeqDataset, max_len: int, users: np.ndarray | None = None
                     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """One example per user: the history a rationale saw, and the item right after it.
