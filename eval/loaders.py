@@ -9,15 +9,23 @@ treated the same way.
 from __future__ import annotations
 
 import gzip
+import io
+import itertools
 import json
 import math
 import reprlib
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
+import msgspec
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+from isal import igzip, isal_zlib
+from msgspec import UNSET, UnsetType
 
 from .errors import InputError, has_surrogate, user_path, valid_text, warn
 
@@ -86,8 +94,9 @@ def _odd_timestamps(timestamps: pd.Series, path: Path) -> None:
 
 
 def _finish(inter: pd.DataFrame, items: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The standard frames, with a warning for odd timestamps."""
-    inter = inter.astype({"user_id": str, "item_id": str, "rating": float, "timestamp": float})
+    """The standard frames, with a warning for odd timestamps; categorical ids stay categorical."""
+    types = {"user_id": str, "item_id": str, "rating": float, "timestamp": float}
+    inter = inter.astype({c: t for c, t in types.items() if not isinstance(inter[c].dtype, pd.CategoricalDtype)})
     _odd_timestamps(inter["timestamp"], path)
     items = items.reindex(columns=ITEM_COLUMNS).fillna("").astype(str)
     return inter.reset_index(drop=True), items.drop_duplicates("item_id").reset_index(drop=True)
@@ -205,28 +214,51 @@ def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 # --- Amazon reviews (2018 and 2023) --------------------------------------------------------------
+#
+# Dumps run to tens of millions of lines (Amazon 2023 Books: 29.5M reviews, 4.4M items), so they are read
+# as a stream of pieces of whole lines, each parsed by msgspec into only the fields the loader reads, the
+# ids dictionary-encoded piece by piece (categorical columns, int32 codes). A piece msgspec cannot read
+# exactly as the line-by-line Python reader would (a blank or malformed line, a value of another type, a
+# number in a string, an id that is not plain ASCII, a lone surrogate, a byte that is not UTF-8) goes
+# through that Python reader instead, which gives the same values or the same one-line error (file, line,
+# field). `engine="python"` reads the whole file that way (the reference the stream is tested against).
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of a JSON-lines file, gzipped when named `.gz`. Lines are decoded one
-    by one (not in the reader's chunks), so a byte that is not UTF-8 is reported on its own line."""
+READ_BYTES = 32 << 20  # what the stream reads (and gunzips) at a time; a piece is that, up to the last newline
+ENGINES = ("stream", "python")
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+_READ_ERRORS = (OSError, EOFError, zlib.error, isal_zlib.error)  # igzip's (gzip's file-level checks, its own messages)
+
+
+def _parse_lines(lines: Iterable[bytes], path: Path, first: int) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of JSON lines numbered from `first`. Lines are decoded one by one (not in the
+    reader's chunks), so a byte that is not UTF-8 is reported on its own line."""
+    for n, raw in enumerate(lines, first):
+        line = _utf8(raw, path, n)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{n}: expected a JSON object")
+        yield n, obj
+
+
+def _gzip_error(path: Path, e: Exception) -> InputError:
+    if isinstance(e, gzip.BadGzipFile):
+        return InputError(f"{path}: not a gzip file ({e})")
+    return InputError(f"{path}: truncated or corrupt gzip file ({e})")
+
+
+def _json_lines(path: Path, start: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file from line `start` on, gzipped when named `.gz`."""
     opener: Callable = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(_require(path), "rb") as f:
-            for n, raw in enumerate(f, 1):
-                line = _utf8(raw, path, n)
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{path}:{n}: expected a JSON object")
-                yield n, obj
-    except gzip.BadGzipFile as e:
-        raise InputError(f"{path}: not a gzip file ({e})") from None
-    except (EOFError, zlib.error) as e:
-        raise InputError(f"{path}: truncated or corrupt gzip file ({e})") from None
+            yield from _parse_lines(itertools.islice(f, start - 1, None), path, start)
+    except _GZIP_ERRORS as e:
+        raise _gzip_error(path, e) from None
 
 
 def _field(obj: dict, path: Path, n: int, check: Callable[[object, Path, int, str], T], *names: str) -> T:
@@ -245,42 +277,267 @@ def _text(value: object) -> str:
     return "" if value is None else valid_text(str(value).strip())
 
 
-def load_amazon(reviews: str | Path, meta: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _pieces(path: Path) -> Iterator[bytes]:
+    """The file in pieces of whole lines of about READ_BYTES, gunzipped by ISA-L's igzip (2.4 times as fast
+    as gzip here; it refuses the files gzip refuses) when named `.gz`."""
+    opener: Callable = igzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        rest = b""
+        while block := f.read(READ_BYTES):
+            end = block.rfind(b"\n") + 1
+            if end:
+                yield rest + block[:end]
+                rest = block[end:]
+            else:  # a line longer than a read
+                rest += block
+        if rest:
+            yield rest
+
+
+def _stream(path: Path, fast: Callable[[bytes], tuple[T, int] | None],
+            slow: Callable[[Path, Iterator[tuple[int, dict]]], T]) -> Iterator[T]:
+    """What `fast` makes of each piece of a JSON-lines file (with the piece's line count), or where it returns
+    None, what `slow` makes of the piece's (line number, object) from the Python reader. The next piece is
+    read (and gunzipped, which frees the GIL) in a thread meanwhile. Where reading fails (a gzip error), the
+    Python reader takes over from the piece's first line: it reports the error as the old reader did, at
+    the first bad line before it if there is one."""
+    pieces = _pieces(_require(path))
+    first = 1  # the number of the piece's first line
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(next, pieces, None)
+            while True:
+                try:
+                    data = ahead.result()
+                except _READ_ERRORS:
+                    yield slow(path, _json_lines(path, first))
+                    return
+                if data is None:
+                    return
+                ahead = pool.submit(next, pieces, None)
+                got = fast(data)
+                if got is None:
+                    yield slow(path, _parse_lines(io.BytesIO(data), path, first))
+                    first += data.count(b"\n")
+                else:
+                    yield got[0]
+                    first += got[1]
+    finally:
+        pieces.close()
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether all of `data` is UTF-8 (Arrow's check is as strict as Python's decoder: no surrogates, no
+    overlong forms)."""
+    if data.isascii():
+        return True
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _plain_ids(ids: list) -> bool:
+    """Whether every value is a non-empty string of printable ASCII without spaces: an id `_id` takes as it is."""
+    try:
+        joined = "".join(ids)
+    except TypeError:  # UNSET: the field is absent
+        return False
+    return all(ids) and joined.isascii() and joined.isprintable() and " " not in joined
+
+
+class _Review(msgspec.Struct):
+    """The fields a review is read from, 2018's names and 2023's (UNSET: absent); a value of another type
+    is a msgspec error, and its piece goes to the Python reader (which knows ints as ids, numbers in strings,
+    and the errors)."""
+    reviewerID: str | UnsetType = UNSET
+    user_id: str | UnsetType = UNSET
+    parent_asin: str | UnsetType = UNSET
+    asin: str | UnsetType = UNSET
+    overall: float | UnsetType = UNSET
+    rating: float | UnsetType = UNSET
+    unixReviewTime: float | UnsetType = UNSET
+    timestamp: float | UnsetType = UNSET
+
+
+class _Details(msgspec.Struct):
+    Brand: str | None | UnsetType = UNSET
+
+
+class _Item(msgspec.Struct):
+    """The fields an item's metadata is read from (see `_Review`)."""
+    parent_asin: str | UnsetType = UNSET
+    asin: str | UnsetType = UNSET
+    title: str | None | UnsetType = UNSET
+    categories: list[str] | str | None | UnsetType = UNSET
+    category: list[str] | str | None | UnsetType = UNSET
+    main_category: str | None | UnsetType = UNSET
+    brand: str | None | UnsetType = UNSET
+    store: str | None | UnsetType = UNSET
+    details: _Details | None | UnsetType = UNSET
+
+
+_REVIEWS, _ITEMS = msgspec.json.Decoder(_Review), msgspec.json.Decoder(_Item)
+Reviews = tuple[list, list, list, list]  # user ids, item ids, ratings, timestamps
+Items = tuple[list, list, list, list]     # item ids, titles, categories, brands
+
+
+def _decoded(data: bytes, decoder: msgspec.json.Decoder) -> list | None:
+    """Every line of a piece through msgspec, or None if a line is blank, malformed, of another type or
+    not UTF-8 (msgspec checks the UTF-8 of the fields it reads only). A piece ends with a newline, but
+    for the file's last line."""
+    if not _is_utf8(data):
+        return None
+    lines = data.split(b"\n")
+    if not lines[-1]:
+        lines.pop()
+    try:
+        return list(map(decoder.decode, lines))
+    except msgspec.DecodeError:
+        return None
+
+
+def _fast_reviews(data: bytes) -> tuple[Reviews, int] | None:
+    rows = _decoded(data, _REVIEWS)
+    if rows is None:
+        return None
+    users = [r.user_id if r.reviewerID is UNSET else r.reviewerID for r in rows]
+    items = [r.asin if r.parent_asin is UNSET else r.parent_asin for r in rows]
+    ratings = [r.rating if r.overall is UNSET else r.overall for r in rows]  # finite: msgspec refuses 1e999
+    stamps = [r.timestamp if r.unixReviewTime is UNSET else r.unixReviewTime for r in rows]
+    if not (_plain_ids(users) and _plain_ids(items)) or UNSET in ratings or UNSET in stamps:
+        return None
+    return (users, items, ratings, stamps), len(rows)
+
+
+def _review(obj: dict, path: Path, n: int) -> tuple[str, str, float, float]:
+    return (_field(obj, path, n, _id, "reviewerID", "user_id"), _field(obj, path, n, _id, "parent_asin", "asin"),
+            _field(obj, path, n, _number, "overall", "rating"),
+            _field(obj, path, n, _number, "unixReviewTime", "timestamp"))
+
+
+def _slow_reviews(path: Path, objs: Iterator[tuple[int, dict]]) -> Reviews:
+    rows = [_review(obj, path, n) for n, obj in objs]
+    return tuple(map(list, zip(*rows))) if rows else ([], [], [], [])  # type: ignore[return-value]
+
+
+def _fast_items(data: bytes) -> tuple[Items, int] | None:
+    rows = _decoded(data, _ITEMS)
+    if rows is None:
+        return None
+    ids = [r.asin if r.parent_asin is UNSET else r.parent_asin for r in rows]
+    if not _plain_ids(ids):
+        return None
+    return (ids, [_text(r.title or "") for r in rows],
+            [_text(r.categories or r.category or r.main_category or "") for r in rows],
+            [_text(r.brand or r.store or (r.details.Brand if r.details else None) or "") for r in rows]), len(rows)
+
+
+def _item(obj: dict, path: Path, n: int) -> tuple[str, str, str, str]:
+    details = obj.get("details") if isinstance(obj.get("details"), dict) else {}
+    return (_field(obj, path, n, _id, "parent_asin", "asin"), _text(obj.get("title", "")),
+            _text(obj.get("categories") or obj.get("category") or obj.get("main_category") or ""),
+            _text(obj.get("brand") or obj.get("store") or details.get("Brand") or ""))
+
+
+def _slow_items(path: Path, objs: Iterator[tuple[int, dict]]) -> Items:
+    rows = [_item(obj, path, n) for n, obj in objs]
+    return tuple(map(list, zip(*rows))) if rows else ([], [], [], [])  # type: ignore[return-value]
+
+
+class _Codes:
+    """Strings to int32 codes (first appearance order), piece by piece in bounded memory: each piece is
+    dictionary-encoded on its own, and the pieces' dictionaries are merged into one whenever they hold
+    more than it (so each string is hashed a bounded number of times on average)."""
+
+    def __init__(self) -> None:
+        self.dictionary = pa.array([], pa.string())
+        self.codes: list[np.ndarray] = []            # into self.dictionary
+        self.pending: list[pa.DictionaryArray] = []  # into their own dictionaries
+        self.pending_size = 0
+
+    def add(self, values: list[str]) -> None:
+        piece = pa.array(values, pa.string()).dictionary_encode()
+        self.pending.append(piece)
+        self.pending_size += len(piece.dictionary)
+        if self.pending_size > max(1 << 20, len(self.dictionary)):
+            self._merge()
+
+    def _merge(self) -> None:
+        known = pa.DictionaryArray.from_arrays(pa.array(np.arange(len(self.dictionary), dtype=np.int32)),
+                                               self.dictionary)
+        merged = pa.chunked_array([known, *self.pending], type=known.type).unify_dictionaries()
+        self.dictionary = merged.chunk(0).dictionary  # starts with the known strings, in their order
+        self.codes += [piece.indices.to_numpy() for piece in merged.chunks[1:]]
+        self.pending, self.pending_size = [], 0
+
+    def categorical(self) -> pd.Categorical:
+        self._merge()
+        codes = np.concatenate(self.codes) if self.codes else np.empty(0, np.int32)
+        self.codes = []
+        return pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(pd.Index(self.dictionary.to_pandas())))
+
+
+def _read_reviews(path: Path) -> pd.DataFrame:
+    users, items, ratings, stamps = _Codes(), _Codes(), [], []
+    for u, i, r, t in _stream(path, _fast_reviews, _slow_reviews):
+        users.add(u)
+        items.add(i)
+        ratings.append(np.array(r, dtype=np.float64))
+        stamps.append(np.array(t, dtype=np.float64))
+    return pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(),
+                         "rating": np.concatenate(ratings), "timestamp": np.concatenate(stamps)})
+
+
+def _read_items(path: Path) -> pd.DataFrame:
+    columns: list[list[pa.Array]] = [[], [], [], []]
+    for piece in _stream(path, _fast_items, _slow_items):
+        for column, values in zip(columns, piece):
+            column.append(pa.array(values, pa.string()))
+    frame = pd.DataFrame({name: pa.chunked_array(column, pa.string()).to_pandas()
+                          for name, column in zip(ITEM_COLUMNS, columns)})
+    return frame.assign(year="")
+
+
+def _read_python(reviews: Path, meta: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The whole files through the Python reader, rows as tuples: the reference the stream equals."""
+    inter = pd.DataFrame([_review(obj, reviews, n) for n, obj in _json_lines(reviews)],
+                         columns=["user_id", "item_id", "rating", "timestamp"])
+    if meta is None or inter.empty:
+        return inter, None
+    items = pd.DataFrame([(*_item(obj, meta, n), "") for n, obj in _json_lines(meta)], columns=ITEM_COLUMNS)
+    return inter, items
+
+
+def load_amazon(reviews: str | Path, meta: str | Path | None = None, engine: str = "stream"
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Amazon reviews: 2018 (`reviewerID`, `asin`, `overall`, `unixReviewTime`; 5-core files too) or
-    2023 (`user_id`, `parent_asin`, `rating`, `timestamp` in ms), and the metadata file.
+    2023 (`user_id`, `parent_asin`, `rating`, `timestamp` in ms), and the metadata file. The ids come as
+    categorical columns ("stream", the default) or as strings ("python": the line-by-line reader alone).
 
     The metadata is required: reviews carry no titles, and without them every item would reach the
     rationale prompts as a bare id. It is asked for after the reviews are read, so a bad reviews file
     is reported first."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown Amazon reader '{engine}' (choose {' or '.join(ENGINES)})")
     reviews = Path(reviews)
-    rows = []
-    for n, obj in _json_lines(reviews):
-        rows.append((
-            _field(obj, reviews, n, _id, "reviewerID", "user_id"),
-            _field(obj, reviews, n, _id, "parent_asin", "asin"),
-            _field(obj, reviews, n, _number, "overall", "rating"),
-            _field(obj, reviews, n, _number, "unixReviewTime", "timestamp"),
-        ))
-    if not rows:
+    if engine == "python":
+        inter, items = _read_python(reviews, None if meta is None else Path(meta))
+    else:
+        inter, items = _read_reviews(reviews), None
+    if inter.empty:
         raise InputError(f"{reviews}: no reviews (only blank lines)")
-    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
     if meta is None:
         raise InputError(f"{reviews}: Amazon reviews have no item titles; pass the metadata file "
                          f"(meta_*.json.gz or meta_*.jsonl.gz) with --meta (data.meta)")
     meta = Path(meta)
-    rows = []
-    for n, obj in _json_lines(meta):
-        details = obj.get("details") if isinstance(obj.get("details"), dict) else {}
-        rows.append((
-            _field(obj, meta, n, _id, "parent_asin", "asin"),
-            _text(obj.get("title", "")),
-            _text(obj.get("categories") or obj.get("category") or obj.get("main_category") or ""),
-            _text(obj.get("brand") or obj.get("store") or details.get("Brand") or ""),
-            "",
-        ))
-    if not rows:
+    if items is None:
+        items = _read_items(meta)
+    if items.empty:
         raise InputError(f"{meta}: no item records (only blank lines)")
-    return _finish(inter, pd.DataFrame(rows, columns=ITEM_COLUMNS), reviews)
+    return _finish(inter, items, reviews)
 
 
 def guess_format(path: Path) -> str:

@@ -92,10 +92,33 @@ class Prepared(NamedTuple):
     cut: float | None           # the temporal split's cut timestamp
 
 
+def _codes(column: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """An id column as integer codes and the distinct ids they index: a categorical's own (the streaming
+    Amazon reader's), else factorized. Filtering, k-core and splits work on the codes; ids are strings
+    again only for those left at the end."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy(), column.cat.categories
+    codes, uniques = pd.factorize(column)
+    return codes, pd.Index(uniques)
+
+
+def _id_map(codes: np.ndarray, names: pd.Index, start: int) -> tuple[pd.Index, np.ndarray]:
+    """The raw ids of the codes left, in natural order, and each code's new id (from `start`)."""
+    kept = np.unique(codes)
+    order = _natural_key(names.take(kept))
+    new = np.full(len(names), -1, dtype=np.int64)
+    new[kept[order]] = np.arange(start, start + len(kept))
+    return names.take(kept[order]), new
+
+
 def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
     """Filter, k-core, split, map ids and order histories. Users are 0..U-1, items 1..I."""
     src = cfg.source
-    inter = inter.assign(order=np.arange(len(inter)))
+    users, user_names = _codes(inter["user_id"])
+    items, item_names = _codes(inter["item_id"])
+    inter = pd.DataFrame({"user_id": users, "item_id": items, "rating": inter["rating"].to_numpy(),
+                          "timestamp": inter["timestamp"].to_numpy(), "order": np.arange(len(inter))})
+    del users, items
     if cfg.rating_gt is not None:
         inter = inter[inter["rating"] > cfg.rating_gt]
     # chronological, stable on ties: file order decides between equal timestamps
@@ -117,17 +140,19 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
     if inter["item_id"].nunique() < 2:
         raise InputError(f"{src}: fewer than 2 items left after filtering")
 
-    user_ids = pd.Index(inter["user_id"].unique())
-    item_ids = pd.Index(inter["item_id"].unique())
-    user_ids = user_ids[_natural_key(user_ids)]
-    item_ids = item_ids[_natural_key(item_ids)]
-    tested = inter.loc[inter["timestamp"] >= cut, "user_id"] if cut is not None else user_ids
-    users = pd.DataFrame({"user": np.arange(len(user_ids)), "raw_id": user_ids, "has_test": user_ids.isin(tested)})
+    user_codes, item_codes = inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
+    user_ids, user_of = _id_map(user_codes, user_names, 0)
+    item_ids, item_of = _id_map(item_codes, item_names, 1)
+    tested = np.ones(len(user_ids), dtype=bool)
+    if cut is not None:
+        tested = np.zeros(len(user_ids), dtype=bool)
+        tested[user_of[user_codes[inter["timestamp"].to_numpy() >= cut]]] = True
+    users = pd.DataFrame({"user": np.arange(len(user_ids)), "raw_id": user_ids, "has_test": tested})
     items = pd.DataFrame({"item": np.arange(1, len(item_ids) + 1), "raw_id": item_ids})
 
     out = pd.DataFrame({
-        "user": user_ids.get_indexer(inter["user_id"]).astype(np.int64),
-        "item": (item_ids.get_indexer(inter["item_id"]) + 1).astype(np.int64),
+        "user": user_of[user_codes],
+        "item": item_of[item_codes],
         "rating": inter["rating"].to_numpy(),
         "timestamp": inter["timestamp"].to_numpy(),
         "order": inter["order"].to_numpy(),
