@@ -64,15 +64,56 @@ def nonfinite_rows(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def ranks(scores: torch.Tensor, valid: torch.Tensor, keys: np.ndarray | None = None) -> torch.Tensor:
     """0-based rank of column 0 (the true item) among the valid columns of each row: candidates scored
     above it, plus ties broken at random by `tie_draws(keys)` (keys: user ids; default the row index)."""
-    truth, others, v = scores[:, :1], scores[:, 1:], valid[:, 1:]
-    above, tied = (others > truth) & v, (others == truth) & v
-    bad = ~torch.isfinite(scores)
-    if bad.any():  # a non-finite score never helps: it beats the truth, or the truth beats nothing
-        above |= (bad[:, 1:] | bad[:, :1]) & v
-        tied &= ~above
-    keys = np.arange(len(scores)) if keys is None else keys
-    share = torch.as_tensor(tie_draws(keys), dtype=torch.float64)
-    return above.sum(dim=1) + (share * (tied.sum(dim=1) + 1)).floor().long()
+    above, tied, _ = count_against(scores[:, 1:], scores[:, 0], valid[:, 1:])
+    return rank_of(above, tied, np.arange(len(scores)) if keys is None else keys)
+
+
+def count_against(scores: torch.Tensor, truth: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: how many valid columns of `scores` rank above `truth` [B] and how many tie with it, and
+    whether a valid column is not finite. A non-finite score never helps: it beats the truth, or a
+    non-finite truth beats nothing. Counts over column blocks add up to the counts over their union."""
+    finite = torch.isfinite(scores)
+    t = truth[:, None]
+    if finite.all() and bool(torch.isfinite(truth).all()):
+        return ((scores > t) & valid).sum(dim=1), ((scores == t) & valid).sum(dim=1), \
+            torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+    above = ((scores > t) | ~finite | ~torch.isfinite(t)) & valid
+    tied = (scores == t) & valid & ~above
+    return above.sum(dim=1), tied.sum(dim=1), (~finite & valid).any(dim=1)
+
+
+def rank_of(above: torch.Tensor, tied: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
+    """0-based ranks from the counts of candidates above and tied with the truth: a tie is broken at
+    random, by `tie_draws(keys)` (the user ids)."""
+    share = torch.as_tensor(tie_draws(keys), dtype=torch.float64, device=above.device)
+    return above + (share * (tied + 1)).floor().long()
+
+
+def _order_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """One int64 per (score, item) that orders by score, then the smaller item id first (ids < 2**32;
+    -0.0 counts as 0.0; no NaN)."""
+    bits = (values.float() + 0.0).view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # float order as integer order
+    return bits * 2 ** 32 + (2 ** 32 - 1 - ids)
+
+
+def top_k(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row's (value, item id) pairs, best first: higher value, then the smaller item
+    id among equal values, so the result does not depend on the order of the columns or on how they
+    were split into blocks (top_k of the blocks' top_k is the top_k of all). `values` [B, C] (no NaN;
+    -inf for what may not be chosen), `ids` [B, C] or [C]; k <= C."""
+    ids = ids.expand_as(values)
+    best, pick = values.topk(k, dim=1)
+    kth = best[:, -1:]
+    # rows with more values equal to the k-th than slots: which of them topk kept is unspecified
+    clash = ((values >= kth).sum(dim=1) > k) & (kth[:, 0] > float("-inf"))
+    if clash.any():
+        rows = clash.nonzero()[:, 0]
+        pick[rows] = _order_keys(values[rows], ids[rows]).topk(k, dim=1).indices
+    best, chosen = values.gather(1, pick), ids.gather(1, pick)
+    order = _order_keys(best, chosen).topk(k, dim=1).indices
+    return best.gather(1, order), chosen.gather(1, order)
 
 
 def per_user(r: np.ndarray, n: np.ndarray, tested: bool = False) -> dict[str, np.ndarray]:

@@ -1,6 +1,8 @@
 """Dot-product scoring shared by every model, and a cache of user vectors for frozen models."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -24,6 +26,25 @@ class DotScorer:
 
     def score(self, users: torch.Tensor, histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         return dot_scores(self.user_vectors(users, histories), self.item_vectors(), candidates)
+
+    def item_scores(self, users: torch.Tensor, histories: torch.Tensor) -> ItemScores:
+        """`score(users, histories, None)` a block of items at a time: the user vectors are computed once,
+        and the returned function gives the [B, C] scores of item ids `ids` (a slice or [C] tensor)."""
+        u, items = self.user_vectors(users, histories), self.item_vectors()
+        return lambda ids: dot_scores(u, items[ids], None)
+
+
+ItemScores = Callable[[slice | torch.Tensor], torch.Tensor]
+
+
+def item_scorer(model, users: torch.Tensor, histories: torch.Tensor) -> ItemScores:
+    """A model's full-ranking scores a block of item ids at a time: from its user and item vectors for a
+    `DotScorer` that keeps the dot-product `score`, else sliced from `score(users, histories, None)`
+    (any other model: its [B, num_items + 1] scores are then held at once)."""
+    if isinstance(model, DotScorer) and type(model).score is DotScorer.score:
+        return model.item_scores(users, histories)
+    full = model.score(users, histories, None)
+    return lambda ids: full[:, ids]
 
 
 class CachedScorer(DotScorer):
