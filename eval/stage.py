@@ -6,6 +6,10 @@ decides whether the outputs are up to date (the same input fingerprints and conf
 records), builds into a temporary folder that is renamed into place (or into the folder itself, for
 append-only outputs that resume), writes the manifest and says whether the stage ran.
 
+Under torchrun / accelerate launch every process calls `run_stage` (a training stage trains on all
+of them): rank 0 alone writes the outputs and the manifest; the others build into a temporary folder
+and wait for rank 0 before they return its counts.
+
 Fingerprints are by content: a stage's manifest records a digest of what it wrote, and the stages
 downstream compare that digest, so a rerun that writes the same bytes invalidates nothing.
 
@@ -129,6 +133,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def process_state() -> Any:
+    """accelerate's PartialState of this process (under torchrun / accelerate launch it starts the
+    process group) on the device the Trainer uses: CUDA when there is one, else the CPU (gloo)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def wait_for_everyone() -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): wait until every process gets here. One
+    process: nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        process_state().wait_for_everyone()
+
+
 def up_to_date(stage: Stage, inputs: dict[str, str], config: dict[str, Any]) -> dict[str, Any] | None:
     """The stage's manifest if its outputs were built from these inputs and config and finished, else None."""
     old = _manifest(stage.out)
@@ -154,19 +174,23 @@ def run_stage(stage: Stage, force: bool = False) -> StageResult:
                                                                   "missing": missing}))
         return counts
 
+    wait_for_everyone()  # every process has found the outputs out of date before rank 0 replaces them
     if not is_main_process():  # other ranks train alongside rank 0 but write nothing
         with tempfile.TemporaryDirectory() as tmp:
             counts = stage.build(Path(tmp))
-    elif stage.in_place:
-        stage.out.mkdir(parents=True, exist_ok=True)
-        (stage.out / MANIFEST).unlink(missing_ok=True)  # an interrupted build must not pass as the old one
-        counts = finish(stage.out)
-        share_modes(stage.out)
+        wait_for_everyone()  # until rank 0 has written the outputs and the manifest: its counts are the run's
+        counts = (_manifest(stage.out) or {}).get("counts", counts)
     else:
-        with atomic_dir(stage.out) as tmp:
-            counts = finish(tmp)
-    if is_main_process():
+        if stage.in_place:
+            stage.out.mkdir(parents=True, exist_ok=True)
+            (stage.out / MANIFEST).unlink(missing_ok=True)  # an interrupted build must not pass as the old one
+            counts = finish(stage.out)
+            share_modes(stage.out)
+        else:
+            with atomic_dir(stage.out) as tmp:
+                counts = finish(tmp)
         stage.finished()
+        wait_for_everyone()
     missing = stage.missing(counts)
     if missing:
         raise InputError(f"{stage.out}: {missing} {stage.missing_what} (see its manifest); rerun to resume")

@@ -8,6 +8,7 @@ import typer
 
 from eval.cli import check_paths, guarded, run_folder, settings, stage_command
 from eval.io import METRICS_FILE, read_json
+from eval.stage import is_main_process
 from eval.tables import floor_of, print_table
 
 from .llm_train import SLMRecStudentConfig, StudentStage, TeacherStage, distill_ablation
@@ -18,7 +19,10 @@ app = typer.Typer(help="SLMRec: ID-backbone pre-training, LLM teacher training, 
 
 
 def show_metrics(folder: Path) -> None:
-    """The test metrics a model stage wrote, one table per protocol."""
+    """The test metrics a model stage wrote, one table per protocol (under torchrun / accelerate
+    launch, by rank 0 alone)."""
+    if not is_main_process():
+        return
     for protocol, m in read_json(folder / METRICS_FILE).items():
         print_table(f"{folder.name} test: {protocol}", {folder.name: m}, floor=floor_of(m))
 
