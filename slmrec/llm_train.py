@@ -5,10 +5,13 @@ or `torchrun`. Its checkpoints hold only the trainable tensors (adapters, projec
 item table, never the frozen base. Model selection and test metrics go through the shared protocol
 (`eval.evaluate`) on the data set's fixed candidates.
 
-Several GPUs (data parallel; only the main process writes files; --batch-size is per device):
-  accelerate launch --num_processes 4 $(which slmrec) train-teacher --run RUN --model.base /models/llama-2-7b \
-      --model.dtype bfloat16 --train.bf16
-  torchrun --nproc_per_node 4 $(which slmrec) distill --run RUN --student.dtype bfloat16 --train.bf16
+Several processes (data parallel; --train.batch-size is per process, an optimizer step takes
+batch_size x processes x grad_accum examples; validation and test metrics are over every user, as
+`eval.evaluate` gives them to every process; only rank 0 writes files, the others wait for it):
+  accelerate launch --multi_gpu --num_processes 4 $(which slmrec) train-teacher --run RUN \
+      --model.base /models/llama-2-7b --model.dtype bfloat16 --train.bf16
+  torchrun --nproc_per_node 4 -- $(which slmrec) distill --run RUN --student.dtype bfloat16 --train.bf16
+(`--` keeps torchrun from reading the command's `--run` as its own `--run-path`.)
 
 Output folder of a stage (`RUN/slmrec-teacher`, `RUN/slmrec-student`, `RUN/ablation/<variant>`):
   config.json, model.safetensors   the model (LLMRec.from_pretrained)
@@ -28,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from accelerate import PartialState
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from eval.config import config_dict, setting
@@ -38,7 +40,7 @@ from eval.errors import InputError
 from eval.evaluate import evaluate
 from eval.io import METRICS_FILE, TRAIN_LOG, read_json, write_json
 from eval.scoring import CachedScorer
-from eval.stage import Stage, fingerprint, run_stage
+from eval.stage import Stage, fingerprint, is_main_process, process_state, run_stage
 from eval.tables import write_metrics_report
 
 from .distill import DistillConfig, Distiller, student_aux_layers
@@ -54,6 +56,8 @@ POSITIONS = ("all", "last")
 class LLMTrainConfig:
     epochs: float = setting(1.0, "Training epochs (fractions allowed).")
     batch_size: int = setting(32, "Per-device training batch size.")
+    grad_accum: int = setting(1, "Gradient accumulation steps: an optimizer step takes batch_size x "
+                                 "processes x grad_accum examples.")
     lr: float = setting(2e-3, "Peak learning rate (cosine schedule).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     warmup_ratio: float = setting(0.05, "Share of the steps spent warming up the learning rate.")
@@ -69,6 +73,27 @@ class LLMTrainConfig:
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise InputError(f"positions '{self.positions}' is not one of {', '.join(POSITIONS)}")
+        for name in ("batch_size", "grad_accum", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The Trainer's step counts for `examples` training rows on `world` processes: a process's
+    dataloader holds ceil(examples / (batch_size x world)) batches (accelerate evens the shares out),
+    an optimizer step takes grad_accum of them."""
+
+    steps_per_epoch: int
+    steps: int         # the whole run (epochs may be fractional)
+    eval_every: int    # validation and checkpoint every this many steps (and at the last step)
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, examples: int, cfg: LLMTrainConfig, world: int = 1) -> Schedule:
+        per_epoch = max(1, math.ceil(examples / (cfg.batch_size * world * cfg.grad_accum)))
+        return cls(per_epoch, math.ceil(per_epoch * cfg.epochs), max(1, per_epoch // cfg.evals_per_epoch),
+                   int(cfg.warmup_ratio * per_epoch * cfg.epochs))
 
 
 def _one_seed(table: str, model: LLMRecConfig) -> None:
@@ -156,6 +181,17 @@ class RecTrainer(Trainer):
                              f"unexpected {load_result.unexpected_keys[:3]}")
 
 
+class CheckSchedule(TrainerCallback):
+    """The schedule the evaluations and warm-up were set from must be the Trainer's own."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps != self.schedule.steps:
+            raise RuntimeError(f"the Trainer runs {state.max_steps} steps, the schedule assumed {self.schedule}")
+
+
 class Objective(nn.Module):
     """The module the Trainer trains, around a recommender or distiller whose forward returns
     {"loss": ...}. The Trainer writes HF-only attributes into `model.config`; this wrapper has none,
@@ -175,7 +211,7 @@ def train_llm(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainCo
 
     `work_dir` holds the Trainer's checkpoints; a run with the same fingerprint resumes from them."""
     stamp = work_dir / "fingerprint.json"
-    state = PartialState()  # under accelerate launch / torchrun only the main process touches files
+    state = process_state()  # under accelerate launch / torchrun only the main process touches files
     if state.is_main_process:
         if work_dir.exists() and (not stamp.exists() or read_json(stamp) != fingerprint):
             shutil.rmtree(work_dir)
@@ -183,27 +219,31 @@ def train_llm(module: nn.Module, scored: LLMRec, ds: SeqDataset, cfg: LLMTrainCo
         write_json(stamp, fingerprint)
     state.wait_for_everyone()
     train = NextItems(ds, cfg)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    schedule = Schedule.of(len(train), cfg, state.num_processes)
     rng = np.random.default_rng(cfg.seed)
     valid = np.arange(ds.num_users) if cfg.valid_users is None else \
         np.sort(rng.choice(ds.num_users, min(cfg.valid_users, ds.num_users), replace=False))
-    args = TrainingArguments(
+    trainer = RecTrainer(model=Objective(module), args=training_args(cfg, schedule, work_dir), train_dataset=train,
+                         eval_dataset=valid, ds=ds, scored=scored, rec_cfg=cfg, callbacks=[CheckSchedule(schedule)])
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work_dir)))
+    return {"train_seconds": round(time.perf_counter() - t0, 1), "best_valid_MRR": trainer.state.best_metric,
+            "best_checkpoint": trainer.state.best_model_checkpoint, "steps": trainer.state.global_step,
+            "processes": state.num_processes, "schedule": vars(schedule), "history": trainer.state.log_history}
+
+
+def training_args(cfg: LLMTrainConfig, schedule: Schedule, work_dir: Path) -> TrainingArguments:
+    """The Trainer's arguments: validation MRR picks the checkpoint kept, every `schedule.eval_every` steps."""
+    every = schedule.eval_every
+    return TrainingArguments(
         output_dir=str(work_dir), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, lr_scheduler_type="cosine",
-        warmup_steps=int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="cosine", warmup_steps=schedule.warmup_steps,
         eval_strategy="steps", eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model="MRR", greater_is_better=True,
         logging_steps=max(1, every // 4), report_to="none", bf16=cfg.bf16, seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
         label_names=[], ddp_find_unused_parameters=False)
-    trainer = RecTrainer(model=Objective(module), args=args, train_dataset=train, eval_dataset=valid,
-                         ds=ds, scored=scored, rec_cfg=cfg)
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work_dir)))
-    return {"train_seconds": round(time.perf_counter() - t0, 1), "best_valid_MRR": trainer.state.best_metric,
-            "best_checkpoint": trainer.state.best_model_checkpoint, "steps": trainer.state.global_step,
-            "history": trainer.state.log_history}
 
 
 def _item_table(sasrec: Path, ds: SeqDataset) -> torch.Tensor:
@@ -227,17 +267,19 @@ class LLMStage(Stage):
         return train_llm(module, scored, ds, self.config.train, self.work_dir, stamp)
 
     def write(self, out: Path, models: dict[str, LLMRec], ds: SeqDataset, log: dict) -> dict:
-        """Save the model(s) (the main one at the top, others in sub-folders), test metrics and the log."""
+        """Save the model(s) (the main one at the top, others in sub-folders), test metrics and the log
+        (every process takes part in the test ranking; rank 0 alone writes)."""
         main = models[""]
-        for sub, model in models.items():
-            model.save_pretrained(out / sub)
         t0 = time.perf_counter()
         metrics = test_metrics(CachedScorer(main), ds, self.config.train.max_len, self.config.train.eval_batch_size)
         users_per_s = round(ds.num_users / (time.perf_counter() - t0), 2)  # one encoding pass serves every protocol
         for m in metrics.values():
             m["users_per_s"] = users_per_s
-        write_json(out / METRICS_FILE, metrics)
-        write_json(out / TRAIN_LOG, log)
+        if is_main_process():
+            for sub, model in models.items():
+                model.save_pretrained(out / sub)
+            write_json(out / METRICS_FILE, metrics)
+            write_json(out / TRAIN_LOG, log)
         return {"parameters": sum(p.numel() for p in main.parameters()),
                 "trainable_parameters": sum(p.numel() for p in main.parameters() if p.requires_grad),
                 "layers": main.num_layers, "train_seconds": log["train_seconds"], "users_per_s": users_per_s}
@@ -332,5 +374,6 @@ def distill_ablation(run: str | Path, cfg: SLMRecStudentConfig, force: bool = Fa
         run_stage(stage, force)
         for protocol, m in read_json(stage.out / METRICS_FILE).items():
             results[protocol][name] = m
-    write_metrics_report(Path(run) / "ablation", dict(results), "SLMRec distillation ablation (Table 4)")
+    if is_main_process():
+        write_metrics_report(Path(run) / "ablation", dict(results), "SLMRec distillation ablation (Table 4)")
     return dict(results)
