@@ -10,7 +10,7 @@ batch_size x processes x grad_accum examples; validation and test metrics are ov
 `eval.evaluate` gives them to every process; only rank 0 writes files, the others wait for it):
   accelerate launch --multi_gpu --num_processes 4 $(which slmrec) train-teacher --run RUN \
       --model.base /models/llama-2-7b --model.dtype bfloat16 --train.bf16
-  torchrun --nproc_per_node 4 -- $(which slmrec) distill --run RUN --student.dtype bfloat16 --train.bf16
+  torchrun --standalone --nproc_per_node 4 -- $(which slmrec) distill --run RUN --student.dtype bfloat16 --train.bf16
 (`--` keeps torchrun from reading the command's `--run` as its own `--run-path`.)
 
 Output folder of a stage (`RUN/slmrec-teacher`, `RUN/slmrec-student`, `RUN/ablation/<variant>`):
