@@ -148,54 +148,60 @@ def _rank_full(model: Scorer, u: np.ndarray, hist: list[np.ndarray], histories: 
     starts = [*range(0, n - c, c), n - c]
     h_rows = torch.as_tensor(np.repeat(np.arange(len(u)), [len(h) for h in hist]), dtype=torch.long)
     h_items = torch.as_tensor(np.concatenate([np.asarray(h, dtype=np.int64) for h in hist] or [np.zeros(0, np.int64)]))
+    # candidates: every item but the history's, the truth included
+    cands = np.array([num_items - len(set(h.tolist()) - {int(x)}) for h, x in zip(hist, targets)], dtype=np.int64)
     whole = score(slice(0, n)).float() if c == n else None  # one block: scored once
     truth = whole[rows, t] if whole is not None else score(t)[rows, rows].float()
+    device, k, inf = truth.device, min(TOP, num_items + 2), float("-inf")
     for _ in range(3):
-        device = truth.device
         above = torch.zeros(len(u), dtype=torch.long, device=device)
-        tied, cands = torch.zeros_like(above), torch.ones_like(above)
+        tied = torch.zeros_like(above)
         bad = ~torch.isfinite(truth)
+        finite_truth = not bool(bad.any())
         seen = truth.clone()
-        k = min(TOP, num_items + 2)
-        best = torch.full((len(u), k), float("-inf"), device=device)
+        best = torch.full((len(u), k), inf, device=device)
         best_ids = torch.zeros(len(u), k, dtype=torch.long, device=device)
         done = 0  # columns already counted
         for start in starts:
-            s = whole if whole is not None else score(slice(start, start + c)).float()
-            # the items a user may be recommended: not padding, not in the history, the truth always
-            may = torch.ones_like(s, dtype=torch.bool)
-            may[:, :max(done - start, 0)] = False  # counted in the previous block
-            if start == 0:
-                may[:, 0] = False
-            inside = (h_items >= max(start, done)) & (h_items < start + c)
-            may[h_rows[inside].to(device), (h_items[inside] - start).to(device)] = False
-            here = ((t >= max(start, done)) & (t < start + c)).nonzero()[:, 0]
+            s = whole.clone() if whole is not None else score(slice(start, start + c)).float()
+            fast = finite_truth and bool(torch.isfinite(s.sum()))  # no NaN or infinite score here
+            lo = max(start, done, 1)  # the earlier columns: padding or counted in the previous block
+            inside = (h_items >= lo) & (h_items < start + c)
+            h_r, h_c = h_rows[inside].to(device), (h_items[inside] - start).to(device)
+            here = ((t >= lo) & (t < start + c)).nonzero()[:, 0]
             here, cols = here.to(device), (t[here] - start).to(device)
-            may[here, cols] = True
             seen[here] = s[here, cols]
-            valid = may.clone()  # the candidates the truth is ranked against: not the truth itself
-            valid[here, cols] = False
-            a, ti, nf = count_against(s, truth, valid)
-            above += a
-            tied += ti
-            cands += valid.sum(dim=1)
-            bad |= nf
-            # recommended: best first, ties to the smaller id; never a NaN or infinite score
-            s = s.masked_fill(~(may & torch.isfinite(s)), float("-inf"))
-            ids = torch.arange(start, start + c, device=device)
-            kk = min(k, c)
-            b, bi = top_k(s, ids, kk)
+            if not fast:  # the candidates the truth is ranked against: not the truth itself
+                valid = torch.ones_like(s, dtype=torch.bool)
+                valid[:, :lo - start] = False
+                valid[h_r, h_c] = False
+                valid[here, cols] = False
+            # what is not a candidate scores -inf: never above the truth nor tied with a finite truth
+            s[:, :lo - start] = inf
+            s[h_r, h_c] = inf
+            s[here, cols] = inf
+            if fast:
+                above += (s > truth[:, None]).sum(dim=1, dtype=torch.int32)
+                tied += (s == truth[:, None]).sum(dim=1, dtype=torch.int32)
+            else:
+                a, ti, nf = count_against(s, truth, valid)
+                above, tied, bad = above + a, tied + ti, bad | nf
+            # recommended: the truth too, best first, ties to the smaller id; never a NaN or infinite score
+            s[here, cols] = seen[here]
+            if not fast:
+                s = s.masked_fill(~torch.isfinite(s), inf)
+            b, bi = top_k(s, torch.arange(start, start + c, device=device), min(k, c))
             best, best_ids = top_k(torch.cat([best, b], dim=1), torch.cat([best_ids, bi], dim=1), k)
             done = start + c
-        same = (seen == truth) | (torch.isnan(seen) & torch.isnan(truth))
-        if same.all():
+        if bool(((seen == truth) | (torch.isnan(seen) & torch.isnan(truth))).all()):
             break
         truth = seen
     else:
         raise RuntimeError("the model scores the true items differently on every call: full ranking needs "
                            "deterministic scores")
-    top = best_ids.masked_fill(best == float("-inf"), 0)
-    return [x.cpu().numpy() for x in (rank_of(above, tied, u), cands, top, bad)]
+    top = best_ids.masked_fill(best == inf, 0)
+    r, top, bad = (x.cpu().numpy() for x in (rank_of(above, tied, u), top, bad))
+    return [r, cands, top, bad]
 
 
 def evaluate(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str = "100",

@@ -73,11 +73,11 @@ def count_against(scores: torch.Tensor, truth: torch.Tensor,
     """Per row: how many valid columns of `scores` rank above `truth` [B] and how many tie with it, and
     whether a valid column is not finite. A non-finite score never helps: it beats the truth, or a
     non-finite truth beats nothing. Counts over column blocks add up to the counts over their union."""
-    finite = torch.isfinite(scores)
     t = truth[:, None]
-    if finite.all() and bool(torch.isfinite(truth).all()):
+    if bool(torch.isfinite(scores.sum())) and bool(torch.isfinite(truth).all()):  # every score finite
         return ((scores > t) & valid).sum(dim=1), ((scores == t) & valid).sum(dim=1), \
             torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+    finite = torch.isfinite(scores)
     above = ((scores > t) | ~finite | ~torch.isfinite(t)) & valid
     tied = (scores == t) & valid & ~above
     return above.sum(dim=1), tied.sum(dim=1), (~finite & valid).any(dim=1)
@@ -104,11 +104,11 @@ def top_k(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor
     were split into blocks (top_k of the blocks' top_k is the top_k of all). `values` [B, C] (no NaN;
     -inf for what may not be chosen), `ids` [B, C] or [C]; k <= C."""
     ids = ids.expand_as(values)
-    best, pick = values.topk(k, dim=1)
-    kth = best[:, -1:]
-    # rows with more values equal to the k-th than slots: which of them topk kept is unspecified
-    clash = ((values >= kth).sum(dim=1) > k) & (kth[:, 0] > float("-inf"))
-    if clash.any():
+    best, pick = values.topk(min(k + 1, values.shape[1]), dim=1)
+    # rows whose (k+1)-th value equals the k-th: which of the equal values topk kept is unspecified
+    clash = (best[:, k] == best[:, k - 1]) & (best[:, k - 1] > float("-inf")) if best.shape[1] > k else None
+    pick = pick[:, :k]
+    if clash is not None and clash.any():
         rows = clash.nonzero()[:, 0]
         pick[rows] = _order_keys(values[rows], ids[rows]).topk(k, dim=1).indices
     best, chosen = values.gather(1, pick), ids.gather(1, pick)

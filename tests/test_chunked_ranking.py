@@ -192,15 +192,23 @@ def test_default_chunk_bounds_the_scores_held():
     assert default_chunk(10 ** 6) == 1024
 
 
+def _models(table: np.ndarray, ds) -> dict:
+    """A table of scores (no dot product: the whole [users, items] scores sliced) and a tiny
+    dot-product model (scored a block of items at a time)."""
+    g = torch.Generator().manual_seed(7)
+    return {"table": Table(table), "dot": Dot(torch.randn(ds.num_users, 8, generator=g),
+                                              torch.randn(ds.num_items + 1, 8, generator=g))}
+
+
+def _rankings(table, ds, users) -> dict:
+    return {(name, protocol): rank_users(model, ds, "test", protocol, users=users, batch_size=7, chunk_size=64)
+            for name, model in _models(table, ds).items() for protocol in ("full", "100")}
+
+
 def _shard_worker(rank, world, init, path, table, users, out):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        ds, table = load_dataset(path), np.load(table)
-        got = {}
-        for protocol in ("full", "100"):
-            r = rank_users(Table(table), ds, "test", protocol, users=users, batch_size=7, chunk_size=64)
-            got[protocol] = r
-        torch.save(got, f"{out}.{rank}")
+        torch.save(_rankings(np.load(table), load_dataset(path), users), f"{out}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -213,10 +221,11 @@ def test_two_processes_rank_as_one(ds, tmp_path, some):
     users = ds.eval_users("test")[:1] if some else None  # one user: the second process ranks nobody
     torch.multiprocessing.spawn(_shard_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(ds.path),
                                                      str(tmp_path / "table.npy"), users, str(tmp_path / "out")), nprocs=2)
-    for protocol in ("full", "100"):
-        one = rank_users(Table(table), ds, "test", protocol, users=users, batch_size=7, chunk_size=64)
-        for rank in range(2):
-            got = torch.load(tmp_path / f"out.{rank}", weights_only=False)[protocol]
-            for a, b in zip(got, one):
-                assert np.array_equal(a, b) and a.dtype == b.dtype and a.shape == b.shape
-            assert metrics_of(got) == metrics_of(one)
+    one = _rankings(table, ds, users)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        assert got.keys() == one.keys()
+        for key, ranking in one.items():
+            for a, b in zip(got[key], ranking):
+                assert np.array_equal(a, b) and a.dtype == b.dtype and a.shape == b.shape, key
+            assert metrics_of(got[key]) == metrics_of(ranking)
