@@ -86,18 +86,18 @@ def rank_users(model: Scorer, ds: SeqDataset, split: str = "test", protocol: str
         raise InputError(f"chunk_size must be at least 1, not {chunk}")
     world, rank = _world() if shard else (1, 0)
     mine = np.array_split(users, world)[rank]
-    width = min(TOP, ds.num_items + 2 if protocol == "full" else ds.candidates(split, int(protocol)).shape[1])
+    fixed = None if protocol == "full" else ds.candidates(split, int(protocol))
+    width = min(TOP, ds.num_items + 2 if fixed is None else fixed.shape[1])
     out = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width), np.int64), np.zeros(0, bool)]
     parts = [out]
     batches = range(0, len(mine), batch_size)
     for start in (track(batches, description=f"scoring {split}/{protocol}") if progress and rank == 0 else batches):
         u = mine[start:start + batch_size]
         hist = [ds.history(int(x), split) for x in u]
-        if protocol == "full":
+        if fixed is None:
             parts.append(_rank_full(model, u, hist, pad_left(hist, max_len), targets[u], ds.num_items, chunk))
         else:
-            parts.append(_rank_candidates(model, u, pad_left(hist, max_len),
-                                          torch.as_tensor(ds.candidates(split, int(protocol))[u])))
+            parts.append(_rank_candidates(model, u, pad_left(hist, max_len), torch.as_tensor(fixed[u])))
     local = [np.concatenate([p[i] for p in parts]) for i in range(4)]
     if world > 1:
         gathered: list = [None] * world
