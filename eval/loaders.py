@@ -93,13 +93,18 @@ def _odd_timestamps(timestamps: pd.Series, path: Path) -> None:
              "(kept as they are)")
 
 
-def _finish(inter: pd.DataFrame, items: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The standard frames, with a warning for odd timestamps; categorical ids stay categorical."""
+def _interactions(inter: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The standard interactions frame, with a warning for odd timestamps; categorical ids stay categorical."""
     types = {"user_id": str, "item_id": str, "rating": float, "timestamp": float}
     inter = inter.astype({c: t for c, t in types.items() if not isinstance(inter[c].dtype, pd.CategoricalDtype)})
     _odd_timestamps(inter["timestamp"], path)
+    return inter.reset_index(drop=True)
+
+
+def _finish(inter: pd.DataFrame, items: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The standard frames: an item's first record counts."""
     items = items.reindex(columns=ITEM_COLUMNS).fillna("").astype(str)
-    return inter.reset_index(drop=True), items.drop_duplicates("item_id").reset_index(drop=True)
+    return _interactions(inter, path), items.drop_duplicates("item_id").reset_index(drop=True)
 
 
 # --- RecBole atomic files ------------------------------------------------------------------------
@@ -223,7 +228,7 @@ def load_movielens(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 # through that Python reader instead, which gives the same values or the same one-line error (file, line,
 # field). `engine="python"` reads the whole file that way (the reference the stream is tested against).
 
-READ_BYTES = 32 << 20  # what the stream reads (and gunzips) at a time; a piece is that, up to the last newline
+READ_BYTES = 8 << 20  # what the stream reads (and gunzips) at a time; a piece is that, up to the last newline
 ENGINES = ("stream", "python")
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 _READ_ERRORS = (OSError, EOFError, zlib.error, isal_zlib.error)  # igzip's (gzip's file-level checks, its own messages)
@@ -452,6 +457,8 @@ class _Codes:
     dictionary-encoded on its own, and the pieces' dictionaries are merged into one whenever they hold
     more than it (so each string is hashed a bounded number of times on average)."""
 
+    merge_at = 1 << 20  # the least pending dictionary size to merge at
+
     def __init__(self) -> None:
         self.dictionary = pa.array([], pa.string())
         self.codes: list[np.ndarray] = []            # into self.dictionary
@@ -462,7 +469,7 @@ class _Codes:
         piece = pa.array(values, pa.string()).dictionary_encode()
         self.pending.append(piece)
         self.pending_size += len(piece.dictionary)
-        if self.pending_size > max(1 << 20, len(self.dictionary)):
+        if self.pending_size > max(self.merge_at, len(self.dictionary)):
             self._merge()
 
     def _merge(self) -> None:
@@ -473,11 +480,20 @@ class _Codes:
         self.codes += [piece.indices.to_numpy() for piece in merged.chunks[1:]]
         self.pending, self.pending_size = [], 0
 
-    def categorical(self) -> pd.Categorical:
+    def done(self) -> tuple[np.ndarray, pa.StringArray]:
+        """The codes of all strings added, and the strings they index."""
         self._merge()
         codes = np.concatenate(self.codes) if self.codes else np.empty(0, np.int32)
         self.codes = []
-        return pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(pd.Index(self.dictionary.to_pandas())))
+        return codes, self.dictionary
+
+    def categorical(self) -> pd.Categorical:
+        codes, dictionary = self.done()
+        categories = pd.Index(dictionary.to_pandas())
+        # the dictionary holds each string once: pandas' check of that would hash them all as Python objects
+        # (about 100 bytes each: 0.7 GB for Amazon 2023 Books' 10.3M users)
+        dtype = pd.CategoricalDtype._from_fastpath(categories, False)
+        return pd.Categorical.from_codes(codes, dtype=dtype, validate=False)
 
 
 def _read_reviews(path: Path) -> pd.DataFrame:
@@ -492,13 +508,19 @@ def _read_reviews(path: Path) -> pd.DataFrame:
 
 
 def _read_items(path: Path) -> pd.DataFrame:
-    columns: list[list[pa.Array]] = [[], [], [], []]
+    """The items frame in its standard shape (`_finish`'s), each item's first record kept, without a
+    Python string per value."""
+    ids, texts = _Codes(), [[], [], []]
     for piece in _stream(path, _fast_items, _slow_items):
-        for column, values in zip(columns, piece):
+        ids.add(piece[0])
+        for column, values in zip(texts, piece[1:]):
             column.append(pa.array(values, pa.string()))
-    frame = pd.DataFrame({name: pa.chunked_array(column, pa.string()).to_pandas()
-                          for name, column in zip(ITEM_COLUMNS, columns)})
-    return frame.assign(year="")
+    codes, names = ids.done()  # names: in order of first appearance
+    first = np.unique(codes, return_index=True)[1]
+    columns = [pa.chunked_array(column, pa.string()) for column in texts]
+    if len(first) < len(codes):
+        columns = [column.take(first) for column in columns]
+    return pd.DataFrame({name: column.to_pandas() for name, column in zip(ITEM_COLUMNS, [names, *columns])}).assign(year="")
 
 
 def _read_python(reviews: Path, meta: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -533,11 +555,12 @@ def load_amazon(reviews: str | Path, meta: str | Path | None = None, engine: str
         raise InputError(f"{reviews}: Amazon reviews have no item titles; pass the metadata file "
                          f"(meta_*.json.gz or meta_*.jsonl.gz) with --meta (data.meta)")
     meta = Path(meta)
-    if items is None:
+    stream = items is None
+    if stream:
         items = _read_items(meta)
     if items.empty:
         raise InputError(f"{meta}: no item records (only blank lines)")
-    return _finish(inter, items, reviews)
+    return (_interactions(inter, reviews), items) if stream else _finish(inter, items, reviews)
 
 
 def guess_format(path: Path) -> str:

@@ -62,15 +62,28 @@ def _natural_key(ids: pd.Index) -> np.ndarray:
     return np.argsort(values, kind="stable")
 
 
+def _dense(column: pd.Series) -> np.ndarray:
+    """An id column as non-negative integer codes: its own values where they already are such codes."""
+    values = column.to_numpy()
+    if values.dtype.kind in "iu" and (len(values) == 0 or values.min() >= 0):
+        return values
+    return pd.factorize(values)[0]
+
+
+def _counts(codes: np.ndarray) -> np.ndarray:
+    """For each row, how many rows have its code."""
+    return np.bincount(codes)[codes]
+
+
 def k_core(inter: pd.DataFrame, user_core: int, item_core: int) -> pd.DataFrame:
     """Drop users and items below their core size, repeating until nothing changes."""
+    users, items = _dense(inter["user_id"]), _dense(inter["item_id"])
+    rows = np.arange(len(inter))
     while True:
-        users = inter["user_id"].map(inter["user_id"].value_counts())
-        items = inter["item_id"].map(inter["item_id"].value_counts())
-        keep = (users >= user_core) & (items >= item_core)
+        keep = (_counts(users[rows]) >= user_core) & (_counts(items[rows]) >= item_core)
         if keep.all():
-            return inter
-        inter = inter[keep]
+            return inter if len(rows) == len(inter) else inter.iloc[rows]
+        rows = rows[keep]
 
 
 def temporal_cut(inter: pd.DataFrame, quantile: float) -> tuple[pd.DataFrame, float]:
@@ -116,16 +129,21 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
     src = cfg.source
     users, user_names = _codes(inter["user_id"])
     items, item_names = _codes(inter["item_id"])
-    inter = pd.DataFrame({"user_id": users, "item_id": items, "rating": inter["rating"].to_numpy(),
-                          "timestamp": inter["timestamp"].to_numpy(), "order": np.arange(len(inter))})
-    del users, items
-    if cfg.rating_gt is not None:
-        inter = inter[inter["rating"] > cfg.rating_gt]
+    rating, stamp = inter["rating"].to_numpy(), inter["timestamp"].to_numpy()
+    # rows (in file order) are picked as positions, and the frame is built once from those k-core keeps
+    rows = np.arange(len(inter)) if cfg.rating_gt is None else np.flatnonzero(rating > cfg.rating_gt)
     # chronological, stable on ties: file order decides between equal timestamps
-    inter = inter.sort_values(["timestamp", "order"], kind="stable")
-    if cfg.dedup:
-        inter = inter.drop_duplicates(["user_id", "item_id"], keep="first")
-    inter = k_core(inter, cfg.user_core, cfg.item_core)
+    rows = rows[np.argsort(stamp[rows], kind="stable")]
+    if cfg.dedup:  # the first interaction of each user-item pair
+        pair = users[rows].astype(np.int64) * (len(item_names) + 1) + items[rows]
+        rows = rows[~pd.Series(pair).duplicated(keep="first").to_numpy()]
+        del pair
+    cored = k_core(pd.DataFrame({"user_id": users[rows], "item_id": items[rows]}), cfg.user_core, cfg.item_core)
+    rows = rows[cored.index.to_numpy()]
+    del cored
+    inter = pd.DataFrame({"user_id": users[rows], "item_id": items[rows], "rating": rating[rows],
+                          "timestamp": stamp[rows], "order": rows})
+    del users, items, rating, stamp, rows
     cut = None
     if cfg.split == "temporal":
         inter, cut = temporal_cut(inter, cfg.cut)
@@ -133,11 +151,11 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
             raise InputError(f"{src}: no user has an interaction at or after the temporal cut ({cfg.cut} "
                              f"quantile, timestamp {cut:g}) on an item seen before it: lower cut")
     else:  # leave-one-out needs train, validation and test items for every user
-        inter = inter[inter["user_id"].map(inter["user_id"].value_counts()) >= 3]
+        inter = inter[_counts(inter["user_id"].to_numpy()) >= 3]
     if inter.empty:
         raise InputError(f"{src}: no interactions left after filtering "
                          f"(rating_gt={cfg.rating_gt}, user_core={cfg.user_core}, item_core={cfg.item_core})")
-    if inter["item_id"].nunique() < 2:
+    if len(np.unique(inter["item_id"].to_numpy())) < 2:
         raise InputError(f"{src}: fewer than 2 items left after filtering")
 
     user_codes, item_codes = inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
@@ -155,9 +173,9 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
         "item": item_of[item_codes],
         "rating": inter["rating"].to_numpy(),
         "timestamp": inter["timestamp"].to_numpy(),
-        "order": inter["order"].to_numpy(),
     })
-    out = out.sort_values(["user", "timestamp", "order"], kind="stable").drop(columns="order")
+    # by user, then time, then file order (a total order: np.lexsort sorts by its last key first)
+    out = out.iloc[np.lexsort((inter["order"].to_numpy(), out["timestamp"].to_numpy(), out["user"].to_numpy()))]
     return Prepared(out.reset_index(drop=True), users, items, cut)
 
 

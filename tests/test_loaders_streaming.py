@@ -167,6 +167,18 @@ def test_clean_pieces_take_the_fast_path(tmp_path, monkeypatch):
     assert not slow and len(inter) == 300 and len(items) == 5
 
 
+def test_codes_merge_piece_dictionaries_in_first_appearance_order(monkeypatch):
+    monkeypatch.setattr(loaders._Codes, "merge_at", 3)
+    rng = random.Random(1)
+    pieces = [[f"s{rng.randrange(40)}" for _ in range(rng.randrange(0, 9))] for _ in range(60)]
+    codes = loaders._Codes()
+    for piece in pieces:
+        codes.add(piece)
+    got = codes.categorical()
+    values = [v for piece in pieces for v in piece]
+    assert list(got) == values and list(got.categories) == list(dict.fromkeys(values))
+
+
 def _prepared(run: Path, reviews: Path, meta: Path, engine: str, monkeypatch, **kw) -> dict[str, str]:
     """The data folder `fusion prepare` writes (through DataStage) with the given reader."""
     monkeypatch.setattr(loaders, "load_amazon", functools.partial(load_amazon, engine=engine))
