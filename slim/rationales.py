@@ -172,7 +172,13 @@ def run_generation(data_dir: str | Path, out_dir: str | Path, cfg: GenerationCon
             **usage.to_dict(), "seconds": round(seconds, 1),
             "completion_tokens_per_s": round(usage.completion_tokens / seconds, 2) if seconds else 0.0,
             "est_cost_usd": round(usage.cost(cfg.client.price_prompt_per_1m, cfg.client.price_completion_per_1m), 6),
-            "model": model, "prompt_version": version}
+            "model": model, "prompt_version": version, **endpoint_counts(gen)}
+
+
+def endpoint_counts(gen: Generator | None) -> dict[str, Any]:
+    """{"endpoints": answers and failed tries per base URL} for a client of several URLs, else nothing."""
+    counts = getattr(gen, "endpoint_counts", None)
+    return {"endpoints": counts()} if counts is not None and len(gen.endpoints) > 1 else {}
 
 
 class RationaleStage(Stage):
