@@ -13,8 +13,9 @@ the CPU's flags:
      transformers float32; then the engine `auto` picks here and its ratio to the best (>= 0.9). An
      engine far below the others (vLLM bf16 where bf16 is emulated: ~2 tokens/s) runs on
      `--slow-prompts` prompts only, so the bench ends;
-  3. served (`--serve`): vLLM's server and the transformers batching server through the project's
-     `Server` and `ChatClient` at each concurrency level (a bounded number of requests per level).
+  3. served (`--serve`): vLLM's server in each vLLM dtype of `--engines` and the transformers batching
+     server, through the project's `Server` and `ChatClient` at each concurrency level (a bounded
+     number of requests per level).
 
   python bench/bench_generation.py --data runs/demo/data --adapter runs/demo/slim-student
   python bench/bench_generation.py --data runs/demo/data --engines transformers --serve
@@ -191,7 +192,7 @@ def main() -> None:
                       f"{job_s[fastest_job]:.1f} s (ratio {job_ratio:.2f}, "
                       f"{'ok' if job_ratio >= 0.9 else 'BELOW 0.9'})")
 
-    # 3. served: the two servers one after the other, each concurrency level in turn
+    # 3. served: the servers one after the other, each concurrency level in turn
     if args.serve:
         levels = [int(c) for c in args.concurrency.split(",")]
         table = Table(title=f"served (OpenAI-compatible endpoint, the project's ChatClient), {args.max_tokens} "
@@ -199,12 +200,13 @@ def main() -> None:
         for col in ("backend", "dtype", "start-up s", "concurrency", "requests", "seconds", "completion tokens",
                     "tokens/s"):
             table.add_column(col, justify="right")
-        backends = [b for b in ("vllm", "transformers") if any(e.startswith(b) for e in engines)]
-        for backend in backends:
+        servers = [("vllm", e.split("-")[1]) for e in engines if e.startswith("vllm-")]
+        servers += [("transformers", None)] if any(e.startswith("transformers") for e in engines) else []
+        for backend, dtype in servers:
             with contextlib.ExitStack() as stack:
                 try:
-                    server = stack.enter_context(Server(model, args.adapter, backend=backend, prefix_caching=False,
-                                                        max_batch=max(levels)))
+                    server = stack.enter_context(Server(model, args.adapter, backend=backend, dtype=dtype,
+                                                        prefix_caching=False, max_batch=max(levels)))
                 except Exception as e:  # noqa: BLE001 - say so and go on with the other server
                     console.print(f"{backend} server: cannot run here ({type(e).__name__}: {str(e)[:200]})")
                     continue

@@ -6,11 +6,11 @@ One rule for every generation path (the teacher's server, the student's in-proce
 
 - bf16 only where it is native: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX. Elsewhere
   torch emulates it (a 576-wide matmul on an AVX2 EPYC: 1.2 GFLOP/s in bf16, 72 in float32).
-- vLLM on a GPU wherever it runs, and on a CPU with AVX-512 (AVX-512 BF16 Xeon: vLLM bf16 4.1x and
-  float32 2.3x transformers' float32 batched generate). On an AVX2-only CPU vLLM in bf16 is the
-  slowest option (emulated: 1.5-5 tokens/s); in float32 it decodes 1.3x faster than transformers
-  once started but starts ~50 s later, so "auto" picks it there only for an offline job whose
-  output pays that back, and serves with the transformers batching server (see `CPU_FIGURES`).
+- vLLM on a GPU wherever it runs. On a CPU it decodes faster than transformers' batched generate once
+  started (AVX-512 BF16 Xeon, 64 prompts: bf16 3.9x, float32 1.7x; AVX2 EPYC: float32 1.3x, bf16 is
+  emulated there and the slowest option, 1.5-5 tokens/s) but starts 20-50 s later, so "auto" picks
+  it for an offline job only where the job's output pays that back, and for a server where vLLM's
+  server beats the transformers batching server (AVX-512: yes; AVX2: no). See `CPU_FIGURES`.
 """
 from __future__ import annotations
 
@@ -19,20 +19,31 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# SmolLM2-135M on 2 cores, the figures the CPU rule stands on: completion tokens/s once started, and
-# start-up seconds (bench/results: 2026-11-23-vllm-cpu.md for AVX-512 BF16, 2026-12-02-generation-avx2.md
-# for AVX2: offline, 32 student prompts; served, the teacher at concurrency 32).
+# SmolLM2-135M on 2 cores, the figures the CPU rule stands on, per kind of CPU and the dtype vLLM runs
+# in there: completion tokens/s once started offline (the demo student's job: 64 prompts, 40 tokens; on
+# AVX2 32 prompts, 48 tokens), vLLM's start-up seconds, and served tokens/s at concurrency 32 (vLLM's
+# server against the transformers batching server). bench/results: 2026-12-03-generation-avx512.md
+# (AVX-512 BF16 + AMX Xeon; the "avx512" row is vLLM in float32 on that machine: the AVX-512 kernels a
+# CPU without BF16 runs) and 2026-12-02-generation-avx2.md (AVX2 EPYC).
 CPU_FIGURES = {
-    "avx512_bf16": {"vllm bfloat16": 271.0, "vllm float32": 154.0, "transformers float32": 66.8},
-    "avx2": {"vllm float32": 29.0, "transformers float32": 23.0, "vllm startup s": 52.0,
-             "served vllm float32": 17.0, "served transformers float32": 17.3},
+    "avx512_bf16": {"vllm": 222.3, "transformers": 57.2, "vllm startup s": 21.0,
+                    "served vllm": 175.9, "served transformers": 40.7},
+    "avx512": {"vllm": 96.9, "transformers": 57.2, "vllm startup s": 25.5,
+               "served vllm": 15.9, "served transformers": 14.2},
+    "avx2": {"vllm": 29.0, "transformers": 23.0, "vllm startup s": 52.0,
+             "served vllm": 17.0, "served transformers": 17.3},
 }
 
 
-def avx2_break_even_tokens() -> float:
-    """Completion tokens above which vLLM float32's start-up pays for itself on an AVX2-only CPU."""
-    fig = CPU_FIGURES["avx2"]
-    return fig["vllm startup s"] / (1 / fig["transformers float32"] - 1 / fig["vllm float32"])
+def cpu_figures(hw: Hardware) -> dict[str, float]:
+    """The measured figures for this kind of CPU (an older CPU than AVX2 reads the AVX2 ones)."""
+    return CPU_FIGURES["avx512_bf16" if hw.native_bf16 else "avx512" if hw.avx512 else "avx2"]
+
+
+def break_even_tokens(fig: dict[str, float]) -> float:
+    """Completion tokens above which vLLM's start-up pays for itself (inf where it is no faster)."""
+    gain = 1 / fig["transformers"] - 1 / fig["vllm"]
+    return fig["vllm startup s"] / gain if gain > 0 else float("inf")
 
 
 TRANSFORMERS_DTYPE = "float32"  # the transformers path (slim.local.LocalGenerator) computes in float32
@@ -117,10 +128,11 @@ def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_devi
     imports and runs (`vllm_ok`, `vllm_why`, the device it found) and, for a job of known size, the
     most completion tokens it asks for (`work_tokens`; None: a server, whose work is unknown).
 
-    auto never picks the slower engine: vLLM on a GPU and on a CPU with AVX-512; on an AVX2-only CPU
-    vLLM float32 decodes 1.3x faster than transformers once started but takes ~50 s to start, so it
-    is picked only for a job large enough to pay that back (a server there: transformers, whose
-    batching server matched vLLM's). Asking for vllm where it cannot run is an error."""
+    auto never picks the slower engine: vLLM on a GPU; on a CPU, by the figures of its kind
+    (`CPU_FIGURES`): vLLM decodes faster once started (1.3x on AVX2 in float32, 3.9x on AVX-512 BF16)
+    but starts 20-50 s later than transformers, so an offline job gets it only where its output pays
+    that back, and a server where vLLM's served throughput beats the batching server's (AVX-512: 2-4x;
+    AVX2: no faster). Asking for vllm where it cannot run is an error."""
     from eval.errors import InputError
 
     dtype = generation_dtype(hw)
@@ -132,26 +144,26 @@ def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_devi
         return EngineChoice("transformers", TRANSFORMERS_DTYPE, f"fallback: {vllm_why}")
     if requested == "vllm":
         return EngineChoice("vllm", dtype, f"asked for; {vllm_why}")
-    if vllm_device == "cpu" and not hw.avx512:
-        fig, even = CPU_FIGURES["avx2"], avx2_break_even_tokens()
-        speed = fig["vllm float32"] / fig["transformers float32"]
-        if work_tokens is None:
-            return EngineChoice("transformers", TRANSFORMERS_DTYPE,
-                                f"{vllm_why}, but this CPU has no AVX-512: served, vLLM float32 is no faster than "
-                                f"the batching server there ({fig['served vllm float32']:.0f} vs "
-                                f"{fig['served transformers float32']:.0f} tokens/s measured on an AVX2 CPU) and "
-                                f"starts {fig['vllm startup s']:.0f} s slower")
-        if work_tokens < even:
-            return EngineChoice("transformers", TRANSFORMERS_DTYPE,
-                                f"{vllm_why}, but this CPU has no AVX-512: vLLM float32 decodes {speed:.1f}x faster "
-                                f"here once started, but its {fig['vllm startup s']:.0f} s start-up pays back only "
-                                f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
-        return EngineChoice("vllm", dtype, f"{vllm_why}; no AVX-512: {dtype} (bf16 is emulated here), "
-                                               f"{speed:.1f}x transformers once started, its start-up paid back "
-                                               f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
-    if vllm_device == "cpu":
-        fig = CPU_FIGURES["avx512_bf16"]
-        speed = fig[f"vllm {dtype}"] / fig["transformers float32"]
-        return EngineChoice("vllm", dtype, f"{vllm_why}; {hw.kind}: vLLM {dtype} {speed:.1f}x transformers "
-                                           f"(measured on an AVX-512 BF16 CPU)")
-    return EngineChoice("vllm", dtype, vllm_why)
+    if vllm_device != "cpu":
+        return EngineChoice("vllm", dtype, vllm_why)
+    fig, even = cpu_figures(hw), break_even_tokens(cpu_figures(hw))
+    where = f"{vllm_why}; {hw.kind}" + ("" if dtype == "bfloat16" else " (vLLM in float32: bf16 is emulated here)")
+    if work_tokens is None:
+        if fig["served vllm"] > fig["served transformers"]:
+            ratio = fig["served vllm"] / fig["served transformers"]
+            return EngineChoice("vllm", dtype, f"{where}: served, vLLM {dtype} {ratio:.1f}x the batching server")
+        return EngineChoice("transformers", TRANSFORMERS_DTYPE,
+                            f"{where}: served, vLLM is no faster than the batching server here "
+                            f"({fig['served vllm']:.0f} vs {fig['served transformers']:.0f} tokens/s) and starts "
+                            f"{fig['vllm startup s']:.0f} s slower")
+    if even == float("inf"):
+        return EngineChoice("transformers", TRANSFORMERS_DTYPE,
+                            f"{where}: vLLM {dtype} is no faster here ({fig['vllm']:.0f} vs "
+                            f"{fig['transformers']:.0f} tokens/s)")
+    speed = f"vLLM {dtype} decodes {fig['vllm'] / fig['transformers']:.1f}x faster once started"
+    if work_tokens < even:
+        return EngineChoice("transformers", TRANSFORMERS_DTYPE,
+                            f"{where}: {speed}, but its {fig['vllm startup s']:.0f} s start-up pays back only "
+                            f"above ~{even:,.0f} tokens (this job: at most {work_tokens:,})")
+    return EngineChoice("vllm", dtype, f"{where}: {speed}, its start-up paid back above ~{even:,.0f} tokens "
+                                       f"(this job: at most {work_tokens:,})")

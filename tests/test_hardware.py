@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from eval.errors import InputError
-from slim.hardware import CPU_FIGURES, Hardware, avx2_break_even_tokens, choose, cpu_flags, generation_dtype
+from slim.hardware import Hardware, break_even_tokens, choose, cpu_figures, cpu_flags, generation_dtype
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 CPUS = {
@@ -47,48 +47,51 @@ def test_bf16_only_where_native(name):
             assert choice.engine == "vllm" or choice.dtype == "float32"  # the transformers path is float32
 
 
-@pytest.mark.parametrize("cpu, engine", [("avx2", "transformers"), ("old", "transformers"), ("avx512", "vllm"),
+@pytest.mark.parametrize("cpu, served", [("avx2", "transformers"), ("old", "transformers"), ("avx512", "vllm"),
                                          ("avx512_bf16", "vllm"), ("amx", "vllm")])
-def test_auto_on_a_cpu_picks_the_faster_engine(cpu, engine):
-    """Servers and small jobs: vLLM on a CPU with AVX-512; on an AVX2-only CPU the transformers path."""
-    for work in (None, 1_000):
-        choice = choose("auto", CPUS[cpu], *VLLM["cpu build"], work)
-        assert choice.engine == engine and "\n" not in choice.reason
-        assert choice.dtype == ("bfloat16" if cpu in ("avx512_bf16", "amx") else "float32")
-        if engine == "vllm":
-            assert choice.reason.startswith(VLLM["cpu build"][1])
-        else:
-            assert "no AVX-512" in choice.reason
+def test_auto_on_a_cpu_picks_the_faster_engine(cpu, served):
+    """A server: vLLM where its server beats the batching server (AVX-512); a small job (vLLM's start-up
+    not paid back): transformers on every CPU; a large one: vLLM on every CPU, bf16 only where native."""
+    hw = CPUS[cpu]
+    dtype = "bfloat16" if cpu in ("avx512_bf16", "amx") else "float32"
+    for work, engine in ((None, served), (1_000, "transformers"), (10**6, "vllm")):
+        choice = choose("auto", hw, *VLLM["cpu build"], work)
+        assert choice.engine == engine and "\n" not in choice.reason, (work, choice)
+        assert choice.dtype == (dtype if engine == "vllm" else "float32")
+        assert choice.reason.startswith(VLLM["cpu build"][1]) and hw.kind in choice.reason
+        if dtype == "float32":
+            assert "bf16 is emulated" in choice.reason
 
 
-def test_on_avx2_vllm_float32_only_for_a_job_that_pays_its_start_up():
-    """vLLM float32 decodes faster than transformers on an AVX2 CPU once started, but starts ~50 s
-    later: auto takes it for a job above the break-even, never in bf16 (emulated there)."""
-    even = avx2_break_even_tokens()
-    fig = CPU_FIGURES["avx2"]
-    assert even == pytest.approx(fig["vllm startup s"] * fig["vllm float32"] * fig["transformers float32"]
-                                 / (fig["vllm float32"] - fig["transformers float32"]))
-    small = choose("auto", CPUS["avx2"], *VLLM["cpu build"], int(even) - 1)
-    large = choose("auto", CPUS["avx2"], *VLLM["cpu build"], int(even) + 1)
-    assert (small.engine, small.dtype) == ("transformers", "float32") and f"at most {int(even) - 1:,}" in small.reason
-    assert (large.engine, large.dtype) == ("vllm", "float32") and "bf16 is emulated" in large.reason
-    served = choose("auto", CPUS["avx2"], *VLLM["cpu build"])
-    assert served.engine == "transformers" and "served" in served.reason
+@pytest.mark.parametrize("cpu", list(CPUS))
+def test_vllm_only_for_a_job_that_pays_its_start_up(cpu):
+    """vLLM decodes faster than transformers once started but starts 20-50 s later: auto takes it for
+    an offline job from the break-even of the CPU's kind up, and says so."""
+    fig = cpu_figures(CPUS[cpu])
+    even = break_even_tokens(fig)
+    assert even == pytest.approx(fig["vllm startup s"] * fig["vllm"] * fig["transformers"]
+                                 / (fig["vllm"] - fig["transformers"]))
+    small = choose("auto", CPUS[cpu], *VLLM["cpu build"], int(even) - 1)
+    large = choose("auto", CPUS[cpu], *VLLM["cpu build"], int(even) + 1)
+    assert small.engine == "transformers" and f"at most {int(even) - 1:,}" in small.reason
+    assert large.engine == "vllm" and f"above ~{even:,.0f} tokens" in large.reason
+    no_gain = {**fig, "vllm": fig["transformers"]}
+    assert break_even_tokens(no_gain) == float("inf")
 
 
-def test_the_rule_agrees_with_the_measured_figures():
-    """Where auto picks an engine on a CPU, the figures it stands on make that engine the faster one
-    for the job: with start-up counted on AVX2, on throughput on AVX-512 (start-up ~30 s against minutes)."""
-    avx2, avx512 = CPU_FIGURES["avx2"], CPU_FIGURES["avx512_bf16"]
-    even = avx2_break_even_tokens()
-    for tokens in (even / 2, even * 2):  # job time: start-up + tokens / speed
-        vllm_s = avx2["vllm startup s"] + tokens / avx2["vllm float32"]
-        hf_s = tokens / avx2["transformers float32"]
-        picked = choose("auto", CPUS["avx2"], *VLLM["cpu build"], int(tokens)).engine
+@pytest.mark.parametrize("cpu", ["avx2", "avx512", "avx512_bf16"])
+def test_the_rule_agrees_with_the_measured_figures(cpu):
+    """Where auto picks an engine on a CPU, the figures it stands on make that engine the faster one:
+    job time = start-up + tokens / tokens per second; a server by its served throughput."""
+    fig = cpu_figures(CPUS[cpu])
+    even = break_even_tokens(fig)
+    for tokens in (even / 2, even * 2):
+        vllm_s = fig["vllm startup s"] + tokens / fig["vllm"]
+        hf_s = tokens / fig["transformers"]
+        picked = choose("auto", CPUS[cpu], *VLLM["cpu build"], int(tokens)).engine
         assert picked == ("vllm" if vllm_s < hf_s else "transformers")
-    assert avx2["served transformers float32"] >= avx2["served vllm float32"]
-    assert avx512["vllm bfloat16"] > avx512["transformers float32"]
-    assert avx512["vllm float32"] > avx512["transformers float32"]
+    served = choose("auto", CPUS[cpu], *VLLM["cpu build"]).engine
+    assert served == ("vllm" if fig["served vllm"] > fig["served transformers"] else "transformers")
 
 
 @pytest.mark.parametrize("gpu", list(GPUS))
