@@ -8,6 +8,8 @@ treated the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gzip
 import io
 import itertools
@@ -435,9 +437,17 @@ def _fast_items(data: bytes) -> tuple[Items, int] | None:
     ids = [r.asin if r.parent_asin is UNSET else r.parent_asin for r in rows]
     if not _plain_ids(ids):
         return None
-    return (ids, [_text(r.title or "") for r in rows],
-            [_text(r.categories or r.category or r.main_category or "") for r in rows],
-            [_text(r.brand or r.store or (r.details.Brand if r.details else None) or "") for r in rows]), len(rows)
+    return (ids, [_plain_text(r.title) for r in rows],
+            [_plain_text(r.categories or r.category or r.main_category) for r in rows],
+            [_plain_text(r.brand or r.store or (r.details.Brand if r.details else None)) for r in rows]), len(rows)
+
+
+def _plain_text(value: str | list[str] | None | UnsetType) -> str:
+    """`_text` of a value as msgspec reads it: a string or a list of strings (never with a lone surrogate:
+    msgspec refuses those), None or UNSET."""
+    if isinstance(value, list):
+        return ", ".join(dict.fromkeys(s for x in value if (s := x.strip())))
+    return value.strip() if value else ""
 
 
 def _item(obj: dict, path: Path, n: int) -> tuple[str, str, str, str]:
@@ -523,6 +533,15 @@ def _read_items(path: Path) -> pd.DataFrame:
     return pd.DataFrame({name: column.to_pandas() for name, column in zip(ITEM_COLUMNS, [names, *columns])}).assign(year="")
 
 
+def release_memory() -> None:
+    """Hand the memory Arrow's pool and malloc keep after frees back to the system (glibc's malloc_trim;
+    elsewhere Arrow's alone): reading a dump leaves about 50 bytes a review of it, and the data stage's
+    peak comes later, with the candidate lists."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _read_python(reviews: Path, meta: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The whole files through the Python reader, rows as tuples: the reference the stream equals."""
     inter = pd.DataFrame([_review(obj, reviews, n) for n, obj in _json_lines(reviews)],
@@ -558,6 +577,7 @@ def load_amazon(reviews: str | Path, meta: str | Path | None = None, engine: str
     stream = items is None
     if stream:
         items = _read_items(meta)
+        release_memory()
     if items.empty:
         raise InputError(f"{meta}: no item records (only blank lines)")
     return (_interactions(inter, reviews), items) if stream else _finish(inter, items, reviews)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .config import setting
 from .errors import InputError
+from .loaders import release_memory
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,10 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
     })
     # by user, then time, then file order (a total order: np.lexsort sorts by its last key first)
     out = out.iloc[np.lexsort((inter["order"].to_numpy(), out["timestamp"].to_numpy(), out["user"].to_numpy()))]
-    return Prepared(out.reset_index(drop=True), users, items, cut)
+    del inter
+    out = out.reset_index(drop=True)
+    release_memory()
+    return Prepared(out, users, items, cut)
 
 
 def item_title(row: pd.Series) -> str:
