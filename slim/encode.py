@@ -4,10 +4,16 @@ Tables (one row per id): id, text, text_sha256, vector (float32, L2-normalised),
 With rationales at cut points, `user_rationale_cuts` holds the earlier ones (one row per id and
 prefix, the history length each saw); `user_rationales` keeps one per user, the end rationale.
 `read_vectors` gives the fusion stage numpy matrices aligned to user / item ids.
+
+`processes` > 1 encodes in sentence-transformers' multi-process pool (one process per GPU, or N
+processes sharing the CPU cores, each with its share of the threads): the vectors are the
+one-process path's to float32 rounding (tests/test_encode_pool: max |difference| under 1e-6,
+cosine 1 - 1e-6 and above, on unit vectors).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,85 @@ class EncodeConfig:
     records: str = setting("slim-student-rationales", "The rationale stage whose records are encoded "
                                                       "(slim-student-rationales, profile-rationales, ...).")
     device: str | None = setting(None, "Encoder device (none: automatic).")
+    processes: int = setting(1, "Encoding processes (sentence-transformers' multi-process pool): on GPUs one per "
+                                "device (cuda:0 ... cuda:N-1), on CPU N processes sharing the cores; 1: this one.")
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise InputError(f"processes: expected at least 1, got {self.processes}")
+
+
+def pool_devices(device: str | None, processes: int) -> list[str] | None:
+    """The devices of an encoding pool of `processes` (None: encode in this process): cuda:0 ... cuda:N-1
+    (or another accelerator type's) where the device is one, else N times cpu."""
+    if processes == 1:
+        return None
+    import torch
+
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ":" in kind:
+        raise InputError(f"processes = {processes}: device {kind} names one device; give its type ({kind.split(':')[0]}) "
+                         f"or none, and the pool takes devices 0 to {processes - 1}")
+    if kind == "cpu":
+        return ["cpu"] * processes
+    count = getattr(torch, kind).device_count() if hasattr(getattr(torch, kind, None), "device_count") else 0
+    if processes > count:
+        raise InputError(f"processes = {processes}: only {count} {kind} devices here (one process per device)")
+    return [f"{kind}:{i}" for i in range(processes)]
+
+
+class PooledEncoder:
+    """A SentenceTransformer that encodes in its multi-process pool over `devices`, started at the first
+    `encode` (nothing to encode starts nothing) and stopped by `close`. On CPU each process gets an equal
+    share of this process's cores as its threads (OMP_NUM_THREADS while the pool starts)."""
+
+    def __init__(self, model, devices: list[str]):
+        self.model, self.devices, self.pool = model, devices, None
+
+    def get_embedding_dimension(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    def encode(self, texts: list[str], **kwargs: Any):
+        if self.pool is None:
+            self.pool = self._start()
+        return self.model.encode(texts, pool=self.pool, **kwargs)
+
+    def _start(self):
+        if any(d != "cpu" for d in self.devices):
+            return self.model.start_multi_process_pool(self.devices)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(max(1, cores // len(self.devices)))
+        keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update(dict.fromkeys(keys, threads))  # read by each spawned process as torch starts
+        try:
+            return self.model.start_multi_process_pool(self.devices)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.model.stop_multi_process_pool(self.pool)
+            self.pool = None
+
+    def __enter__(self) -> "PooledEncoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_encoder(model_path: str, device: str | None = None, processes: int = 1):
+    """A SentenceTransformer, or with `processes` > 1 a `PooledEncoder` of it (close it when done)."""
+    from sentence_transformers import SentenceTransformer
+
+    devices = pool_devices(device, processes)
+    encoder = SentenceTransformer(model_path, device="cpu" if devices else device)
+    return PooledEncoder(encoder, devices) if devices else encoder
 
 
 def sha256(text: str) -> str:
@@ -129,7 +214,6 @@ class VectorsStage(Stage):
 
     def build(self, out: Path) -> dict[str, Any]:
         import lancedb
-        from sentence_transformers import SentenceTransformer
 
         cfg = self.config
         model_path = str(cfg.model or minilm_path())
@@ -139,26 +223,30 @@ class VectorsStage(Stage):
         users = sorted(u for u, r in recs.items() if rationale_text(r))
         if not users:
             raise InputError(f"{records}: no rationale text to encode")
-        encoder = SentenceTransformer(model_path, device=cfg.device)
+        encoder = load_encoder(model_path, cfg.device, cfg.processes)
         db = lancedb.connect(str(out))
         items = ds.items.sort_values("item")
-        counts = {
-            USERS_TABLE: upsert_texts(db, USERS_TABLE, users, [rationale_text(recs[u]) for u in users],
-                                      [recs[u]["prompt_version"] for u in users], encoder, model_path,
-                                      cfg.batch_size),
-            ITEMS_TABLE: upsert_texts(db, ITEMS_TABLE, items["item"].astype(int).tolist(),
-                                      items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
-                                      model_path, cfg.batch_size),
-        }
-        cuts = self.cut_records(ds)
-        if cuts:
-            pairs = sorted(cuts)
-            counts[CUTS_TABLE] = upsert_texts(db, CUTS_TABLE, [u for u, _ in pairs],
-                                              [rationale_text(cuts[k]) for k in pairs],
-                                              [cuts[k]["prompt_version"] for k in pairs], encoder, model_path,
-                                              cfg.batch_size, prefixes=[p for _, p in pairs])
-        elif has_table(db, CUTS_TABLE):  # the rationale stage no longer asks for cuts
-            db.drop_table(CUTS_TABLE)
+        try:
+            counts = {
+                USERS_TABLE: upsert_texts(db, USERS_TABLE, users, [rationale_text(recs[u]) for u in users],
+                                          [recs[u]["prompt_version"] for u in users], encoder, model_path,
+                                          cfg.batch_size),
+                ITEMS_TABLE: upsert_texts(db, ITEMS_TABLE, items["item"].astype(int).tolist(),
+                                          items["text"].fillna("").tolist(), [ITEM_VERSION] * len(items), encoder,
+                                          model_path, cfg.batch_size),
+            }
+            cuts = self.cut_records(ds)
+            if cuts:
+                pairs = sorted(cuts)
+                counts[CUTS_TABLE] = upsert_texts(db, CUTS_TABLE, [u for u, _ in pairs],
+                                                  [rationale_text(cuts[k]) for k in pairs],
+                                                  [cuts[k]["prompt_version"] for k in pairs], encoder, model_path,
+                                                  cfg.batch_size, prefixes=[p for _, p in pairs])
+            elif has_table(db, CUTS_TABLE):  # the rationale stage no longer asks for cuts
+                db.drop_table(CUTS_TABLE)
+        finally:
+            if isinstance(encoder, PooledEncoder):
+                encoder.close()
         return {**counts, "dim": encoder.get_embedding_dimension()}
 
     def cut_records(self, ds: SeqDataset) -> dict[tuple[int, int], dict[str, Any]]:
