@@ -14,8 +14,7 @@ from eval.dataset import SeqDataset, load_dataset, pad_left
 from eval.evaluate import metrics_of, protocol_label, protocols_of, rank_users
 from eval.io import METRICS_FILE, TRAIN_LOG, write_json
 from eval.registry import load_model, max_len_of
-from eval.stage import Stage
-from slmrec.trainer import TrainConfig, fit
+from slmrec.trainer import ResumableStage, TrainConfig, fit, on_device
 
 from .groups import RARE, item_groups, user_groups, user_length_groups
 from .model import (DEFAULT_KIND, FusedConfig, FusedRecommender, HybridConfig, Shape, fused_kinds, fused_model,
@@ -84,16 +83,18 @@ def build(ds: SeqDataset, cfg: FusedConfig, vectors: TextVectors, backbone_dir: 
     return model
 
 
-def train_seed(ds: SeqDataset, cfg: FusedConfig, run: Path, out: Path, seed: int, desc: str = "fusion"
-               ) -> tuple[FusedRecommender, dict, TrainConfig]:
+def train_seed(ds: SeqDataset, cfg: FusedConfig, run: Path, out: Path, seed: int, desc: str = "fusion",
+               checkpoints: Path | None = None) -> tuple[FusedRecommender, dict, TrainConfig]:
     """A fused model on `run`'s backbone and vectors, trained with `seed` (its new heads' initial weights
-    and the data order); `out` is where it will live (a frozen backbone is referenced from there)."""
+    and the data order); `out` is where it will live (a frozen backbone is referenced from there);
+    `checkpoints`: a folder for the seed's resumable checkpoint (`slmrec.trainer.fit`)."""
     torch.manual_seed(seed)  # the new heads' initial weights are part of the seeded run
     model = build(ds, cfg, load_vectors(run / cfg.vectors), cfg.backbone_dir(run), out)
     tc = replace(cfg.train, max_len=model.shape.max_len, seed=seed)
     group = None if cfg.user_group is None else user_length_groups(ds)[cfg.user_group]
     examples = None if model.every_position else fusion_examples(ds, tc.max_len, group)
-    log = fit(model, ds, tc, desc=f"{desc} seed {seed}", examples=examples, valid_users=group)
+    log = fit(model, ds, tc, desc=f"{desc} seed {seed}", examples=examples, valid_users=group,
+              checkpoint=None if checkpoints is None else checkpoints / f"seed-{seed}")
     return model, log, tc
 
 
@@ -114,7 +115,7 @@ def seed_metrics(model: FusedRecommender, ds: SeqDataset, max_len: int) -> tuple
     groups = {sparsest: users, "tail": items["tail"], f"seen <= {RARE}": items[f"seen <= {RARE}"]}
     metrics, ranks = {}, {}
     for protocol in protocols_of(ds):
-        ranking = rank_users(model, ds, "test", protocol, max_len=max_len)
+        ranking = rank_users(on_device(model), ds, "test", protocol, max_len=max_len)
         ranks[protocol] = ranking.ranks
         metrics[protocol_label(protocol)] = metrics_of(ranking)
         if protocol == "full":
@@ -133,10 +134,11 @@ def seed_summary(runs: list[dict[str, dict]]) -> dict:
     return summary
 
 
-class FusionStage(Stage):
+class FusionStage(ResumableStage):
     """A fused model of any registered kind (SLIM's hybrid of rationale and item-text vectors with an ID
     backbone, text matching alone, ...); writes RUN/fusion/<name> (one stage per fusion.<name> table of
-    the preset, whose `mode` names the kind)."""
+    the preset, whose `mode` names the kind). Each seed's training is resumable and data parallel under
+    torchrun (`slmrec.trainer`)."""
 
     name = "fusion"
     config_class = HybridConfig  # the default kind's; `config_class_of` gives each table's
@@ -163,13 +165,14 @@ class FusionStage(Stage):
     def build(self, out: Path) -> dict:
         cfg = self.config
         ds = load_dataset(self.data_dir)
-        model, log, tc = train_seed(ds, cfg, self.run, self.out, cfg.train.seed, f"fusion {self.folder}")
+        work = self.checkpoints()
+        model, log, tc = train_seed(ds, cfg, self.run, self.out, cfg.train.seed, f"fusion {self.folder}", work)
         model.save_pretrained(out)
         write_json(out / TRAIN_LOG, log)
         results = [seed_metrics(model, ds, tc.max_len)]
         write_json(out / METRICS_FILE, {k: v for k, v in results[0][0].items() if not k.startswith(GROUP_KEY)})
-        results += [seed_metrics(train_seed(ds, cfg, self.run, self.out, cfg.train.seed + k, f"fusion {self.folder}")[0],
-                                 ds, tc.max_len) for k in range(1, cfg.seeds)]
+        results += [seed_metrics(train_seed(ds, cfg, self.run, self.out, cfg.train.seed + k, f"fusion {self.folder}",
+                                            work)[0], ds, tc.max_len) for k in range(1, cfg.seeds)]
         write_json(out / SEEDS, seed_summary([m for m, _ in results]))
         np.savez_compressed(out / SEED_RANKS, **{p: np.stack([r[p] for _, r in results]).astype(np.int32)
                                                  for p in results[0][1]})

@@ -12,10 +12,9 @@ from eval.errors import InputError
 from eval.evaluate import evaluate, protocol_label, protocols_of
 from eval.io import METRICS_FILE, TRAIN_LOG, write_json
 from eval.registry import MODELS
-from eval.stage import Stage
 
 from .seqrec import SequentialRecommender
-from .trainer import TrainConfig, fit
+from .trainer import ResumableStage, TrainConfig, fit, on_device
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,15 @@ def build_backbone(cfg: PretrainConfig, num_items: int) -> SequentialRecommender
 
 def test_metrics(model, ds: SeqDataset, max_len: int, batch_size: int = 256) -> dict[str, dict]:
     """Test metrics under every candidate protocol the data set has."""
-    return {protocol_label(p): evaluate(model, ds, "test", p, max_len=max_len, batch_size=batch_size)
+    return {protocol_label(p): evaluate(on_device(model), ds, "test", p, max_len=max_len, batch_size=batch_size)
             for p in protocols_of(ds)}
 
 
-class BackboneStage(Stage):
+class BackboneStage(ResumableStage):
     """Train an ID backbone (cross-entropy over all items) and export its item embeddings for SLMRec;
     writes RUN/<model> (RUN/sasrec by default). The pipeline trains SASRec, whose item table SLMRec
-    reads, and every other registered backbone a preset names by a table of its own ([gru4rec], ...)."""
+    reads, and every other registered backbone a preset names by a table of its own ([gru4rec], ...).
+    Resumable (a checkpoint per validated epoch) and data parallel under torchrun (`slmrec.trainer`)."""
 
     name = "sasrec"
     config_class = PretrainConfig
@@ -69,7 +69,7 @@ class BackboneStage(Stage):
         ds = load_dataset(self.data_dir)
         torch.manual_seed(cfg.train.seed)  # the initial weights too: same data and seed, same model
         model = build_backbone(cfg, ds.num_items)
-        log = fit(model, ds, cfg.train, desc=type(model).__name__)
+        log = fit(model, ds, cfg.train, desc=type(model).__name__, checkpoint=self.checkpoints())
         model.save_pretrained(out)
         write_json(out / TRAIN_LOG, log)
         write_json(out / METRICS_FILE, test_metrics(model, ds, cfg.train.max_len))

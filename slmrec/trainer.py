@@ -1,27 +1,53 @@
-"""The training loop for ID-based sequence models (SASRec, GRU4Rec, fused models).
+"""The training loop for ID-based sequence models (SASRec, GRU4Rec, fused models), on `accelerate`.
 
 Next-item loss on each user's training history, validation MRR (every `eval_every` epochs) for model
 selection and early stopping, the best weights restored at the end. The LLM models use the HF
-Trainer instead; these models are small enough that a plain loop is the clearest thing.
+Trainer instead.
+
+The same loop runs in one process or in several (torchrun / accelerate launch: the model is wrapped in
+DDP by `accelerate`). Every process draws the same seeded order of an epoch's global batches of
+`batch_size` x processes examples and trains on its share of each; a process's loss is weighted by
+its share of the global batch's loss terms, so the averaged gradient is that of the global batch's
+mean loss, what one process with the global batch computes (up to float rounding). Dropout and
+sampled negatives draw from seed + rank (rank 0: one process's draws). Validation ranks every
+validation user (`eval.evaluate` shards them over the processes and gathers the ranks), so every
+process selects the same epoch and stops at the same one; the log every process returns is rank 0's.
+One process: the same draws, batches and losses as the hand loop this replaced.
+
+Resumable: given a checkpoint folder, each validated epoch leaves its state there (the weights
+training changed, the optimizer, every process's random states, the best weights so far, the log);
+run again with it, training continues after that epoch and ends as the uninterrupted run would
+(timings aside). Training stages keep it in RUN/.<folder>.work (`ResumableStage`).
 """
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import Progress
+from torch import nn
 
-from eval.config import setting
+from eval.config import config_dict, setting
 from eval.dataset import SeqDataset, pad_left
 from eval.errors import InputError
 from eval.evaluate import evaluate
+from eval.io import atomic_file, read_json, write_json
+from eval.scoring import DotScorer
+from eval.stage import Stage, fingerprint, is_main_process, wait_for_everyone
 
 from .seqrec import SequentialRecommender
+
+CHECKPOINT = "checkpoint.pt"  # the last validated epoch's training state, in the checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -68,14 +94,16 @@ def next_item_pairs(ds: SeqDataset, max_len: int) -> tuple[np.ndarray, torch.Ten
 Examples = tuple[np.ndarray, torch.Tensor, torch.Tensor]
 
 
-def batches(lengths: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's batches of example indices, in shuffled order; with `length_pools` > 1 each pool of
-    that many batches is sorted by length first, so a batch's histories need about the same padding."""
+def batches(lengths: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, processes: int = 1) -> list[torch.Tensor]:
+    """One epoch's global batches of example indices (`batch_size` x `processes` each), in shuffled
+    order; with `length_pools` > 1 each pool of that many batches is sorted by length first, so a
+    batch's histories need about the same padding."""
+    size = cfg.batch_size * processes
     order = torch.randperm(len(lengths), generator=gen)
     if cfg.length_pools > 1:
-        pools = order.split(cfg.batch_size * cfg.length_pools)
+        pools = order.split(size * cfg.length_pools)
         order = torch.cat([p[lengths[p].argsort(stable=True)] for p in pools])
-    out = list(order.split(cfg.batch_size))
+    out = list(order.split(size))
     return [out[i] for i in torch.randperm(len(out), generator=gen)] if cfg.length_pools > 1 else out
 
 
@@ -88,51 +116,202 @@ def batch_loss(model: torch.nn.Module, cfg: TrainConfig) -> Callable[..., torch.
     return partial(model.training_loss, loss=cfg.loss, negatives=cfg.negatives, gbce_t=cfg.gbce_t)
 
 
+def loss_terms(model: torch.nn.Module, targets: torch.Tensor) -> int:
+    """How many terms the model's training loss averages over for these rows: every real position for
+    a model trained at every position (an ID backbone, a jointly trained fused model), else one per row."""
+    if isinstance(model, SequentialRecommender) or getattr(model, "every_position", False):
+        return int((targets > 0).sum())
+    return len(targets)
+
+
+class TrainingLoss(nn.Module):
+    """What DDP wraps: its forward is the model's training loss (DDP averages the gradients of what
+    its own forward computed)."""
+
+    def __init__(self, model: nn.Module, loss: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(users, inputs, targets)
+
+
+class OnDevice(DotScorer):
+    """A dot-product model on an accelerator, as `eval.evaluate` scores it: the users and histories it
+    is handed (on the CPU) go to the model's device first."""
+
+    def __init__(self, model: DotScorer, device: torch.device):
+        self.model, self.device = model, device
+
+    def user_vectors(self, users: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        return self.model.user_vectors(users.to(self.device), histories.to(self.device))
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.model.item_vectors()
+
+
+def on_device(model: Any) -> Any:
+    """What to hand `eval.evaluate` for a model `fit` trained: the model itself on the CPU (or when it
+    is not a dot-product module), else an `OnDevice` scorer of it."""
+    device = next((p.device for p in model.parameters()), None) if isinstance(model, nn.Module) else None
+    if device is None or device.type == "cpu" or not (isinstance(model, DotScorer)
+                                                      and type(model).score is DotScorer.score):
+        return model
+    return OnDevice(model, device)
+
+
+def _versions(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each state tensor of the model with its in-place version counter."""
+    return {k: (v, v._version) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _changed(model: nn.Module, start: dict[str, tuple[torch.Tensor, int]]) -> list[str]:
+    """The state tensors training changed since `start` (modified in place or replaced): the trainable
+    weights and any buffer training updates; never a frozen backbone or the data's text tables."""
+    return [k for k, v in model.state_dict(keep_vars=True).items()
+            if k not in start or start[k][0] is not v or start[k][1] != v._version]
+
+
+class Processes:
+    """This process's place among those training together (one: nothing is exchanged)."""
+
+    def __init__(self, world: int, rank: int, device: torch.device):
+        self.world, self.rank, self.device = world, rank, device  # NCCL reduces tensors on the GPU
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rank0(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, by rank."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def total(self, x: float) -> float:
+        """The sum of `x` over the processes (the same float on every one)."""
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+
+def _random_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "batches": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_random_state(state: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["batches"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "training",
         examples: Examples | None = None, valid_users: np.ndarray | None = None,
-        monitor: Callable[[torch.nn.Module, dict], dict] | None = None) -> dict:
-    """Train in place; return the log (per validated epoch: loss, validation MRR and NDCG@10, training
-    seconds so far; best epoch, seconds).
+        monitor: Callable[[torch.nn.Module, dict], dict] | None = None, checkpoint: Path | None = None) -> dict:
+    """Train in place (on the accelerator's device: the CPU unless there is a GPU); return the log (per
+    validated epoch: loss, validation MRR and NDCG@10, training seconds so far; best epoch, seconds,
+    processes and optimizer steps per epoch), the same on every process.
 
     `examples` (users, inputs, targets) default to every next-item pair of the training histories;
     `valid_users` restricts model selection to a subset (e.g. one user group); `monitor(model, entry)`,
     if given, sees each validated epoch's entry and adds its figures to it, its time left out of the
-    seconds (a time-to-quality curve, e.g. test metrics)."""
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    seconds (a time-to-quality curve, e.g. test metrics). `checkpoint`: a folder where each validated
+    epoch's training state is kept and from which a run of the same model and settings resumes (rank 0
+    writes it; a checkpoint of another number of processes is not resumed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # unused parameters are allowed (a kind of model need not use every one each step); the buffers are
+    # the data's tables, the same on every process: not broadcast each step
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
+    procs = Processes(accelerator.num_processes, accelerator.process_index, accelerator.device)
+    world, rank, device = procs.world, procs.rank, procs.device
+    torch.manual_seed(cfg.seed + rank)  # dropout and sampled negatives: a stream per process
+    gen = torch.Generator().manual_seed(cfg.seed)  # the batches: the same on every process
     users, inputs, targets = examples if examples is not None else next_item_pairs(ds, cfg.max_len)
     users_t, lengths = torch.as_tensor(users), (inputs > 0).sum(1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = batch_loss(model, cfg)
+    with warnings.catch_warnings():  # torch's deprecation of the name accelerate passes broadcast_buffers by
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        objective, opt = accelerator.prepare(TrainingLoss(model, batch_loss(model, cfg)), opt)
+    start = _versions(model)  # after DDP's first broadcast of the weights
+    scored = on_device(model)
     t0, aside = time.perf_counter(), 0.0
 
     def validate(epoch: int, **entry: float) -> dict:
         nonlocal aside
         model.eval()
-        m = evaluate(model, ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)
+        m = evaluate(scored, ds, "valid", cfg.select_protocol, max_len=cfg.max_len, users=valid_users)
         entry = {"epoch": epoch, **entry, "valid_MRR": m["MRR"], "valid_NDCG@10": m["NDCG@10"],
                  "seconds": round(time.perf_counter() - t0 - aside, 1)}
         t1 = time.perf_counter()
         entry.update(monitor(model, entry) if monitor else {})
         aside += time.perf_counter() - t1
-        return entry
+        return procs.rank0(entry)  # every process: rank 0's timings, so the same decisions
 
-    # the starting point is a candidate too: a head fitted on top of a trained backbone must not
-    # end up worse on validation than the backbone it started as
-    log = [validate(0)]
-    best, best_state, best_epoch = log[0]["valid_MRR"], copy.deepcopy(model.state_dict()), 0
-    with Progress(transient=True) as bar:
-        task = bar.add_task(desc, total=cfg.epochs)
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
+    def save(epoch: int, stopped: bool) -> None:
+        nonlocal aside
+        t1 = time.perf_counter()
+        randoms = procs.gather(_random_state(gen))
+        if procs.main:
+            keys, now = _changed(model, start), model.state_dict()
+            with atomic_file(checkpoint / CHECKPOINT, "wb") as f:
+                torch.save({"epoch": epoch, "stopped": stopped, "processes": world, "steps_per_epoch": steps,
+                            "seconds": time.perf_counter() - t0 - aside, "log": log, "best": best,
+                            "best_epoch": best_epoch, "model": {k: now[k] for k in keys},
+                            "best_model": {k: best_state[k] for k in keys}, "optimizer": opt.state_dict(),
+                            "random": randoms}, f)
+        aside += time.perf_counter() - t1
+
+    saved = resume(checkpoint, model, opt, gen, procs)
+    if saved is None:
+        # the starting point is a candidate too: a head fitted on top of a trained backbone must not
+        # end up worse on validation than the backbone it started as
+        log = [validate(0)]
+        best, best_state, best_epoch = log[0]["valid_MRR"], copy.deepcopy(model.state_dict()), 0
+        first, stopped, steps = 1, False, None
+    else:
+        log, best, best_state, best_epoch = saved["log"], saved["best"], saved["best_state"], saved["best_epoch"]
+        first, stopped, steps = saved["epoch"] + 1, saved["stopped"], saved["steps_per_epoch"]
+        t0 = time.perf_counter() - saved["seconds"]
+    with Progress(transient=True, disable=not procs.main) as bar:
+        task = bar.add_task(desc, total=cfg.epochs, completed=first - 1)
+        for epoch in range(first, first if stopped else cfg.epochs + 1):
+            objective.train()
             total, n = 0.0, 0
-            for idx in batches(lengths, cfg, gen):
-                loss = step(users_t[idx], inputs[idx], targets[idx])
+            epoch_batches = batches(lengths, cfg, gen, world)
+            steps = len(epoch_batches)
+            for idx in epoch_batches:
+                mine = idx if world == 1 else idx.tensor_split(world)[rank]
+                # a process left without rows of a small last batch takes a row with weight 0: DDP needs
+                # every process's gradients
+                rows = mine if len(mine) else idx[:1]
+                loss = objective(users_t[rows].to(device), inputs[rows].to(device), targets[rows].to(device))
+                if world > 1:  # this process's share of the global batch's mean loss, times the processes
+                    loss = loss * (world * loss_terms(model, targets[mine]) / loss_terms(model, targets[idx]))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                accelerator.backward(loss)
                 opt.step()
-                total, n = total + loss.item() * len(idx), n + len(idx)
+                total, n = total + (loss.item() if world == 1 else loss.item() / world) * len(idx), n + len(idx)
+            total = procs.total(total)
             bar.update(task, advance=1)
             if epoch % cfg.eval_every and epoch < cfg.epochs:
                 continue
@@ -142,9 +321,63 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
             if mrr > best:
                 best, best_epoch = mrr, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            if epoch - best_epoch >= cfg.patience or 0 < cfg.time_budget_s <= log[-1]["seconds"]:
+            stopped = epoch - best_epoch >= cfg.patience or 0 < cfg.time_budget_s <= log[-1]["seconds"]
+            if checkpoint is not None:
+                save(epoch, stopped)
+            if stopped:
                 break
     model.load_state_dict(best_state)
     model.eval()
     return {"epochs": log, "best_epoch": best_epoch, "best_valid_MRR": best,
-            "train_seconds": time.perf_counter() - t0 - aside}
+            "train_seconds": procs.rank0(time.perf_counter() - t0 - aside), "processes": world,
+            "steps_per_epoch": steps}
+
+
+def resume(checkpoint: Path | None, model: nn.Module, opt: Any, gen: torch.Generator,
+           procs: Processes) -> dict | None:
+    """The training state of the checkpoint in `checkpoint`, loaded into the model, the optimizer and
+    the random generators (with `best_state`, the best weights so far); None when there is none, or
+    it was written by another number of processes (its shares and random streams do not carry over)."""
+    file = None if checkpoint is None else checkpoint / CHECKPOINT
+    if file is None or not file.exists():
+        return None
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    if saved["processes"] != procs.world:
+        if procs.main:
+            warnings.warn(f"{file}: a checkpoint of {saved['processes']} processes is not resumed on {procs.world}; "
+                          "training starts afresh")
+        return None
+    best_state = copy.deepcopy(model.state_dict())  # what training did not change is as it started
+    best_state.update({k: v.to(best_state[k].device) for k, v in saved["best_model"].items()})
+    unexpected = model.load_state_dict(saved["model"], strict=False).unexpected_keys
+    if unexpected:
+        raise InputError(f"{file}: checkpoint does not match the model (unexpected {unexpected[:3]})")
+    opt.load_state_dict(saved["optimizer"])
+    _set_random_state(saved["random"][procs.rank], gen)
+    return {**saved, "best_state": best_state}
+
+
+class ResumableStage(Stage):
+    """A stage that trains with `fit`: its checkpoints live in RUN/.<folder>.work, stamped with the
+    stage's inputs and config; a rerun with the same resumes from them, another starts afresh, and the
+    finished stage drops them. Rank 0 alone writes there."""
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.parent / f".{self.out.name}.work"
+
+    def checkpoints(self) -> Path:
+        """The work folder, emptied first if it holds another build's checkpoints."""
+        stamp = json.loads(json.dumps({"inputs": {k: fingerprint(p) for k, p in self.inputs().items()},
+                                       "config": config_dict(self.config)}, default=str))
+        file = self.work_dir / "fingerprint.json"
+        if is_main_process():
+            if self.work_dir.exists() and (not file.exists() or read_json(file) != stamp):
+                shutil.rmtree(self.work_dir)
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            write_json(file, stamp)
+        wait_for_everyone()
+        return self.work_dir
+
+    def finished(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)  # the finished stage needs no checkpoints
