@@ -30,6 +30,9 @@ def run_cmd(
     preset: str = typer.Option("demo", help="Shipped preset (demo, study, paper) or your own .toml file."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset setting: table.key=value (repeatable)."),
     until: Optional[str] = typer.Option(None, help="Stop after this stage's folder (e.g. 'sasrec')."),
+    nproc: int = typer.Option(1, help="Processes each training stage runs on (ID backbones, SLMRec, SLIM "
+                                      "fine-tuning, fused models): torchrun on this machine, data parallel, rank "
+                                      "0 writes; the other stages run once. train.batch_size is per process."),
 ) -> None:
     """The whole pipeline, stage by stage; finished stages are skipped, so a killed run resumes."""
     from .pipeline import build_stages, run_pipeline
@@ -37,7 +40,30 @@ def run_cmd(
     stages = build_stages(run_folder(run), preset, set_)  # every setting is checked before anything runs
     for stage in stages:
         check_paths(stage.config, stage.folder.replace("/", "."), missing_ok=True)
-    run_pipeline(run, stages, until)
+    run_pipeline(run, stages, until, nproc=nproc, preset=preset, overrides=set_)
+
+
+@app.command("stage")
+def stage_cmd(
+    folder: str = typer.Argument(..., help="The stage's folder in the run, as `fusion run` names it (data, "
+                                           "sasrec, slmrec-teacher, fusion/NAME, ...)."),
+    run: Path = typer.Option(Path("runs/demo"), help="Run directory for every stage's outputs."),
+    preset: str = typer.Option("demo", help="Shipped preset (demo, study, paper) or your own .toml file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a preset setting: table.key=value (repeatable)."),
+    force: bool = typer.Option(False, help="Rebuild even if the output is up to date."),
+) -> None:
+    """One stage of the pipeline with the settings `fusion run` gives it (what `fusion run --nproc N`
+    starts under torchrun for a training stage; under torchrun / accelerate launch every process
+    trains and rank 0 writes)."""
+    from eval.stage import is_main_process, run_stage
+
+    from .pipeline import build_stages, stage_of
+
+    stage = stage_of(build_stages(run_folder(run), preset, set_), folder, preset)
+    check_paths(stage.config, folder.replace("/", "."))
+    result = run_stage(stage, force=force)
+    if is_main_process():
+        typer.echo(f"{stage.out}: {result.status} ({result.seconds} s)")
 
 
 def run_and_model(run: Path, model: str | None) -> tuple[Path, str | None]:
