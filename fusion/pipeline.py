@@ -173,14 +173,12 @@ def run_pipeline(run: str | Path, stages: list[Stage], until: str | None = None,
     t_all = time.perf_counter()
     for stage in stages:
         console.rule(f"[bold]{stage.folder}")
-        if nproc > 1 and isinstance(stage, TRAINING):
-            result = launch_stage(stage, nproc, preset, overrides)
-        else:
-            result = run_stage(stage)
+        launched = nproc > 1 and isinstance(stage, TRAINING)
+        result = launch_stage(stage, nproc, preset, overrides) if launched else run_stage(stage)
         console.print(f"{stage.folder}: {result.status} ({result.seconds} s)")
         log["stages"].append({"stage": stage.folder, "status": result.status, "seconds": result.seconds,
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              **({"processes": nproc} if nproc > 1 and isinstance(stage, TRAINING) else {})})
+                              **({"processes": nproc} if launched and result.status == "ran" else {})})
         write_json(log_path, log)
         if stage.folder == until:
             break
