@@ -6,6 +6,8 @@ checkpoint and ends as the uninterrupted run; SIGTERM to `fusion run --nproc 2` 
 it started."""
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -33,6 +35,7 @@ from tests.test_distributed import AUDIT, files
 from tests.test_fusion import vectors, write_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 USERS = 41  # one training row per user
 BATCH = 4   # per process: the 2-process runs' global batch is 8, the 1-process runs take 8
 PRESET = """
@@ -76,6 +79,22 @@ def preset(tmp_path):
     return path
 
 
+def readme_lines() -> dict[str, str]:
+    """The README's lines for the ID trainers on several processes, by their first word."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"The ID trainers .*?```bash\n(.*?)```", text, re.S).group(1)
+    return {line.split()[0]: line for line in block.splitlines() if line and not line.startswith("#")}
+
+
+def command(line: str, run: Path, preset: Path, swap: dict[str, str]) -> list[str]:
+    """A README line for this machine: this run and preset, `swap` its process count."""
+    for old, new in {"--run R": f"--run {run}", "--preset paper": f"--preset {preset}", **swap}.items():
+        assert old in line, f"the README line no longer has {old!r}: {line}"
+        line = line.replace(old, new)
+    args = shlex.split(line.replace("$(which fusion)", str(BIN / "fusion")))
+    return [str(BIN / args[0]), *args[1:]]
+
+
 def prepared(run: Path, preset: Path) -> Path:
     """RUN/data from the preset and hand-made RUN/vectors (what the fused model reads beside SASRec)."""
     run_stage(build_stages(run, str(preset))[0])
@@ -100,7 +119,7 @@ def trained(folder: Path, world: int) -> tuple[dict, dict]:
     return log, read_json(folder / "metrics.json")
 
 
-@pytest.mark.slow  # 41-89 s on 2 shared cores: two launches of 2 processes (each imports torch and the project)
+@pytest.mark.slow  # 28-89 s on 2 shared cores: two launches of 2 processes (each imports torch and the project)
 def test_fusion_run_on_two_processes_matches_one_process(preset, tmp_path, monkeypatch):
     """`fusion run --nproc 2` trains SASRec and a fused model (jointly with its backbone) on 2 processes:
     each validates every epoch and keeps its best, takes ceil(N / (batch x 2)) steps an epoch, rank 1
@@ -118,9 +137,13 @@ def test_fusion_run_on_two_processes_matches_one_process(preset, tmp_path, monke
                        "AUDIT_LOG": str(audit), "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
     folders = {f"os.mkdir {p}" for p in two.rglob("*") if p.is_dir()}  # lancedb.connect "makes" its folder
+    # SASRec by the README's torchrun line, then the fused model as `fusion run --nproc 2` launches it
+    torchrun = command(readme_lines()["torchrun"], two, preset, {"--nproc_per_node 4": "--nproc_per_node 2"})
+    done = subprocess.run(torchrun, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     log = pipeline(two, preset, nproc=2)
     assert [(s["stage"], s["status"], s.get("processes")) for s in log] == [
-        ("data", "up to date", None), ("sasrec", "ran", 2), ("fusion/h", "ran", 2)]
+        ("data", "up to date", None), ("sasrec", "up to date", None), ("fusion/h", "ran", 2)]
 
     # rank 1 wrote its temporary copy of each stage (which shows the audit was on), nothing under the run
     writes = [w for w in audit.read_text().splitlines() if w not in folders]
@@ -216,9 +239,11 @@ def test_a_stopped_training_stage_resumes_from_its_checkpoint(kind, preset, tmp_
 
 
 def test_sigterm_to_fusion_run_stops_its_processes(preset, tmp_path):
+    """The README's `fusion run --nproc` line (2 processes), stopped with SIGTERM while SASRec trains:
+    exit 143, none of the processes it started left, the stage unfinished with its checkpoint kept."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fusion.cli", "run", "--run", str(run), "--preset", str(preset), "--nproc", "2",
-           "--until", "sasrec", "--set", "sasrec.train.epochs=100000", "--set", "sasrec.train.patience=100000"]
+    cmd = command(readme_lines()["fusion"], run, preset, {"--nproc 4": "--nproc 2"}) + [
+        "--until", "sasrec", "--set", "sasrec.train.epochs=100000", "--set", "sasrec.train.patience=100000"]
     proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     checkpoint = run / ".sasrec.work" / CHECKPOINT
