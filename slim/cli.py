@@ -43,6 +43,11 @@ def serve_cmd(
     host: str = "127.0.0.1",
     backend: str = typer.Option("auto", help="auto (vLLM where it runs and is the faster engine on this machine, "
                                                 "else the transformers batching server) | vllm | transformers."),
+    data_parallel_size: int = typer.Option(1, help="vLLM engines, each with the whole model (vLLM's "
+                                                   "--data-parallel-size: one per GPU; on CPU each its share of the "
+                                                   "cores); above 1 the backend is vLLM."),
+    tensor_parallel_size: int = typer.Option(1, help="GPUs (on CPU: core groups) each engine splits the model over "
+                                                     "(vLLM's --tensor-parallel-size); above 1 the backend is vLLM."),
 ) -> None:
     """Start a local OpenAI-compatible server, wait until it answers, print its base_url; Ctrl-C, SIGTERM or
     SIGHUP stops it."""
@@ -54,7 +59,8 @@ def serve_cmd(
         user_path(model, "model", "a model folder (--model)")
     if adapter is not None:
         user_path(adapter, "folder", "a LoRA adapter folder (--adapter)")
-    with Server(model or (None if adapter else smollm2_path()), adapter, port, host, backend) as server:
+    with Server(model or (None if adapter else smollm2_path()), adapter, port, host, backend,
+                data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size) as server:
         typer.echo(f"base_url={server.base_url}\nmodel={server.model_name}\nbackend={server.backend}")
         try:
             while server.proc.poll() is None:

@@ -81,6 +81,37 @@ def engine_choice(engine: str = "auto", work_tokens: int | None = None) -> Engin
     return choose(engine, detect(), status.ok, status.reason, status.device, work_tokens)
 
 
+def parallel_names(data_parallel_size: int, tensor_parallel_size: int) -> str:
+    """The settings behind a number of vLLM ranks, for a message: 'data_parallel_size = 2', or both."""
+    parts = [f"data_parallel_size = {data_parallel_size}" if data_parallel_size > 1 else "",
+             f"tensor_parallel_size = {tensor_parallel_size}" if tensor_parallel_size > 1 else ""]
+    return " and ".join(p for p in parts if p) or "data_parallel_size = 1"
+
+
+def check_parallel_engine(engine: str, data_parallel_size: int = 1, tensor_parallel_size: int = 1) -> None:
+    """Sizes of at least 1, and above 1 not with the transformers engine (vLLM's parallelism): else one
+    line naming the setting. Cheap (no probe): for a config's own checks."""
+    for name, size in (("data_parallel_size", data_parallel_size), ("tensor_parallel_size", tensor_parallel_size)):
+        if size < 1:
+            raise InputError(f"{name}: expected at least 1, got {size}")
+    if engine == "transformers" and data_parallel_size * tensor_parallel_size > 1:
+        raise InputError(f"{parallel_names(data_parallel_size, tensor_parallel_size)} is vLLM's; the transformers "
+                         f"engine asked for runs one process (set the sizes to 1, or the engine to auto or vllm)")
+
+
+def parallel_engine(engine: str, data_parallel_size: int = 1, tensor_parallel_size: int = 1) -> str:
+    """The engine to ask for: `engine`, or "vllm" where the sizes ask for vLLM's parallelism (above 1),
+    with one line naming the setting for the transformers engine or where vLLM cannot run."""
+    check_parallel_engine(engine, data_parallel_size, tensor_parallel_size)
+    if data_parallel_size * tensor_parallel_size == 1:
+        return engine
+    status = vllm_status()
+    if not status.ok:
+        raise InputError(f"{parallel_names(data_parallel_size, tensor_parallel_size)} needs vLLM, which cannot run "
+                         f"here: {status.reason}")
+    return "vllm"
+
+
 def announce(what: str, engine: str, why: str, detail: str = "") -> None:
     """The one line that says which engine does the work and why (stderr, so stdout stays parseable)."""
     print(f"{what}: {engine}{f' ({detail})' if detail else ''} - {why}", file=sys.stderr, flush=True)

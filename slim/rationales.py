@@ -26,7 +26,7 @@ from .client import ClientConfig, Completion, Generator, Usage
 from .grounding import catalogue_of
 from .prompts import TEACHER, PromptBuilder, instruction_words, load_template
 from .records import RECORDS, RecordLog, parse_steps
-from .engine import ENGINES
+from .engine import ENGINES, check_parallel_engine, parallel_names
 
 EMBEDDED = "embedded"  # `serve = "embedded"`: serve the embedded SmolLM2-135M-Instruct
 
@@ -44,16 +44,38 @@ class GenerationConfig:
                                      "is recorded with its error.")
     engine: str = setting("auto", "Engine of a model served or loaded for the run: auto (vLLM where it runs, "
                                   "else transformers) | vllm | transformers.")
+    data_parallel_size: int = setting(1, "vLLM engines, each with the whole model, for a model served or loaded "
+                                         "for the run (vLLM's data parallelism: one per GPU; on CPU each its share "
+                                         "of the cores); above 1 the engine is vLLM.")
+    tensor_parallel_size: int = setting(1, "GPUs (on CPU: core groups) each vLLM engine splits the model over "
+                                           "(vLLM's tensor parallelism; must divide the attention heads); above 1 "
+                                           "the engine is vLLM.")
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise InputError(f"unknown generation engine '{self.engine}' (choose {', '.join(ENGINES)})")
+        check_parallel_engine(self.engine, self.data_parallel_size, self.tensor_parallel_size)
+
+    @property
+    def parallel(self) -> bool:
+        return self.data_parallel_size * self.tensor_parallel_size > 1
+
+    def check_served(self, served: bool, what: str) -> None:
+        """Parallel sizes above 1 only where a model is served or loaded for the run (`served`)."""
+        if self.parallel and not served:
+            raise InputError(f"{parallel_names(self.data_parallel_size, self.tensor_parallel_size)}: no model is "
+                             f"{what} for the run (client.base_url is used); to spread requests over several servers, "
+                             f"give client.base_url a list of them")
 
 
 @dataclass(frozen=True)
 class RationaleConfig(GenerationConfig):
     serve: str | None = setting(None, "Model folder to serve locally for the run ('embedded': SmolLM2-135M-"
                                       "Instruct); none: use client.base_url.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_served(self.serve is not None, "served")
 
 
 def sample_users(num_users: int, n: int | None, seed: int) -> list[int]:
@@ -210,5 +232,7 @@ class TeacherRationalesStage(RationaleStage):
 
         cfg = self.config
         serve = str(smollm2_path()) if cfg.serve == EMBEDDED else cfg.serve
-        with endpoint(cfg.client, serve, log_path=out / "server.log", engine=cfg.engine) as (chat, engine):
+        with endpoint(cfg.client, serve, log_path=out / "server.log", engine=cfg.engine,
+                      data_parallel_size=cfg.data_parallel_size,
+                      tensor_parallel_size=cfg.tensor_parallel_size) as (chat, engine):
             return {**run_generation(self.data_dir, out, cfg, chat, stage=self.name), "engine": engine}

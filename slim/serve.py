@@ -6,6 +6,10 @@ with vLLM's CPU settings, bf16 only where native; see slim.vllm_setup and slim.h
 the project's batching server over transformers (`slim.batch_server`: concurrent requests decoded
 together, the adapter merged in memory). One line on stderr says which, in which dtype and why.
 Either way the server is ready only once it has answered a real chat completion.
+
+`data_parallel_size` / `tensor_parallel_size` above 1 go to vLLM's server (`--data-parallel-size`,
+`--tensor-parallel-size`): they ask for vLLM (engine auto), never fall back to transformers, and a
+server that vLLM refuses to start is one line naming the setting and the log's cause.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Iterator
 from eval.errors import InputError
 
 from .client import ChatClient, ClientConfig
-from .engine import LORA_NAME, announce, engine_choice, vllm_status
+from .engine import LORA_NAME, announce, engine_choice, parallel_engine, parallel_names, vllm_status
 from .hardware import TRANSFORMERS_DTYPE
 from .lora import adapter_base, merged_dir
 from .vllm_setup import serve_command
@@ -58,14 +62,17 @@ class Server:
                  port: int | None = None, host: str = "127.0.0.1", backend: str = "auto",
                  startup_timeout_s: float = 900.0, log_path: str | Path | None = None, *,
                  dtype: str | None = None, prefix_caching: bool = True, extra_args: tuple[str, ...] = (),
-                 max_batch: int = 32, quiet: bool = False):
+                 max_batch: int = 32, quiet: bool = False, data_parallel_size: int = 1, tensor_parallel_size: int = 1):
         """`dtype` (vLLM; default: bf16 where native, else float32 - `slim.hardware`), `prefix_caching`
         (vLLM; off for benchmarks that repeat prompts), `extra_args` (appended to the vLLM server's
-        command line) and `max_batch` (the transformers batching server: requests decoded together)."""
+        command line), `max_batch` (the transformers batching server: requests decoded together) and
+        `data_parallel_size` / `tensor_parallel_size` (vLLM's: engines, and ranks per engine)."""
         if model_path is None and adapter is None:
             raise InputError("serve needs a model path or an adapter")
+        self.data_parallel_size, self.tensor_parallel_size = data_parallel_size, tensor_parallel_size
+        self.parallel = data_parallel_size * tensor_parallel_size > 1
         self.requested = backend
-        choice = engine_choice(backend)
+        choice = engine_choice(parallel_engine(backend, data_parallel_size, tensor_parallel_size))
         self.backend = choice.engine
         self.adapter = Path(adapter) if adapter else None
         self.model_path = str(model_path or adapter_base(self.adapter))
@@ -87,9 +94,11 @@ class Server:
         if self.backend == "transformers":
             return f"{self.dtype}, batching server, up to {self.max_batch} requests a batch" + \
                 (", adapter merged" if self.adapter else "")
+        ranks = (f", {self.data_parallel_size} data-parallel engines" if self.data_parallel_size > 1 else "") + \
+            (f", {self.tensor_parallel_size} tensor-parallel ranks each" if self.tensor_parallel_size > 1 else "")
         if vllm_status().cpu:
-            return f"{self.dtype}, CPU, eager" + (", merged adapter" if self.adapter else "")
-        return f"{self.dtype}, GPU" + (", adapter with --enable-lora" if self.adapter else "")
+            return f"{self.dtype}, CPU, eager" + (", merged adapter" if self.adapter else "") + ranks
+        return f"{self.dtype}, GPU" + (", adapter with --enable-lora" if self.adapter else "") + ranks
 
     @property
     def base_url(self) -> str:
@@ -105,7 +114,8 @@ class Server:
                 served = self.model_name = str(merged_dir(self.adapter, self.model_path))
             cmd, self.env = serve_command(status, self.model_path, self.adapter, self.host, self.port, served,
                                           dtype=self.dtype, prefix_caching=self.prefix_caching,
-                                          extra_args=self.extra_args)
+                                          extra_args=self.extra_args, data_parallel_size=self.data_parallel_size,
+                                          tensor_parallel_size=self.tensor_parallel_size)
             return cmd
         self.model_name = str(self.adapter or self.model_path)
         return [sys.executable, "-m", "slim.batch_server", "--model", self.model_path,
@@ -118,6 +128,9 @@ class Server:
             try:
                 self._launch()
             except ServerExited as e:  # auto: a vLLM that cannot serve this model falls back to transformers
+                if self.parallel:  # asked for vLLM's parallelism: no fallback, one line naming the setting
+                    raise InputError(f"{parallel_names(self.data_parallel_size, self.tensor_parallel_size)}: the "
+                                     f"vLLM server exited ({e.cause}; log {self.log_path})") from None
                 if not (self.backend == "vllm" and self.requested == "auto"):
                     raise
                 self.backend, self.dtype, self.env = "transformers", TRANSFORMERS_DTYPE, dict(os.environ)
@@ -183,11 +196,14 @@ class Server:
 
 @contextlib.contextmanager
 def endpoint(client: ClientConfig, serve: str | Path | None = None, adapter: str | Path | None = None,
-             log_path: str | Path | None = None, engine: str = "auto") -> Iterator[tuple[ChatClient, str]]:
+             log_path: str | Path | None = None, engine: str = "auto", data_parallel_size: int = 1,
+             tensor_parallel_size: int = 1) -> Iterator[tuple[ChatClient, str]]:
     """(client, engine) for `client.base_url` (engine "endpoint"), or, given a model folder / adapter,
-    for a local server run for the block (engine "vllm" or "transformers", what actually serves)."""
+    for a local server run for the block (engine "vllm" or "transformers", what actually serves),
+    with vLLM's data / tensor parallelism where asked for."""
     if serve is None and adapter is None:
         yield ChatClient(client), "endpoint"
         return
-    with Server(serve, adapter, log_path=log_path, backend=engine) as server:
+    with Server(serve, adapter, log_path=log_path, backend=engine, data_parallel_size=data_parallel_size,
+                tensor_parallel_size=tensor_parallel_size) as server:
         yield ChatClient(replace(client, base_url=server.base_url, model=client.model or server.model_name)), server.backend

@@ -40,6 +40,7 @@ class StudentRationalesConfig(GenerationConfig):
         check_cuts(self.cuts, "slim-student-rationales")
         if self.backend not in BACKENDS:
             raise InputError(f"unknown generation backend '{self.backend}' (choose {' or '.join(BACKENDS)})")
+        self.check_served(self.backend == "local" or not self.client.urls, "served or loaded")
 
 
 def student_label(adapter: Path) -> str:
@@ -67,6 +68,7 @@ class StudentRationalesStage(RationaleStage):
         return records if cuts == 1 else hashlib.sha256(f"{records}:cuts={cuts}".encode()).hexdigest()
 
     def build(self, out: Path) -> dict[str, Any]:
+        from .engine import parallel_engine
         from .local import make_generator
         from .serve import endpoint
 
@@ -74,12 +76,16 @@ class StudentRationalesStage(RationaleStage):
         todo = remaining_jobs(self.data_dir, out, cfg, label, cfg.cuts)
         if not todo:  # every record is there: start no model
             return {**run_generation(self.data_dir, out, cfg, None, label, self.name, cfg.cuts), "engine": "none"}
+        engine = parallel_engine(cfg.engine, cfg.data_parallel_size, cfg.tensor_parallel_size)
         if cfg.backend == "local":
+            parallel = {"data_parallel_size": cfg.data_parallel_size,
+                        "tensor_parallel_size": cfg.tensor_parallel_size} if cfg.parallel else {}
             with make_generator(cfg.base_model, self.adapter, cfg.batch_size, cfg.client.max_tokens,
-                                cfg.client.temperature, cfg.seed, engine=cfg.engine, prompts=len(todo)) as gen:
+                                cfg.client.temperature, cfg.seed, engine=engine, prompts=len(todo), **parallel) as gen:
                 summary = run_generation(self.data_dir, out, cfg, gen, label, self.name, cfg.cuts)
                 return {**summary, "engine": gen.engine}
-        own = not cfg.client.base_url  # no endpoint given: serve base + adapter for the run
+        own = not cfg.client.urls  # no endpoint given: serve base + adapter for the run
         with endpoint(cfg.client, cfg.base_model if own else None, self.adapter if own else None,
-                      out / "server.log", engine=cfg.engine) as (chat, engine):
-            return {**run_generation(self.data_dir, out, cfg, chat, label, self.name, cfg.cuts), "engine": engine}
+                      out / "server.log", engine=cfg.engine, data_parallel_size=cfg.data_parallel_size,
+                      tensor_parallel_size=cfg.tensor_parallel_size) as (chat, served_by):
+            return {**run_generation(self.data_dir, out, cfg, chat, label, self.name, cfg.cuts), "engine": served_by}

@@ -1,18 +1,69 @@
 """vLLM in-process: offline generation with the `Generator` interface of `slim.local.LocalGenerator`
-(`stream(jobs)` -> (key, Completion) as each request finishes), so a generation run can use either."""
+(`stream(jobs)` -> (key, Completion) as each request finishes), so a generation run can use either.
+
+`tensor_parallel_size` goes to `vllm.LLM` as it is. `data_parallel_size` > 1 does not: vLLM 0.32's
+`LLM` refuses it ("not supported for single-process usage"; its environment-variable route refuses
+dense models), so those engines run under vLLM's `AsyncLLM`, the engine behind its server's
+`--data-parallel-size`: one engine process per rank, its coordinator spreading the requests (a dense
+model's ranks run independently), driven here from an event loop in a thread.
+"""
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from eval.errors import InputError
 
 from .client import Completion
-from .engine import LORA_NAME, VllmStatus, vllm_status
+from .engine import LORA_NAME, VllmStatus, parallel_names, vllm_status
 from .hardware import detect, generation_dtype
-from .vllm_setup import cpu_env, cpu_scheduler_args, lora_rank, model_to_load
+from .vllm_setup import apply_cpu_env, base_of, check_parallel, cpu_scheduler_args, lora_rank, model_to_load
+
+
+class DataParallelEngine:
+    """vLLM's own data parallelism in this process: an `AsyncLLM` of `data_parallel_size` engines on an
+    event loop in a daemon thread; `submit` gives a future of a request's final output."""
+
+    def __init__(self, engine_args: dict[str, Any]):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-data-parallel", daemon=True)
+        self.thread.start()
+
+        async def start() -> Any:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+
+        try:
+            self.engine = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.model_config = self.engine.model_config
+
+    def submit(self, prompt_ids: list[int], params: Any, request_id: str, lora_request: Any = None) -> Future:
+        async def generate() -> Any:
+            last = None
+            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                                  lora_request=lora_request):
+                last = out
+            return last
+
+        return asyncio.run_coroutine_threadsafe(generate(), self.loop)
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        self._stop_loop()
 
 
 class VllmGenerator:
@@ -23,23 +74,26 @@ class VllmGenerator:
     vLLM batches continuously (every job is queued, up to `max_num_seqs` decode together), so
     `batch_size` is accepted for the interface and unused. `dtype` None: bfloat16 where native, else
     float32 (`slim.hardware.generation_dtype`); "float32" matches transformers' greedy output.
-    `prefix_caching` False for fair benchmarks; `engine_args` go to `vllm.LLM` as they are."""
+    `prefix_caching` False for fair benchmarks; `engine_args` go to `vllm.LLM` as they are.
+    `data_parallel_size` engines (vLLM's `AsyncLLM`), each over `tensor_parallel_size` ranks; on CPU
+    each rank gets its group of cores; what vLLM would refuse is one line naming the setting."""
 
     engine = "vllm"
 
     def __init__(self, model_path: str | Path | None = None, adapter: str | Path | None = None,
                  batch_size: int = 16, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 42,
                  dtype: str | None = None, prefix_caching: bool = True, enforce_eager: bool | None = None,
-                 max_num_seqs: int | None = None, status: VllmStatus | None = None, **engine_args: Any):
+                 max_num_seqs: int | None = None, status: VllmStatus | None = None, data_parallel_size: int = 1,
+                 tensor_parallel_size: int = 1, **engine_args: Any):
         if model_path is None and adapter is None:
             raise InputError("generation needs a model path or an adapter")
         self.status = status or vllm_status()
         if not self.status.ok:
             raise InputError(f"vLLM cannot run here: {self.status.reason}")
+        check_parallel(self.status, base_of(model_path, adapter), data_parallel_size, tensor_parallel_size)
         model, lora = model_to_load(self.status, model_path, adapter)
-        if self.status.cpu:
-            for key, value in cpu_env().items():  # read by the engine process vLLM starts below
-                os.environ.setdefault(key, value)
+        if self.status.cpu:  # read by the engine processes vLLM starts below
+            apply_cpu_env(data_parallel_size, tensor_parallel_size)
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's INFO lines would bury the progress bar
         from transformers import AutoTokenizer
@@ -57,6 +111,9 @@ class VllmGenerator:
             kwargs.update(cpu_scheduler_args(model))
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        if tensor_parallel_size > 1:
+            kwargs["tensor_parallel_size"] = tensor_parallel_size
+        self.data_parallel_size, self.tensor_parallel_size = data_parallel_size, tensor_parallel_size
         kwargs.update(engine_args)  # anything else vllm.LLM takes (max_model_len, ...)
         self.lora_request = None
         if lora is not None:
@@ -65,9 +122,21 @@ class VllmGenerator:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank(lora))
             self.lora_request = LoRARequest(LORA_NAME, 1, str(lora))
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        self.llm = self.dp = None
+        try:
+            if data_parallel_size > 1:
+                self.dp = DataParallelEngine({**kwargs, "data_parallel_size": data_parallel_size})
+            else:
+                self.llm = LLM(**kwargs)
+        except Exception as e:
+            if data_parallel_size * tensor_parallel_size == 1:
+                raise
+            why = next((ln for ln in reversed(str(e).strip().splitlines()) if ln.strip()), type(e).__name__)
+            raise InputError(f"{parallel_names(data_parallel_size, tensor_parallel_size)}: vLLM did not start "
+                             f"({type(e).__name__}: {why.strip()[:300]})") from None
         self.startup_s = time.perf_counter() - t0
-        eos = getattr(self.llm.llm_engine.model_config.hf_config, "eos_token_id", None)
+        config = (self.dp.model_config if self.dp else self.llm.llm_engine.model_config).hf_config
+        eos = getattr(config, "eos_token_id", None)
         self.eos_ids = {self.tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
     def sampling_params(self, attempt: int = 0):
@@ -106,6 +175,9 @@ class VllmGenerator:
         jobs = list(jobs)
         if not jobs:
             return
+        if self.dp is not None:
+            yield from self._stream_data_parallel(jobs, attempt)
+            return
         engine = self.llm.llm_engine
         prompts = [{"prompt_token_ids": self.prompt_ids(p)} for _, p in jobs]
         ids = self.llm.enqueue(prompts, self.sampling_params(attempt), lora_request=self.lora_request, use_tqdm=False)
@@ -127,8 +199,33 @@ class VllmGenerator:
             if pending:
                 engine.abort_request([rid for _, rid in pending.values()], internal=True)
 
+    def _stream_data_parallel(self, jobs: list[tuple[Any, str]],
+                              attempt: int) -> Iterator[tuple[Any, Completion | Exception]]:
+        """`stream` over the data-parallel engines: every job submitted, each yielded as it finishes;
+        closing early cancels the rest (AsyncLLM aborts a cancelled request)."""
+        params = self.sampling_params(attempt)
+        tag = f"{time.monotonic_ns()}-{attempt}"
+        futures = {self.dp.submit(self.prompt_ids(p), params, f"{tag}-{i}", self.lora_request): key
+                   for i, (key, p) in enumerate(jobs)}
+        last = time.perf_counter()
+        try:
+            for fut in as_completed(futures):
+                err = fut.exception()
+                if err is None and fut.result() is None:
+                    err = RuntimeError("vLLM finished without an output for this request")
+                now = time.perf_counter()
+                yield futures[fut], err if err is not None else self.completion(fut.result(), now - last)
+                last = now
+        finally:
+            for fut in futures:
+                fut.cancel()
+
     def close(self) -> None:
         """Stop the engine process (also done at interpreter exit)."""
+        dp = getattr(self, "dp", None)
+        if dp is not None:
+            dp.shutdown()
+            self.dp = None
         llm = getattr(self, "llm", None)
         if llm is not None:
             core = getattr(llm.llm_engine, "engine_core", None)
