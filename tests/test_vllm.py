@@ -74,26 +74,34 @@ def test_engine_choice_and_cpu_settings():
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and env["VLLM_CPU_OMP_THREADS_BIND"][0].isdigit()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random 2-layer LLaMA (head size 32: the smallest vLLM's CPU attention takes) with the SmolLM2
-    tokenizer and chat template, its config.json carrying the GGUF quantization_config trap, and a
-    LoRA adapter on it (random, non-zero, so merging it changes the model)."""
+def save_tiny_llama(folder):
+    """A random 2-layer LLaMA (head size 32: the smallest vLLM's CPU attention takes; 2 attention heads,
+    1 key-value head) with the SmolLM2 tokenizer and chat template, saved in `folder`; (model, tokenizer)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from eval.assets import smollm2_path
 
-    root = tmp_path_factory.mktemp("vllm-tiny")
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer LLaMA (head size 32: the smallest vLLM's CPU attention takes) with the SmolLM2
+    tokenizer and chat template, its config.json carrying the GGUF quantization_config trap, and a
+    LoRA adapter on it (random, non-zero, so merging it changes the model)."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("vllm-tiny")
+    model, tok = save_tiny_llama(root / "model")
     model.name_or_path = str(root / "model")  # the adapter's base_model_name_or_path
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(root / "slim-student")

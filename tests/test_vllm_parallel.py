@@ -216,19 +216,10 @@ engines = pytest.mark.skipif(not STATUS.ok or CORES < 2, reason=f"vLLM cannot ru
 def tiny(tmp_path_factory):
     """A random 2-layer LLaMA (2 attention heads, 1 key-value head: tensor parallel 2 is possible) with
     the SmolLM2 tokenizer and chat template; a 1 GiB KV cache per engine."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from eval.assets import smollm2_path
+    from tests.test_vllm import save_tiny_llama
 
     root = tmp_path_factory.mktemp("vllm-parallel")
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         mp.setenv("RATIONALE_REC_CACHE", str(root / "cache"))
