@@ -513,24 +513,28 @@ def _read_reviews(path: Path) -> pd.DataFrame:
         items.add(i)
         ratings.append(np.array(r, dtype=np.float64))
         stamps.append(np.array(t, dtype=np.float64))
-    return pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(),
-                         "rating": np.concatenate(ratings), "timestamp": np.concatenate(stamps)})
+    ratings, stamps = np.concatenate(ratings), np.concatenate(stamps)  # type: ignore[assignment]
+    return pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(), "rating": ratings,
+                         "timestamp": stamps}, copy=False)  # not one more copy of the two float columns
 
 
 def _read_items(path: Path) -> pd.DataFrame:
-    """The items frame in its standard shape (`_finish`'s), each item's first record kept, without a
-    Python string per value."""
-    ids, texts = _Codes(), [[], [], []]
-    for piece in _stream(path, _fast_items, _slow_items):
-        ids.add(piece[0])
-        for column, values in zip(texts, piece[1:]):
-            column.append(pa.array(values, pa.string()))
+    """The items frame in its standard shape (`_finish`'s: each item's first record), built without a
+    Python string per value; categories, brand and year as categorical columns (their values repeat)."""
+    ids, titles, texts = _Codes(), [], [_Codes(), _Codes()]
+    for item, title, *rest in _stream(path, _fast_items, _slow_items):
+        ids.add(item)
+        titles.append(pa.array(title, pa.string()))
+        for codes, values in zip(texts, rest):
+            codes.add(values)
     codes, names = ids.done()  # names: in order of first appearance
     first = np.unique(codes, return_index=True)[1]
-    columns = [pa.chunked_array(column, pa.string()) for column in texts]
+    title = pa.chunked_array(titles, pa.string())
+    categories, brand = (column.categorical() for column in texts)
     if len(first) < len(codes):
-        columns = [column.take(first) for column in columns]
-    return pd.DataFrame({name: column.to_pandas() for name, column in zip(ITEM_COLUMNS, [names, *columns])}).assign(year="")
+        title, categories, brand = title.take(first), categories[first], brand[first]
+    return pd.DataFrame({"item_id": names.to_pandas(), "title": title.to_pandas(), "categories": categories,
+                         "brand": brand, "year": pd.Categorical([""] * len(first))}, copy=False)
 
 
 def release_memory() -> None:

@@ -201,11 +201,14 @@ def item_text(row: pd.Series) -> str:
 
 
 def attach_item_text(items: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
-    """Join raw item metadata onto the id map; items without metadata keep empty fields."""
-    merged = items.merge(meta.rename(columns={"item_id": "raw_id"}), on="raw_id", how="left")
-    for col in ("title", "categories", "brand", "year"):
-        merged[col] = merged[col].fillna("").astype(str)
+    """Join raw item metadata onto the id map; items without metadata keep empty fields. The metadata of
+    the items left is picked first: the join then hashes only those (Amazon 2023 Books has 4.4M records)."""
+    meta = meta[meta["item_id"].isin(items["raw_id"])].rename(columns={"item_id": "raw_id"})
+    merged = items.merge(meta, on="raw_id", how="left")
+    for col in ("title", "categories", "brand", "year"):  # as strings (the streaming reader's are categorical)
+        merged[col] = merged[col].astype(object).fillna("").astype(str)
     merged["text"] = merged.apply(item_text, axis=1)
+    release_memory()
     return merged
 
 

@@ -61,7 +61,8 @@ def outcome(call) -> tuple:
         inter, items = call()
     except InputError as e:
         return "error", str(e)
-    inter = inter.astype({"user_id": str, "item_id": str})
+    inter, items = (frame.astype({c: str for c, t in frame.dtypes.items() if isinstance(t, pd.CategoricalDtype)})
+                    for frame in (inter, items))  # the stream's ids, categories, brand and year are categorical
     return "ok", inter.to_dict("list"), items.to_dict("list"), list(inter.dtypes.astype(str)), list(items.dtypes.astype(str))
 
 
