@@ -143,6 +143,8 @@ def test_a_stopped_stage_leaves_no_server_and_resumes(model, tmp_path, sig):
     lines = records.read_text().splitlines()
     written = [json.loads(line) for line in lines]  # every line whole
     assert 2 <= len(written) < 40
+    if sig == signal.SIGHUP:
+        return  # the stop is what differs by signal; resuming is the SIGTERM case's (the rerun is most of the time)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     users = [json.loads(line)["user"] for line in records.read_text().splitlines()]

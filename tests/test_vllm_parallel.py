@@ -221,6 +221,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-parallel")
     save_tiny_llama(root / "model")
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(BIND, raising=False)  # engines started by other modules' tests leave their core groups behind
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         mp.setenv("RATIONALE_REC_CACHE", str(root / "cache"))
         yield {"model": root / "model", "root": root}
@@ -228,10 +229,11 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    """Greedy float32 answers of one engine (vllm.LLM), the answers every parallel layout must give."""
-    from slim.vllm_offline import VllmGenerator
+    """Greedy float32 answers of the transformers path: every parallel vLLM layout in float32 must give
+    the same (and no engine start-up is spent on a reference)."""
+    from slim.local import make_generator
 
-    with VllmGenerator(tiny["model"], max_new_tokens=8, dtype="float32") as gen:
+    with make_generator(tiny["model"], None, max_new_tokens=8, temperature=0.0, engine="transformers") as gen:
         return [c.text for c in gen.generate(PROMPTS)]
 
 
