@@ -123,7 +123,7 @@ def test_a_stopped_stage_leaves_no_server_and_resumes(model, tmp_path, sig):
     records = out / RECORDS
     cmd = [sys.executable, "-m", "slim.cli", "generate-rationales", "--run", str(run), "--serve", str(model),
            "--engine", "transformers", "--client.concurrency", "1", "--client.max-tokens", "24",
-           "--format-retries", "0", "--client.temperature", "0"]
+           "--format-retries", "0", "--client.temperature", "0", "--users", "20"]  # a seeded sample of the 40
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -142,14 +142,14 @@ def test_a_stopped_stage_leaves_no_server_and_resumes(model, tmp_path, sig):
     assert alive == []
     lines = records.read_text().splitlines()
     written = [json.loads(line) for line in lines]  # every line whole
-    assert 2 <= len(written) < 40
+    assert 2 <= len(written) < 20
     if sig == signal.SIGHUP:
         return  # the stop is what differs by signal; resuming is the SIGTERM case's (the rerun is most of the time)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     users = [json.loads(line)["user"] for line in records.read_text().splitlines()]
-    assert sorted(users) == list(range(40)) and users[:len(written)] == [r["user"] for r in written]
-    assert len(read_records(records)) == 40
+    assert len(set(users)) == len(users) == 20 and users[:len(written)] == [r["user"] for r in written]
+    assert len(read_records(records)) == 20
 
 
 def test_prefix_reuse_answers_as_without_it(model):
