@@ -1,6 +1,7 @@
 """Raw data set readers. Each returns two frames in one standard shape:
 
-interactions: user_id (str), item_id (str), rating (float), timestamp (float), in file order
+interactions: user_id (str), item_id (str), rating (float), timestamp (float), in file order (the streaming
+              Amazon reader's ids are categorical, its ratings float32 where that holds them exactly)
 items:        item_id (str), title, categories, brand, year (str, "" where absent)
 
 Everything after this (filters, k-core, ids, splits) lives in `preprocess.py`, so all formats are
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from array import array
 import gzip
 import io
 import itertools
@@ -98,7 +100,8 @@ def _odd_timestamps(timestamps: pd.Series, path: Path) -> None:
 def _interactions(inter: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The standard interactions frame, with a warning for odd timestamps; categorical ids stay categorical."""
     types = {"user_id": str, "item_id": str, "rating": float, "timestamp": float}
-    inter = inter.astype({c: t for c, t in types.items() if not isinstance(inter[c].dtype, pd.CategoricalDtype)})
+    keep = lambda dtype: isinstance(dtype, pd.CategoricalDtype) or dtype.kind == "f"  # noqa: E731
+    inter = inter.astype({c: t for c, t in types.items() if not keep(inter[c].dtype)})
     _odd_timestamps(inter["timestamp"], path)
     return inter.reset_index(drop=True)
 
@@ -471,7 +474,7 @@ class _Codes:
 
     def __init__(self) -> None:
         self.dictionary = pa.array([], pa.string())
-        self.codes: list[np.ndarray] = []            # into self.dictionary
+        self.codes = array("i")                      # into self.dictionary (grown in place, not concatenated)
         self.pending: list[pa.DictionaryArray] = []  # into their own dictionaries
         self.pending_size = 0
 
@@ -487,15 +490,14 @@ class _Codes:
                                                self.dictionary)
         merged = pa.chunked_array([known, *self.pending], type=known.type).unify_dictionaries()
         self.dictionary = merged.chunk(0).dictionary  # starts with the known strings, in their order
-        self.codes += [piece.indices.to_numpy() for piece in merged.chunks[1:]]
+        for piece in merged.chunks[1:]:
+            self.codes.frombytes(piece.indices.to_numpy().astype(np.int32, copy=False).tobytes())
         self.pending, self.pending_size = [], 0
 
     def done(self) -> tuple[np.ndarray, pa.StringArray]:
         """The codes of all strings added, and the strings they index."""
         self._merge()
-        codes = np.concatenate(self.codes) if self.codes else np.empty(0, np.int32)
-        self.codes = []
-        return codes, self.dictionary
+        return np.frombuffer(self.codes, dtype=np.int32), self.dictionary
 
     def categorical(self) -> pd.Categorical:
         codes, dictionary = self.done()
@@ -507,15 +509,17 @@ class _Codes:
 
 
 def _read_reviews(path: Path) -> pd.DataFrame:
-    users, items, ratings, stamps = _Codes(), _Codes(), [], []
+    users, items, ratings, stamps = _Codes(), _Codes(), array("d"), array("d")  # grown in place
     for u, i, r, t in _stream(path, _fast_reviews, _slow_reviews):
         users.add(u)
         items.add(i)
-        ratings.append(np.array(r, dtype=np.float64))
-        stamps.append(np.array(t, dtype=np.float64))
-    ratings, stamps = np.concatenate(ratings), np.concatenate(stamps)  # type: ignore[assignment]
-    return pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(), "rating": ratings,
-                         "timestamp": stamps}, copy=False)  # not one more copy of the two float columns
+        ratings.extend(r)
+        stamps.extend(t)
+    rating = np.frombuffer(ratings, dtype=np.float64)
+    if np.array_equal(rating.astype(np.float32), rating):  # Amazon's 1-5 stars: half the bytes, the same values
+        rating = rating.astype(np.float32)
+    return pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(), "rating": rating,
+                         "timestamp": np.frombuffer(stamps, dtype=np.float64)}, copy=False)
 
 
 def _read_items(path: Path) -> pd.DataFrame:

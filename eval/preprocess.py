@@ -132,7 +132,8 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
     items, item_names = _codes(inter["item_id"])
     rating, stamp = inter["rating"].to_numpy(), inter["timestamp"].to_numpy()
     # rows (in file order) are picked as positions, and the frame is built once from those k-core keeps
-    rows = np.arange(len(inter)) if cfg.rating_gt is None else np.flatnonzero(rating > cfg.rating_gt)
+    # compared as float64 (NumPy would compare float32 ratings with a Python float in float32)
+    rows = np.arange(len(inter)) if cfg.rating_gt is None else np.flatnonzero(rating > np.float64(cfg.rating_gt))
     # chronological, stable on ties: file order decides between equal timestamps
     rows = rows[np.argsort(stamp[rows], kind="stable")]
     if cfg.dedup:  # the first interaction of each user-item pair
@@ -142,7 +143,7 @@ def prepare(cfg: PrepareConfig, inter: pd.DataFrame) -> Prepared:
     cored = k_core(pd.DataFrame({"user_id": users[rows], "item_id": items[rows]}), cfg.user_core, cfg.item_core)
     rows = rows[cored.index.to_numpy()]
     del cored
-    inter = pd.DataFrame({"user_id": users[rows], "item_id": items[rows], "rating": rating[rows],
+    inter = pd.DataFrame({"user_id": users[rows], "item_id": items[rows], "rating": rating[rows].astype(np.float64),
                           "timestamp": stamp[rows], "order": rows})
     del users, items, rating, stamp, rows
     cut = None
@@ -219,6 +220,7 @@ def sample_candidates(sequences: list[np.ndarray], targets: np.ndarray, num_item
     independent of the order users are processed in. A user with fewer than `n` such items gets
     all of them, and the rest of the row is padding (0), which evaluation ignores."""
     split_code = {"valid": 1, "test": 2}[split]
+    release_memory()  # what the data stage freed before (its parquet writes): this array is its largest
     out = np.zeros((len(sequences), n + 1), dtype=np.int64)
     for u, seq in enumerate(sequences):
         if not targets[u]:  # a user with no target in this split (temporal: none after the cut)

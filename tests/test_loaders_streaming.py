@@ -63,6 +63,7 @@ def outcome(call) -> tuple:
         return "error", str(e)
     inter, items = (frame.astype({c: str for c, t in frame.dtypes.items() if isinstance(t, pd.CategoricalDtype)})
                     for frame in (inter, items))  # the stream's ids, categories, brand and year are categorical
+    inter = inter.astype({"rating": float})  # and its ratings float32 where that holds them exactly
     return "ok", inter.to_dict("list"), items.to_dict("list"), list(inter.dtypes.astype(str)), list(items.dtypes.astype(str))
 
 
@@ -190,8 +191,9 @@ def _prepared(run: Path, reviews: Path, meta: Path, engine: str, monkeypatch, **
 
 
 @pytest.mark.parametrize("settings", [{}, {"rating_gt": None, "user_core": 2, "item_core": 2, "dedup": False},
-                                      {"split": "temporal", "cut": 0.8, "user_core": 3, "item_core": 3}],
-                         ids=["paper", "all-ratings", "temporal"])
+                                      {"split": "temporal", "cut": 0.8, "user_core": 3, "item_core": 3},
+                                      {"rating_gt": 3.9999999, "user_core": 2, "item_core": 2}],
+                         ids=["paper", "all-ratings", "temporal", "threshold-between-float32s"])
 def test_prepared_folder_is_byte_identical(tmp_path, monkeypatch, settings):
     reviews, meta = dump(tmp_path, gz=True, n=1500)
     with pieces_of(4000):
