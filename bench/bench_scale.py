@@ -285,7 +285,7 @@ def machine() -> dict:
 
 
 def gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**30:.2f} GiB"
 
 
 def shipped(args: argparse.Namespace) -> None:
@@ -334,7 +334,7 @@ def main() -> None:
     sizes, old_max, results = [size(s) for s in args.sizes.split(",")], size(args.old_max), []
     if args.shipped:
         shipped(args)
-    print(f"{'reviews':>8} {'loader':>6} {'seconds':>8} {'load':>6} {'prepare':>8} {'peak RSS':>9}  "
+    print(f"{'reviews':>8} {'loader':>6} {'seconds':>8} {'load':>6} {'prepare':>8} {'peak RSS':>10}  "
           f"{'users':>8} {'items':>8} {'kept':>9}  same output", flush=True)
     for n in sizes:
         done = [r for r in results if r["loader"] == "new" and "error" not in r]
@@ -363,7 +363,7 @@ def main() -> None:
                                               "no" if "old" in digests else "(no old run)")
             r["same_output"] = same
             print(f"{label(n):>8} {which:>6} {r['seconds']:8.1f} {r['phases'].get('load', 0):6.1f} "
-                  f"{r['phases'].get('prepare', 0):8.1f} {gb(r['peak_rss']):>9}  {c['users']:>8} {c['items']:>8} "
+                  f"{r['phases'].get('prepare', 0):8.1f} {gb(r['peak_rss']):>10}  {c['users']:>8} {c['items']:>8} "
                   f"{c['interactions']:>9}  {same}", flush=True)
             subprocess.run(["rm", "-rf", str(run)], check=True)
     if args.json:
