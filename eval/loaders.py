@@ -2,7 +2,8 @@
 
 interactions: user_id (str), item_id (str), rating (float), timestamp (float), in file order (the streaming
               Amazon reader's ids are categorical, its ratings float32 where that holds them exactly)
-items:        item_id (str), title, categories, brand, year (str, "" where absent)
+items:        item_id (str), title, categories, brand, year (str, "" where absent; the streaming Amazon
+              reader's categories, brand and year are categorical)
 
 Everything after this (filters, k-core, ids, splits) lives in `preprocess.py`, so all formats are
 treated the same way.
