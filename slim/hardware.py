@@ -146,7 +146,8 @@ def choose(requested: str, hw: Hardware, vllm_ok: bool, vllm_why: str, vllm_devi
         return EngineChoice("vllm", dtype, f"asked for; {vllm_why}")
     if vllm_device != "cpu":
         return EngineChoice("vllm", dtype, vllm_why)
-    fig, even = cpu_figures(hw), break_even_tokens(cpu_figures(hw))
+    fig = cpu_figures(hw)
+    even = break_even_tokens(fig)
     where = f"{vllm_why}; {hw.kind}" + ("" if dtype == "bfloat16" else " (vLLM in float32: bf16 is emulated here)")
     if work_tokens is None:
         if fig["served vllm"] > fig["served transformers"]:
