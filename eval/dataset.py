@@ -19,20 +19,22 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .errors import InputError
-from .io import MANIFEST, read_json
-from .loaders import load_source
+from .io import MANIFEST, read_json, save_npy_rows
+from .loaders import load_source, release_memory
 from .preprocess import PrepareConfig, attach_item_text, prepare, sample_candidates
 from .stage import DATA, Stage, run_stage
 
 SPLITS = ("train", "valid", "test")
 INTERACTIONS_FILE, USERS_FILE, ITEMS_FILE = "interactions.parquet", "users.parquet", "items.parquet"  # a data folder's tables
 MOVIES, ITEMS = "movies", "items"  # the domains of MovieLens data and of data the loaders cannot name
+CANDIDATE_BLOCK_BYTES = 64 << 20  # candidate lists are drawn and written in blocks of users this large
 MIN_CUT = 3  # the shortest history prefix an earlier (cut) rationale is written from
 _AMAZON_FILE = re.compile(r"^(?:reviews_|meta_)?(?P<name>.+?)(?:_5)?(?:\.jsonl?)?(?:\.gz)?$", re.I)
 
@@ -138,7 +140,7 @@ class SeqDataset:
         if not path.exists():
             have = sorted(p.name for p in self.path.glob("candidates_*.npy"))
             raise InputError(f"{path}: no fixed candidates for {negatives} negatives (have: {', '.join(have)})")
-        return np.load(path)
+        return np.load(path, mmap_mode="r")  # rows are read as evaluated: the file can exceed memory
 
     @cached_property
     def item_popularity(self) -> np.ndarray:
@@ -226,12 +228,8 @@ class DataStage(Stage):
         users.to_parquet(out / USERS_FILE, index=False)
         items.to_parquet(out / ITEMS_FILE, index=False)
         ds = SeqDataset(out, inter, users, items, {})
-        short: dict[str, int] = {}  # users with fewer never-seen items than the negatives asked for
-        for split in ("valid", "test"):
-            for n in cfg.negatives:
-                cand = sample_candidates(ds.sequences, ds.target(split), ds.num_items, n, cfg.seed, split)
-                np.save(out / f"candidates_{split}_{n}.npy", cand)
-                short[f"{split}_{n}"] = int((cand[ds.eval_users(split), -1] == 0).sum())
+        short = {f"{split}_{n}": self.write_candidates(ds, split, n, out) for split in ("valid", "test")
+                 for n in cfg.negatives}  # users with fewer never-seen items than the negatives asked for
         lengths = np.array([len(s) for s in ds.sequences])
         domain = cfg.domain or infer_domain(cfg.source, cfg.format, cfg.meta, items)
         split = {} if cut is None else {"cut_timestamp": cut, "test_users": int(ds.has_test.sum())}
@@ -239,6 +237,26 @@ class DataStage(Stage):
                 "raw_interactions": len(raw_inter), "avg_length": round(float(lengths.mean()), 2),
                 "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
                 "users_with_short_candidate_lists": short}
+
+    def write_candidates(self, ds: SeqDataset, split: str, n: int, out: Path) -> int:
+        """Draw and write one candidate file in blocks of users (an Amazon category's lists are
+        gigabytes); returns how many evaluated users got fewer than `n` negatives."""
+        release_memory()  # what the data stage freed before (its parquet writes)
+        targets, evaluated = ds.target(split), np.zeros(ds.num_users, dtype=bool)
+        evaluated[ds.eval_users(split)] = True
+        step = max(1, CANDIDATE_BLOCK_BYTES // (8 * (n + 1)))
+        short = 0
+
+        def blocks() -> Iterator[np.ndarray]:
+            nonlocal short
+            for start in range(0, ds.num_users, step):
+                users = range(start, min(start + step, ds.num_users))
+                block = sample_candidates(ds.sequences, targets, ds.num_items, n, self.config.seed, split, users)
+                short += int((block[evaluated[start:users.stop], -1] == 0).sum())
+                yield block
+
+        save_npy_rows(out / f"candidates_{split}_{n}.npy", (ds.num_users, n + 1), np.int64, blocks())
+        return short
 
     def digest(self, out: Path, counts: dict) -> str:
         """The files' content, and a domain given in the settings: the prompts of later stages say it."""

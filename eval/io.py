@@ -16,7 +16,9 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 MANIFEST = "manifest.json"       # every stage folder: inputs, config, counts, digest
 METRICS_FILE = "metrics.json"    # test metrics of a trained model (and the report's results)
@@ -80,6 +82,23 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_npy_rows(path: str | Path, shape: tuple[int, ...], dtype: Any, blocks: Iterable[np.ndarray]) -> None:
+    """Write an .npy array of `shape` from consecutive blocks of its rows, so that an array larger than
+    memory never has to be whole in it; the bytes are those `np.save` writes for the whole array."""
+    dtype = np.dtype(dtype)
+    rows = 0
+    with atomic_file(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+        for block in blocks:
+            if block.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f"{path}: a block of shape {block.shape} for an array of shape {shape}")
+            f.write(np.ascontiguousarray(block, dtype=dtype).data)
+            rows += len(block)
+        if rows != shape[0]:
+            raise ValueError(f"{path}: {rows} rows written for an array of {shape[0]}")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

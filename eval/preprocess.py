@@ -214,19 +214,20 @@ def attach_item_text(items: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_candidates(sequences: list[np.ndarray], targets: np.ndarray, num_items: int, n: int,
-                      seed: int, split: str) -> np.ndarray:
-    """Fixed candidate lists: column 0 is the true item, then `n` negatives drawn uniformly from
-    items the user never interacted with. Seeded per (seed, split, n, user): reproducible and
-    independent of the order users are processed in. A user with fewer than `n` such items gets
-    all of them, and the rest of the row is padding (0), which evaluation ignores."""
+                      seed: int, split: str, users: range | None = None) -> np.ndarray:
+    """Fixed candidate lists of `users` (default: every user): column 0 is the true item, then `n`
+    negatives drawn uniformly from items the user never interacted with. Seeded per (seed, split, n,
+    user): reproducible and the same whether drawn for all users at once or in blocks of them. A user
+    with fewer than `n` such items gets all of them, and the rest of the row is padding (0), which
+    evaluation ignores."""
     split_code = {"valid": 1, "test": 2}[split]
-    release_memory()  # what the data stage freed before (its parquet writes): this array is its largest
-    out = np.zeros((len(sequences), n + 1), dtype=np.int64)
-    for u, seq in enumerate(sequences):
+    users = range(len(sequences)) if users is None else users
+    out = np.zeros((len(users), n + 1), dtype=np.int64)
+    for row, u in enumerate(users):
         if not targets[u]:  # a user with no target in this split (temporal: none after the cut)
             continue
         rng = np.random.default_rng([seed, split_code, n, u])
-        seen = np.unique(seq)
+        seen = np.unique(sequences[u])
         if len(seen) * 2 > num_items or num_items - len(seen) <= n:
             # dense user: draw from the complement directly
             pool = np.setdiff1d(np.arange(1, num_items + 1), seen, assume_unique=True)
@@ -239,6 +240,6 @@ def sample_candidates(sequences: list[np.ndarray], targets: np.ndarray, num_item
                 _, first = np.unique(np.concatenate([neg, draw]), return_index=True)
                 neg = np.concatenate([neg, draw])[np.sort(first)]
             neg = neg[:n]
-        out[u, 0] = targets[u]
-        out[u, 1:1 + len(neg)] = neg
+        out[row, 0] = targets[u]
+        out[row, 1:1 + len(neg)] = neg
     return out

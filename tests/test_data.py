@@ -11,9 +11,9 @@ import pytest
 
 from eval.dataset import SeqDataset, load_dataset, prepare_dataset
 from eval.errors import InputError
-from eval.io import atomic_dir, file_hash, write_json
+from eval.io import atomic_dir, file_hash, save_npy_rows, write_json
 from eval.loaders import load_amazon, load_movielens, load_recbole
-from eval.preprocess import PrepareConfig, k_core
+from eval.preprocess import PrepareConfig, k_core, sample_candidates
 from tests.conftest import write_atomic
 
 
@@ -72,6 +72,31 @@ def test_short_candidate_lists_are_padded_and_recorded(tmp_path):
     assert (cand[0, 1:] == 0).all()           # user a has seen every item: no negatives left
     assert sorted(cand[1, 1:]) == [0, 4, 5, 6]  # user b: all 3 unseen items, then padding
     assert ds.manifest["counts"]["users_with_short_candidate_lists"]["test_4"] == 2
+
+
+@pytest.mark.parametrize("users_per_block", [1, 3, 10**6])
+def test_candidates_drawn_in_blocks_of_users_are_the_whole_arrays_bytes(synthetic, tmp_path, monkeypatch,
+                                                                         users_per_block):
+    """A data stage draws and writes candidate lists a block of users at a time (bounded memory at
+    Amazon scale); the file is np.save's of the list drawn for every user at once."""
+    monkeypatch.setattr("eval.dataset.CANDIDATE_BLOCK_BYTES", 8 * 16 * users_per_block)
+    ds = prepare_dataset(cfg(synthetic, negatives=[5, 15]), tmp_path / "run")
+    assert ds.num_users % 3  # the last block is a short one
+    for split in ("valid", "test"):
+        for n in (5, 15):
+            whole = sample_candidates(ds.sequences, ds.target(split), ds.num_items, n, 42, split)
+            np.save(tmp_path / "whole.npy", whole)
+            assert (tmp_path / "whole.npy").read_bytes() == (ds.path / f"candidates_{split}_{n}.npy").read_bytes()
+
+
+def test_save_npy_rows_refuses_blocks_that_do_not_make_the_array(tmp_path):
+    save_npy_rows(tmp_path / "a.npy", (3, 2), np.int64, [np.ones((2, 2)), np.zeros((1, 2))])
+    assert np.load(tmp_path / "a.npy").tolist() == [[1, 1], [1, 1], [0, 0]]
+    with pytest.raises(ValueError, match="2 rows written for an array of 3"):
+        save_npy_rows(tmp_path / "b.npy", (3, 2), np.int64, [np.ones((2, 2))])
+    with pytest.raises(ValueError, match="a block of shape"):
+        save_npy_rows(tmp_path / "b.npy", (3, 2), np.int64, [np.ones((3, 1))])
+    assert not (tmp_path / "b.npy").exists()  # nothing half-written left behind
 
 
 def test_rationale_prefixes_by_hand():

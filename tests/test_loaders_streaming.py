@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -209,6 +210,17 @@ def test_prepare_is_the_same_on_categorical_and_string_ids(tmp_path):
     b = prepare(cfg, load_amazon(reviews, meta, engine="python")[0])
     for x, y in zip(a[:3], b[:3]):
         pd.testing.assert_frame_equal(x, y)
+
+
+def test_unchecked_categorical_equals_pandas_checked_one():
+    """The stream's id columns skip pandas' uniqueness check of the categories (they are unique by
+    construction); the result is the categorical the checked constructor gives."""
+    codes = np.array([2, 0, 1, 2, 0], dtype=np.int32)
+    categories = pd.Index(["b", "a", "c"])
+    fast = loaders.categorical_from_codes(codes, categories)
+    checked = pd.Categorical.from_codes(codes, categories=categories)
+    pd.testing.assert_extension_array_equal(fast, checked)
+    assert list(fast) == ["c", "b", "a", "c", "b"]
 
 
 # --- bad lines: the same one-line error, wherever the line is -------------------------------------
