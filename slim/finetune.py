@@ -167,6 +167,7 @@ class SlimStudentStage(Stage):
         return files
 
     def build(self, out: Path) -> dict[str, Any]:
+        import torch
         from transformers import AutoTokenizer, set_seed
 
         cfg = self.config
@@ -181,6 +182,9 @@ class SlimStudentStage(Stage):
         rows = {u: tokenize_example(tok, *pairs[u], cfg.max_length) for u in val_users + train_users}
         trainer = make_trainer(cfg, base, tok, [rows[u] for u in train_users], [rows[u] for u in val_users], out)
         result = trainer.train()
+        # the Trainer's figure is this process's share; the mean over processes is the whole batch's
+        train_loss = float(trainer.accelerator.reduce(torch.tensor(result.training_loss, device=trainer.args.device),
+                                                      reduction="mean"))
         last = [h for h in trainer.state.log_history if "eval_loss" in h and h["step"] == trainer.state.global_step]
         val_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"] if val_users else None
         trainer.model.save_pretrained(out)
@@ -189,7 +193,7 @@ class SlimStudentStage(Stage):
         shutil.rmtree(out / "trainer", ignore_errors=True)
         seconds = result.metrics["train_runtime"]
         return {"train_examples": len(train_users), "val_examples": len(val_users), "heldout_users": len(held),
-                "train_loss": round(result.training_loss, 4),
+                "train_loss": round(train_loss, 4),
                 "val_loss": None if val_loss is None else round(val_loss, 4),
                 "val_perplexity": None if val_loss is None else round(math.exp(val_loss), 2),
                 "answer_tokens": int(sum(sum(x != IGNORE for x in r["labels"]) for r in rows.values())),

@@ -1,8 +1,13 @@
 """SLIM student: label masking, LoRA fine-tuning and generation (in-process and served) with a tiny LLaMA."""
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
 
 from eval.errors import InputError
 from eval.stage import run_stage
@@ -16,6 +21,7 @@ from tests.slim_fake_openai import make_dataset, run_with_data
 
 ADAPTER = SlimStudentStage.name              # RUN/slim-student
 RECORDS = StudentRationalesStage.name        # RUN/slim-student-rationales
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +151,52 @@ def test_served_student_through_the_batching_server(tiny, tmp_path):
     run_stage(StudentRationalesStage(local, replace(gen, backend="local")))
     assert {u: r["text"] for u, r in read_records(local / RECORDS / "records.jsonl").items()} == \
         {u: r["text"] for u, r in served.items()} and len(served) == 2
+
+
+SLIM_PRESET = """
+[slim-student]
+base_model = "{model}"
+epochs = 2.0
+batch_size = 2
+grad_accum = {accum}
+heldout = 2
+val_fraction = 0.2      # 10 records after the held-out 2: 2 validate, 8 train (2 global batches of 4)
+lora_dropout = 0.0      # dropout draws differ between 1 and 2 processes (a stream per process)
+bf16 = false
+"""
+
+
+@pytest.mark.slow  # ~30 s: one launch of 2 processes (each imports torch, transformers and peft)
+def test_finetuning_on_two_processes_matches_one_process(tiny, tmp_path):
+    """`fusion stage slim-student` under torchrun with 2 processes (gloo): the Trainer steps
+    ceil(8 / (2 x 2 x 1)) = 2 times an epoch, evaluates every epoch, rank 1 writes nothing, and the
+    losses and adapter equal those of one process taking the same global batch by accumulation."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import AUDIT
+
+    runs = {n: run_with_data(tiny["root"], tmp_path / f"run{n}", TeacherRationalesStage.name) for n in (1, 2)}
+    presets = {n: tmp_path / f"p{n}.toml" for n in (1, 2)}
+    for n, accum in ((1, 2), (2, 1)):
+        presets[n].write_text(SLIM_PRESET.format(model=tiny["model"], accum=accum))
+    hook = tmp_path / "audit"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(AUDIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]), "HF_HUB_OFFLINE": "1",
+           "AUDIT_ROOT": str(runs[2]), "AUDIT_LOG": str(tmp_path / "rank1_writes.log")}
+    before = sorted(p.relative_to(runs[2]) for p in runs[2].rglob("*"))
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "--module",
+               "--", "fusion.cli", "stage", ADAPTER, "--run", str(runs[n]), "--preset", str(presets[n])]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not (tmp_path / "rank1_writes.log").exists()
+    assert before == sorted(p.relative_to(runs[2]) for p in runs[2].rglob("*") if ADAPTER not in p.parts)
+    one, two = (json.loads((runs[n] / ADAPTER / "manifest.json").read_text())["counts"] for n in (1, 2))
+    assert one["train_examples"] == two["train_examples"] == 8 and one["val_examples"] == two["val_examples"] == 2
+    steps = [[(h["step"], h["epoch"]) for h in c["history"] if "eval_loss" in h] for c in (one, two)]
+    assert steps[0] == steps[1] == [(2, 1.0), (4, 2.0)]  # ceil(8 / (2 x 2 x 1)) steps an epoch, evaluated each
+    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-4)  # the mean over processes
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
+    a, b = (load_file(runs[n] / ADAPTER / "adapter_model.safetensors") for n in (1, 2))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
