@@ -4,8 +4,15 @@ Generates seeded synthetic Amazon-2023 review and metadata dumps (gz, the 2023 f
 line sizes) of 1M, 5M and 20M reviews, then runs the whole prepare path (`fusion prepare`: load, k-core,
 split, ids, candidates, parquet) in a child process per loader and prints time and peak RSS side by side,
 with the CPU's flags. The old loader is the code of OLD_REF (the commit before the streaming reader),
-run from a copy of its `eval/` package; it runs only up to --old-max reviews. Usage:
+run from a copy of its `eval/` package; it runs only up to --old-max reviews.
+
+With --stages, instead: the whole pipeline of a preset (`fusion run`, the demo by default) once on 1 and
+once on N processes (training stages under torchrun via --nproc, rationale generation on N vLLM
+data-parallel engines, encoding on N pool processes; the other stages run once either way), each stage's
+seconds side by side, then a paired test (Holm-adjusted) of every model of the two reports, user by user.
+Usage:
   python bench/bench_scale.py [--sizes 1M,5M,20M] [--old-max 5M] [--work /tmp/bench-scale] [--negatives 100,999]
+  python bench/bench_scale.py --stages [--preset demo] [--nproc 2]
 """
 from __future__ import annotations
 
@@ -303,6 +310,67 @@ def shipped(args: argparse.Namespace) -> None:
               flush=True)
 
 
+PARALLEL_SETTINGS = {"data_parallel_size": ("slim-teacher-rationales", "slim-student-rationales"),
+                     "processes": ("vectors",)}  # what runs on N engines or workers besides the training stages
+
+
+def pipeline_run(run: Path, preset: str, nproc: int) -> list[dict]:
+    """`fusion run` of `preset` into `run` (from scratch) on `nproc` processes; its pipeline log."""
+    subprocess.run(["rm", "-rf", str(run)], check=True)
+    sets = [] if nproc == 1 else [f"{table}.{key}={nproc}" for key, tables in PARALLEL_SETTINGS.items()
+                                  for table in tables]
+    cmd = [sys.executable, "-m", "fusion.cli", "run", "--preset", preset, "--run", str(run), "--nproc", str(nproc),
+           *(a for s in sets for a in ("--set", s))]
+    print(f"$ {' '.join(cmd[1:])}  (load average {os.getloadavg()[0]:.2f})", flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+    return json.loads((run / "pipeline.json").read_text())["stages"]
+
+
+def same_models(one: Path, many: Path) -> list[dict]:
+    """Per-user test NDCG@10 and MRR of every model in both reports, paired user by user (each seed's
+    run for a model trained with several), p-values Holm-adjusted over the whole family."""
+    sys.path.insert(0, str(REPO))
+    from eval.metrics import per_user
+    from eval.significance import adjust, paired_test
+
+    a, b = np.load(one / "report" / "ranks.npz"), np.load(many / "report" / "ranks.npz")
+    rows = []
+    for name in sorted(set(a.files) & set(b.files)):
+        # the shipped tested metrics (NDCG@10, MRR) read only the rank, not the candidate count
+        va, vb = per_user(a[name], 1, tested=True), per_user(b[name], 1, tested=True)
+        for metric in va:
+            test = paired_test(va[metric].ravel(), vb[metric].ravel())
+            rows.append({"model": name, "metric": metric, "one": float(va[metric].mean()),
+                         "many": float(vb[metric].mean()), "identical_ranks": bool(np.array_equal(a[name], b[name])),
+                         **test})
+    for row, q in zip(rows, adjust(np.array([r["p"] for r in rows]), "holm")):
+        row["p_holm"] = float(q)
+    return rows
+
+
+def stages(args: argparse.Namespace) -> dict:
+    """Each stage's seconds on 1 and on --nproc processes, and whether the two runs' models differ."""
+    logs = {n: pipeline_run(args.work / f"stages-{n}", args.preset, n) for n in (1, args.nproc)}
+    print(f"\n{'stage':<32}{'1 process':>11}{f'{args.nproc} processes':>14}{'speed-up':>10}  runs on")
+    rows = []
+    for first, second in zip(logs[1], logs[args.nproc]):
+        parallel = "processes" in second or any(first["stage"] in t for t in PARALLEL_SETTINGS.values())
+        rows.append({"stage": first["stage"], "seconds_1": first["seconds"], f"seconds_{args.nproc}": second["seconds"],
+                     "parallel": parallel})
+        print(f"{first['stage']:<32}{first['seconds']:>10.1f}s{second['seconds']:>13.1f}s"
+              f"{first['seconds'] / max(second['seconds'], 1e-9):>9.2f}x  "
+              f"{f'{args.nproc} processes' if parallel else 'one process either way'}")
+    models = same_models(args.work / "stages-1", args.work / f"stages-{args.nproc}")
+    print(f"\n{'model':<28}{'metric':>9}{'1 process':>11}{f'{args.nproc} processes':>14}{'diff':>10}"
+          f"{'p (Holm)':>10}  identical ranks")
+    for r in models:
+        print(f"{r['model']:<28}{r['metric']:>9}{r['one']:>11.4f}{r['many']:>14.4f}{r['diff']:>+10.4f}"
+              f"{r['p_holm']:>10.3f}  {'yes' if r['identical_ranks'] else 'no'}")
+    return {"stages": rows, "models": models}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1M,5M,20M", help="review counts, ascending (K and M suffixes)")
@@ -314,6 +382,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--parsers", metavar="SIZE", help="only compare the candidate parsers on a dump of SIZE reviews")
+    ap.add_argument("--stages", action="store_true", help="only the pipeline's stages on 1 and --nproc processes")
+    ap.add_argument("--preset", default="demo", help="--stages: the preset whose pipeline runs")
+    ap.add_argument("--nproc", type=int, default=2, help="--stages: processes of the second run")
     ap.add_argument("--shipped", action=argparse.BooleanOptionalAction, default=True,
                     help="first compare old and new outputs on the shipped data sets (ml-100k, ml-1m)")
     for internal in ("--child", "--measure", "--reviews", "--meta", "--run", "--old-tree"):
@@ -326,6 +397,11 @@ def main() -> None:
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; flags: {info['flags']}; "
           f"commit {info['commit']}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.stages:
+        found = stages(args)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, **found}, indent=1))
+        return
     if args.parsers:
         found = parsers(args)
         if args.json:
