@@ -13,6 +13,9 @@ to RUN/bench-sasrec-seed<S>.json. Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shutil
 import subprocess
 import time
 from dataclasses import asdict
@@ -41,8 +44,10 @@ def machine() -> str:
             f"torch {torch.__version__}, commit {commit or 'unknown'}")
 
 
-def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int) -> dict:
-    """Train one seed; the curve's test figures come every `curve_every` validations (not timed)."""
+def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int, run: Path) -> dict:
+    """Train one seed; the curve's test figures come every `curve_every` validations (not timed). Each
+    validated epoch leaves a checkpoint in RUN/.bench-sasrec-<settings>.work: the same command, stopped,
+    goes on from it (its curve and training minutes included)."""
     torch.manual_seed(cfg.train.seed)
     model = build_backbone(cfg, ds.num_items)
     calls = 0
@@ -58,8 +63,13 @@ def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int) -> dict:
             f"{k} {v:.4f}" for k, v in {**entry, **point}.items() if k not in ("epoch", "seconds")), flush=True)
         return point
 
-    log = fit(model, ds, cfg.train, desc=f"SASRec seed {cfg.train.seed}", monitor=test_full)
-    return {"config": asdict(cfg), "log": log, "test": test_metrics(model, ds, cfg.train.max_len)}
+    settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    work = run / f".bench-sasrec-{settings}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    log = fit(model, ds, cfg.train, desc=f"SASRec seed {cfg.train.seed}", monitor=test_full, checkpoint=work)
+    result = {"config": asdict(cfg), "log": log, "test": test_metrics(model, ds, cfg.train.max_len)}
+    shutil.rmtree(work)
+    return result
 
 
 def report(result: dict) -> None:
@@ -104,7 +114,8 @@ def main() -> None:
     ap.add_argument("--gbce-t", type=float, default=0.75)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--length-pools", type=int, default=8, help="1: plain shuffled batches")
+    ap.add_argument("--length-pools", type=int, default=1,
+                    help="1: plain shuffled batches (SASRec+'s); 8: 25 %% faster epochs, a little less learnt per epoch")
     ap.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
     ap.add_argument("--minutes", type=float, default=0, help="training time budget per seed (0: none)")
     ap.add_argument("--curve-every", type=int, default=1, help="validations between test points of the curve")
@@ -112,7 +123,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=1)
-    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--dropout", type=float, default=0.1)  # SASRec+'s (Klenitskiy & Vasilev 2023) on ml-1m
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -132,7 +143,7 @@ def main() -> None:
                             eval_every=args.eval_every, time_budget_s=60 * args.minutes)
         cfg = PretrainConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, dropout=args.dropout,
                              train=train)
-        results.append(run_seed(ds, cfg, args.curve_every))
+        results.append(run_seed(ds, cfg, args.curve_every, args.run))
         results[-1]["machine"] = machine()
         write_json(args.run / f"bench-sasrec-seed{seed}.json", results[-1])
         report(results[-1])
