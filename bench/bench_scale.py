@@ -12,7 +12,7 @@ data-parallel engines, encoding on N pool processes; the other stages run once e
 seconds side by side, then a paired test (Holm-adjusted) of every model of the two reports, user by user.
 Usage:
   python bench/bench_scale.py [--sizes 1M,5M,20M] [--old-max 5M] [--work /tmp/bench-scale] [--negatives 100,999]
-  python bench/bench_scale.py --stages [--preset demo] [--nproc 2]
+  python bench/bench_scale.py --stages [--preset demo] [--nproc 2] [--keep-global-batch]
 """
 from __future__ import annotations
 
@@ -314,11 +314,37 @@ PARALLEL_SETTINGS = {"data_parallel_size": ("slim-teacher-rationales", "slim-stu
                      "processes": ("vectors",)}  # what runs on N engines or workers besides the training stages
 
 
-def pipeline_run(run: Path, preset: str, nproc: int) -> list[dict]:
+def global_batch_sets(preset: str, nproc: int) -> list[str]:
+    """`--set`s that divide every training stage's batch size by `nproc`: a batch is per process, so
+    these keep the preset's global batch (and its optimizer steps) on `nproc` processes."""
+    sys.path.insert(0, str(REPO))
+    from eval.config import config_dict
+    from fusion.pipeline import TRAINING, build_stages
+
+    def sizes(settings: dict, prefix: str):
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                yield from sizes(value, f"{prefix}{key}.")
+            elif key == "batch_size":
+                yield f"{prefix}{key}", value
+
+    sets = []
+    for stage in build_stages(Path("/nonexistent"), preset):
+        if isinstance(stage, TRAINING):
+            for path, size in sizes(config_dict(stage.config), f"{stage.folder.replace('/', '.')}."):
+                if size % nproc:
+                    raise SystemExit(f"{path} = {size} does not divide into {nproc} processes")
+                sets.append(f"{path}={size // nproc}")
+    return sets
+
+
+def pipeline_run(run: Path, preset: str, nproc: int, keep_global_batch: bool = False) -> list[dict]:
     """`fusion run` of `preset` into `run` (from scratch) on `nproc` processes; its pipeline log."""
     subprocess.run(["rm", "-rf", str(run)], check=True)
     sets = [] if nproc == 1 else [f"{table}.{key}={nproc}" for key, tables in PARALLEL_SETTINGS.items()
                                   for table in tables]
+    if nproc > 1 and keep_global_batch:
+        sets += global_batch_sets(preset, nproc)
     cmd = [sys.executable, "-m", "fusion.cli", "run", "--preset", preset, "--run", str(run), "--nproc", str(nproc),
            *(a for s in sets for a in ("--set", s))]
     print(f"$ {' '.join(cmd[1:])}  (load average {os.getloadavg()[0]:.2f})", flush=True)
@@ -352,7 +378,8 @@ def same_models(one: Path, many: Path) -> list[dict]:
 
 def stages(args: argparse.Namespace) -> dict:
     """Each stage's seconds on 1 and on --nproc processes, and whether the two runs' models differ."""
-    logs = {n: pipeline_run(args.work / f"stages-{n}", args.preset, n) for n in (1, args.nproc)}
+    logs = {n: pipeline_run(args.work / f"stages-{n}", args.preset, n, args.keep_global_batch)
+            for n in (1, args.nproc)}
     print(f"\n{'stage':<32}{'1 process':>11}{f'{args.nproc} processes':>14}{'speed-up':>10}  runs on")
     rows = []
     for first, second in zip(logs[1], logs[args.nproc]):
@@ -385,6 +412,9 @@ def main() -> None:
     ap.add_argument("--stages", action="store_true", help="only the pipeline's stages on 1 and --nproc processes")
     ap.add_argument("--preset", default="demo", help="--stages: the preset whose pipeline runs")
     ap.add_argument("--nproc", type=int, default=2, help="--stages: processes of the second run")
+    ap.add_argument("--keep-global-batch", action="store_true",
+                    help="--stages: divide each training stage's batch size (per process) by --nproc in the "
+                         "second run, so both runs take the same optimizer steps")
     ap.add_argument("--shipped", action=argparse.BooleanOptionalAction, default=True,
                     help="first compare old and new outputs on the shipped data sets (ml-100k, ml-1m)")
     for internal in ("--child", "--measure", "--reviews", "--meta", "--run", "--old-tree"):

@@ -32,7 +32,8 @@ def run_cmd(
     until: Optional[str] = typer.Option(None, help="Stop after this stage's folder (e.g. 'sasrec')."),
     nproc: int = typer.Option(1, help="Processes each training stage runs on (ID backbones, SLMRec, SLIM "
                                       "fine-tuning, fused models): torchrun on this machine, data parallel, rank "
-                                      "0 writes; the other stages run once. train.batch_size is per process."),
+                                      "0 writes; the other stages run once. A batch size is per process: divide "
+                                      "it by N to keep a 1-process run's global batch."),
 ) -> None:
     """The whole pipeline, stage by stage; finished stages are skipped, so a killed run resumes."""
     from .pipeline import build_stages, run_pipeline
