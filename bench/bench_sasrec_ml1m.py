@@ -44,32 +44,33 @@ def machine() -> str:
             f"torch {torch.__version__}, commit {commit or 'unknown'}")
 
 
+def work_dir(run: Path, cfg: PretrainConfig) -> Path:
+    """Where a seed's checkpoints live: one folder per exact set of settings, so only the same
+    command resumes them."""
+    settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return run / f".bench-sasrec-{settings}.work"
+
+
 def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int, run: Path) -> dict:
     """Train one seed; the curve's test figures come every `curve_every` validations (not timed). Each
-    validated epoch leaves a checkpoint in RUN/.bench-sasrec-<settings>.work: the same command, stopped,
-    goes on from it (its curve and training minutes included)."""
+    validated epoch leaves a checkpoint in `work_dir`: the same command, stopped, goes on from it (its
+    curve and training minutes included)."""
     torch.manual_seed(cfg.train.seed)
     model = build_backbone(cfg, ds.num_items)
-    calls = 0
 
     def test_full(m: torch.nn.Module, entry: dict) -> dict:
-        nonlocal calls
-        calls += 1
         point = {}
-        if (calls - 1) % curve_every == 0:
+        if (entry["epoch"] // cfg.train.eval_every) % curve_every == 0:
             t = evaluate(m, ds, "test", "full", max_len=cfg.train.max_len)
             point = {"test_HR@10": t["HR@10"], "test_NDCG@10": t["NDCG@10"]}
         print(f"epoch {entry['epoch']} at {entry['seconds'] / 60:.1f} min: " + ", ".join(
             f"{k} {v:.4f}" for k, v in {**entry, **point}.items() if k not in ("epoch", "seconds")), flush=True)
         return point
 
-    settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    work = run / f".bench-sasrec-{settings}.work"
+    work = work_dir(run, cfg)
     work.mkdir(parents=True, exist_ok=True)
     log = fit(model, ds, cfg.train, desc=f"SASRec seed {cfg.train.seed}", monitor=test_full, checkpoint=work)
-    result = {"config": asdict(cfg), "log": log, "test": test_metrics(model, ds, cfg.train.max_len)}
-    shutil.rmtree(work)
-    return result
+    return {"config": asdict(cfg), "log": log, "test": test_metrics(model, ds, cfg.train.max_len)}
 
 
 def report(result: dict) -> None:
@@ -146,6 +147,7 @@ def main() -> None:
         results.append(run_seed(ds, cfg, args.curve_every, args.run))
         results[-1]["machine"] = machine()
         write_json(args.run / f"bench-sasrec-seed{seed}.json", results[-1])
+        shutil.rmtree(work_dir(args.run, cfg))  # the seed's result is written: its checkpoints go
         report(results[-1])
     summary(results)
 

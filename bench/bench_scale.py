@@ -378,6 +378,15 @@ def same_models(one: Path, many: Path) -> list[dict]:
 
 def stages(args: argparse.Namespace) -> dict:
     """Each stage's seconds on 1 and on --nproc processes, and whether the two runs' models differ."""
+    sys.path.insert(0, str(REPO))
+    from slim.engine import vllm_status
+
+    if args.nproc < 2:
+        raise SystemExit("--stages compares 1 process with --nproc of them: --nproc must be at least 2")
+    status = vllm_status()
+    if not status.ok:  # the generation stages' data-parallel engines are vLLM's
+        raise SystemExit(f"--stages runs the rationale stages on {args.nproc} vLLM engines; vLLM cannot run here: "
+                         f"{status.reason}")
     logs = {n: pipeline_run(args.work / f"stages-{n}", args.preset, n, args.keep_global_batch)
             for n in (1, args.nproc)}
     print(f"\n{'stage':<32}{'1 process':>11}{f'{args.nproc} processes':>14}{'speed-up':>10}  runs on")

@@ -183,8 +183,9 @@ class SlimStudentStage(Stage):
         trainer = make_trainer(cfg, base, tok, [rows[u] for u in train_users], [rows[u] for u in val_users], out)
         result = trainer.train()
         # the Trainer's figure is this process's share; the mean over processes is the whole batch's
-        train_loss = float(trainer.accelerator.reduce(torch.tensor(result.training_loss, device=trainer.args.device),
-                                                      reduction="mean"))
+        train_loss, acc = result.training_loss, trainer.accelerator
+        if acc.num_processes > 1:
+            train_loss = float(acc.reduce(torch.tensor(train_loss, device=acc.device), reduction="mean"))
         last = [h for h in trainer.state.log_history if "eval_loss" in h and h["step"] == trainer.state.global_step]
         val_loss = last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"] if val_users else None
         trainer.model.save_pretrained(out)

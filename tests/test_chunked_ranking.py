@@ -180,7 +180,7 @@ def test_a_truth_scored_differently_in_its_block_is_ranked_by_the_block(ds, monk
 def test_fixed_candidates_unchanged(ds):
     table = awkward_table(ds, seed=5)
     new = rank_users(Table(table), ds, "test", "100", batch_size=16)
-    cand = torch.as_tensor(ds.candidates("test", 100))
+    cand = torch.as_tensor(np.array(ds.candidates("test", 100)))  # a writable copy of the memory-mapped file
     scores = torch.gather(torch.as_tensor(table)[ds.eval_users("test")], 1, cand)
     valid = cand > 0
     assert np.array_equal(new.ranks, ranks(scores, valid, ds.eval_users("test")).numpy())

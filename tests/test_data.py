@@ -65,7 +65,9 @@ def test_candidates_are_unseen_unique_and_truth_first(synthetic, tmp_path):
                 assert not set(neg) & set(ds.sequences[u])
 
 
-def test_short_candidate_lists_are_padded_and_recorded(tmp_path):
+@pytest.mark.parametrize("users_per_block", [1, 10**6])
+def test_short_candidate_lists_are_padded_and_recorded(tmp_path, monkeypatch, users_per_block):
+    monkeypatch.setattr("eval.dataset.CANDIDATE_BLOCK_BYTES", 8 * 5 * users_per_block)  # rows of 4 negatives
     rows = [("a", str(i), 5, i) for i in range(6)] + [("b", "0", 5, 1), ("b", "1", 5, 2), ("b", "2", 5, 3)]
     ds = prepare_dataset(cfg(write_atomic(tmp_path / "d", "d", rows), negatives=[4]), tmp_path / "run")
     cand = ds.candidates("test", 4)
