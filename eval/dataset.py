@@ -228,8 +228,12 @@ class DataStage(Stage):
         users.to_parquet(out / USERS_FILE, index=False)
         items.to_parquet(out / ITEMS_FILE, index=False)
         ds = SeqDataset(out, inter, users, items, {})
-        short = {f"{split}_{n}": self.write_candidates(ds, split, n, out) for split in ("valid", "test")
-                 for n in cfg.negatives}  # users with fewer never-seen items than the negatives asked for
+        short: dict[str, int] = {}  # users with fewer never-seen items than the negatives asked for
+        for split in ("valid", "test"):
+            targets, evaluated = ds.target(split), np.zeros(ds.num_users, dtype=bool)
+            evaluated[ds.eval_users(split)] = True
+            for n in cfg.negatives:
+                short[f"{split}_{n}"] = self.write_candidates(ds, split, targets, evaluated, n, out)
         lengths = np.array([len(s) for s in ds.sequences])
         domain = cfg.domain or infer_domain(cfg.source, cfg.format, cfg.meta, items)
         split = {} if cut is None else {"cut_timestamp": cut, "test_users": int(ds.has_test.sum())}
@@ -238,12 +242,11 @@ class DataStage(Stage):
                 "density": round(len(inter) / (ds.num_users * ds.num_items), 5),
                 "users_with_short_candidate_lists": short}
 
-    def write_candidates(self, ds: SeqDataset, split: str, n: int, out: Path) -> int:
+    def write_candidates(self, ds: SeqDataset, split: str, targets: np.ndarray, evaluated: np.ndarray, n: int,
+                         out: Path) -> int:
         """Draw and write one candidate file in blocks of users (an Amazon category's lists are
-        gigabytes); returns how many evaluated users got fewer than `n` negatives."""
+        gigabytes); returns how many `evaluated` users got fewer than `n` negatives."""
         release_memory()  # what the data stage freed before (its parquet writes)
-        targets, evaluated = ds.target(split), np.zeros(ds.num_users, dtype=bool)
-        evaluated[ds.eval_users(split)] = True
         step = max(1, CANDIDATE_BLOCK_BYTES // (8 * (n + 1)))
         short = 0
 
