@@ -1,4 +1,5 @@
-"""SASRec on ml-1m next to its published figures: 100 negatives (the SASRec paper) and full ranking.
+"""SASRec (or GRU4Rec) on ml-1m next to the published figures: 100 negatives (the SASRec paper) and
+full ranking.
 
 Data as the SASRec paper: every rating is an interaction (no threshold), 5-core, leave-one-out; its
 100 negatives are sampled from items the user never rated. Published, 100 negatives (Kang & McAuley
@@ -7,8 +8,9 @@ Data as the SASRec paper: every rating is an interaction (no threshold), 5-core,
 figures eSASRec's paper collects); SASRec+ (full cross-entropy, Klenitskiy & Vasilev 2023) about
 0.18-0.19. Model selection: validation MRR under full ranking. Prints a time-to-quality curve
 (validation and test full-ranking figures against training minutes) and writes it with the results
-to RUN/bench-sasrec-seed<S>.json. Usage:
-  python bench/bench_sasrec_ml1m.py [--run runs/bench-ml1m] [--loss ce] [--epochs 200] [--seeds 42]
+to RUN/bench-<model>-seed<S>.json; a seed whose JSON holds the same settings is read, not trained
+again (seeds can run as separate processes, then one command prints their table). Usage:
+  python bench/bench_sasrec_ml1m.py [--run runs/bench-ml1m] [--model sasrec] [--loss ce] [--seeds 42 43 44]
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 from eval.dataset import SeqDataset, prepare_dataset
 from eval.evaluate import evaluate
-from eval.io import write_json
+from eval.io import read_json, write_json
 from eval.preprocess import PrepareConfig
 from slim.hardware import cpu_flags
 from slmrec.pretrain import PretrainConfig, build_backbone, test_metrics
@@ -48,7 +50,7 @@ def work_dir(run: Path, cfg: PretrainConfig) -> Path:
     """Where a seed's checkpoints live: one folder per exact set of settings, so only the same
     command resumes them."""
     settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    return run / f".bench-sasrec-{settings}.work"
+    return run / f".bench-{cfg.model}-{settings}.work"
 
 
 def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int, run: Path) -> dict:
@@ -69,7 +71,7 @@ def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int, run: Path) -
 
     work = work_dir(run, cfg)
     work.mkdir(parents=True, exist_ok=True)
-    log = fit(model, ds, cfg.train, desc=f"SASRec seed {cfg.train.seed}", monitor=test_full, checkpoint=work)
+    log = fit(model, ds, cfg.train, desc=f"{cfg.model} seed {cfg.train.seed}", monitor=test_full, checkpoint=work)
     return {"config": asdict(cfg), "log": log, "test": test_metrics(model, ds, cfg.train.max_len)}
 
 
@@ -107,6 +109,7 @@ def summary(results: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/bench-ml1m"))
+    ap.add_argument("--model", default="sasrec", choices=["sasrec", "gru4rec"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--patience", type=int, default=20, help="epochs without a better validation MRR")
@@ -125,6 +128,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=1)
     ap.add_argument("--dropout", type=float, default=0.1)  # SASRec+'s (Klenitskiy & Vasilev 2023) on ml-1m
+    ap.add_argument("--gru-hidden", type=int, default=64, help="GRU4Rec's state size (their GRU4Rec: 64)")
+    ap.add_argument("--block", default="pre-ln", choices=["pre-ln", "sasrec"])
+    ap.add_argument("--positions", default="from-latest", choices=["from-latest", "from-first"])
+    ap.add_argument("--init-std", type=float, default=0.0, help="> 0: every weight N(0, std); 0: scaled init")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -142,12 +149,18 @@ def main() -> None:
                             max_len=args.max_len, select_protocol="full", seed=seed, loss=args.loss,
                             negatives=args.negatives, gbce_t=args.gbce_t, length_pools=args.length_pools,
                             eval_every=args.eval_every, time_budget_s=60 * args.minutes)
-        cfg = PretrainConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, dropout=args.dropout,
-                             train=train)
-        results.append(run_seed(ds, cfg, args.curve_every, args.run))
-        results[-1]["machine"] = machine()
-        write_json(args.run / f"bench-sasrec-seed{seed}.json", results[-1])
-        shutil.rmtree(work_dir(args.run, cfg))  # the seed's result is written: its checkpoints go
+        sasrec = args.model == "sasrec"
+        cfg = PretrainConfig(model=args.model, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
+                             heads=args.heads if sasrec else None, gru_hidden=None if sasrec else args.gru_hidden,
+                             block=args.block if sasrec else None, positions=args.positions if sasrec else None,
+                             init_std=args.init_std if sasrec else None, train=train)
+        out = args.run / f"bench-{args.model}-seed{seed}.json"
+        done = read_json(out) if out.exists() else None
+        if done is None or done["config"] != asdict(cfg):
+            done = {**run_seed(ds, cfg, args.curve_every, args.run), "machine": machine()}
+            write_json(out, done)
+            shutil.rmtree(work_dir(args.run, cfg))  # the seed's result is written: its checkpoints go
+        results.append(done)
         report(results[-1])
     summary(results)
 

@@ -44,6 +44,7 @@ from eval.errors import InputError
 from eval.io import CONFIG, WEIGHTS
 from eval.registry import MODELS, load_model, load_state, model_config, model_configs, read_weights, register_model
 from eval.scoring import CachedScorer, DotScorer
+from slmrec.fused_ce import linear_cross_entropy
 from slmrec.trainer import TrainConfig
 
 from .groups import RARE  # the cold-start gate is 0.5 at RARE training interactions
@@ -273,9 +274,7 @@ class FusedRecommender(DotScorer, nn.Module):
     def training_loss(self, users: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over all items of the pairs `training_pairs` gives."""
         user, targets = self.training_pairs(users, inputs, targets)
-        logits = user @ self.item_vectors().T
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets)
+        return linear_cross_entropy(user, self.item_vectors(), targets, skip_first=True)
 
     # --- checkpoints ---
     def save_pretrained(self, path: str | Path) -> None:

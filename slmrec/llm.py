@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,6 +27,8 @@ from eval.io import CONFIG, WEIGHTS
 from eval.registry import load_state, model_config, read_weights, register_model
 from eval.scoring import DotScorer
 from prompts import template_path
+
+from .fused_ce import linear_cross_entropy
 
 if TYPE_CHECKING:
     from transformers import LlamaModel
@@ -200,9 +201,11 @@ class LLMRec(DotScorer, nn.Module):
         targets [B, L] trains every prefix (SASRec-style); targets [B] trains the last position only
         (E4SRec's original objective)."""
         if targets.dim() == 1:
-            return F.cross_entropy(self.logits(hidden[:, -1], head), targets)
-        keep = targets > 0
-        return F.cross_entropy(self.logits(hidden[keep], head), targets[keep])
+            hidden = hidden[:, -1]
+        else:
+            keep = targets > 0
+            hidden, targets = hidden[keep], targets[keep]
+        return linear_cross_entropy((head or self.out_proj)(hidden), self.item_emb, targets, skip_first=True)
 
     def forward(self, histories: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": self.item_loss(self.hidden_states(histories)[-1], targets)}

@@ -25,6 +25,12 @@ class PretrainConfig:
     heads: int | None = setting(None, "Attention heads (SASRec; none: its default).")
     gru_hidden: int | None = setting(None, "GRU state size (GRU4Rec; none: its default).")
     dropout: float | None = setting(None, "Dropout (none: the backbone's own default).")
+    block: str | None = setting(None, "SASRec block: pre-ln (the default) or sasrec (the original "
+                                      "implementation's residuals and ReLU).")
+    positions: str | None = setting(None, "SASRec positions: from-latest (the default) or from-first (the "
+                                          "original's, counted from the window's first item).")
+    init_std: float | None = setting(None, "SASRec initialisation: > 0 draws every weight from N(0, init_std) "
+                                           "(the original's 0.02); none or 0: scaled init.")
     train: TrainConfig = setting(factory=TrainConfig)
 
 

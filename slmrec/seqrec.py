@@ -22,6 +22,8 @@ from eval.io import CONFIG, WEIGHTS
 from eval.registry import load_state, model_config, read_weights
 from eval.scoring import DotScorer
 
+from .fused_ce import linear_cross_entropy
+
 ITEM_EMBEDDINGS = "item_embeddings.safetensors"
 
 
@@ -54,7 +56,7 @@ class SequentialRecommender(DotScorer, nn.Module):
                       loss: str = "ce", negatives: int = 256, gbce_t: float = 0.75) -> torch.Tensor:
         """Next-item loss at every real position (targets 0 are ignored); see `TrainConfig.loss`.
 
-        "ce" scores every item; "sampled" and "gbce" score the target against `negatives` items drawn
+        "ce" scores every item (fused with the product, in chunks of positions); "sampled" and "gbce" score the target against `negatives` items drawn
         uniformly for each history (shared by its positions): one [B, L, N] product instead of [P, items]."""
         inputs, targets = trim_padding(inputs, targets)
         h = self.encode(inputs)
@@ -62,9 +64,7 @@ class SequentialRecommender(DotScorer, nn.Module):
         keep = targets > 0
         table = self.item_emb.weight
         if loss == "ce":
-            logits = h[keep] @ table.T
-            logits[:, 0] = float("-inf")
-            return F.cross_entropy(logits, targets[keep])
+            return linear_cross_entropy(h[keep], table, targets[keep], skip_first=True)
         drawn = torch.randint(1, len(table), (len(h), negatives), device=h.device)
         pos = (h * table[targets]).sum(-1)[keep]
         neg = torch.bmm(h, table[drawn].transpose(1, 2))
@@ -99,7 +99,7 @@ class SequentialRecommender(DotScorer, nn.Module):
 
 def trim_padding(histories: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Drop the leading columns that are padding in every row (of `histories` and the tensors aligned
-    with it). Positions count back from the latest item, so the model's output does not change; a
+    with it). Positions never count the padding, so the model's output does not change; a
     batch of short histories then costs what its longest one needs, not max_len."""
     keep = max(1, int((histories > 0).sum(1).max()))  # left-padded: a row's items are its last columns
     return tuple(t[:, -keep:] for t in (histories, *aligned))

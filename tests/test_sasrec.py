@@ -32,7 +32,30 @@ def small_gru(num_items=30, **kw):
     return GRU4Rec(GRU4RecConfig(num_items=num_items, hidden=16, gru_hidden=24, layers=2, max_len=12, **kw)).eval()
 
 
-BACKBONES = pytest.mark.parametrize("make", [small, small_gru], ids=["sasrec", "gru4rec"])
+def small_original(num_items=30, **kw):
+    """SASRec as its original implementation builds it: block, positions and initialisation."""
+    return small(num_items, block="sasrec", positions="from-first", init_std=0.02, **kw)
+
+
+BACKBONES = pytest.mark.parametrize("make", [small, small_original, small_gru],
+                                    ids=["sasrec", "sasrec-original", "gru4rec"])
+
+
+def test_positions_count_from_the_latest_or_the_first_item_never_the_padding():
+    real = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]]) > 0
+    assert small().position_ids(real)[0, 2:].tolist() == [2, 1, 0]
+    assert small_original().position_ids(real).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_original_initialisation_and_unknown_settings():
+    m = small_original(num_items=2000)
+    for w in (m.item_emb.weight[1:], m.pos_emb.weight, m.blocks[0].qkv.weight):
+        assert abs(w.std().item() - 0.02) < 0.002
+    assert m.blocks[0].qkv.bias.abs().max() == 0 and m.item_emb.weight[0].abs().max() == 0
+    with pytest.raises(InputError, match="block: unknown 'post-ln'"):
+        small(block="post-ln")
+    with pytest.raises(InputError, match="positions: unknown 'absolute'"):
+        small(positions="absolute")
 
 
 @BACKBONES
