@@ -93,7 +93,11 @@ def main() -> None:
             if "error" in r:
                 print(f"| {label}, batch {batch} x 200 | {method} | failed: {r['error']} | | | | | |", flush=True)
                 continue
-            base = base or r
+            base = base or (r if method == "unfused" else None)
+            if base is None:
+                print(f"| {label}, batch {batch} x 200 | {method} | {r['seconds']:.3f} | {r['peak_extra_mb']:.0f} | "
+                      f"{r['loss']:.6f} | {r['grad_norm']:.6f} | | |", flush=True)
+                continue
             print(f"| {label}, batch {batch} x 200 | {method} | {r['seconds']:.3f} | {r['peak_extra_mb']:.0f} | "
                   f"{r['loss']:.6f} | {r['grad_norm']:.6f} | {base['seconds'] / r['seconds']:.2f}x | "
                   f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f} |", flush=True)

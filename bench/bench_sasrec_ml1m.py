@@ -8,8 +8,8 @@ Data as the SASRec paper: every rating is an interaction (no threshold), 5-core,
 figures eSASRec's paper collects); SASRec+ (full cross-entropy, Klenitskiy & Vasilev 2023) about
 0.18-0.19. Model selection: validation MRR under full ranking. Prints a time-to-quality curve
 (validation and test full-ranking figures against training minutes) and writes it with the results
-to RUN/bench-<model>-seed<S>.json; a seed whose JSON holds the same settings is read, not trained
-again (seeds can run as separate processes, then one command prints their table). Usage:
+to RUN/bench-<model>-<settings>-seed<S>.json; a seed whose JSON is there is read, not trained again
+(seeds can run as separate processes, then one command prints their table). Usage:
   python bench/bench_sasrec_ml1m.py [--run runs/bench-ml1m] [--model sasrec] [--loss ce] [--seeds 42 43 44]
 """
 from __future__ import annotations
@@ -46,11 +46,21 @@ def machine() -> str:
             f"torch {torch.__version__}, commit {commit or 'unknown'}")
 
 
+def settings_id(cfg: PretrainConfig) -> str:
+    """A short hash of every setting but the seed: a seed's checkpoints and result belong to exactly
+    one set of settings, so another command neither resumes nor overwrites them."""
+    settings = asdict(cfg)
+    settings["train"] = {k: v for k, v in settings["train"].items() if k != "seed"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def work_dir(run: Path, cfg: PretrainConfig) -> Path:
-    """Where a seed's checkpoints live: one folder per exact set of settings, so only the same
-    command resumes them."""
-    settings = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    return run / f".bench-{cfg.model}-{settings}.work"
+    """Where a seed's checkpoints live while it trains."""
+    return run / f".bench-{cfg.model}-{settings_id(cfg)}-seed{cfg.train.seed}.work"
+
+
+def result_file(run: Path, cfg: PretrainConfig) -> Path:
+    return run / f"bench-{cfg.model}-{settings_id(cfg)}-seed{cfg.train.seed}.json"
 
 
 def run_seed(ds: SeqDataset, cfg: PretrainConfig, curve_every: int, run: Path) -> dict:
@@ -154,9 +164,9 @@ def main() -> None:
                              heads=args.heads if sasrec else None, gru_hidden=None if sasrec else args.gru_hidden,
                              block=args.block if sasrec else None, positions=args.positions if sasrec else None,
                              init_std=args.init_std if sasrec else None, train=train)
-        out = args.run / f"bench-{args.model}-seed{seed}.json"
+        out = result_file(args.run, cfg)
         done = read_json(out) if out.exists() else None
-        if done is None or done["config"] != asdict(cfg):
+        if done is None:
             done = {**run_seed(ds, cfg, args.curve_every, args.run), "machine": machine()}
             write_json(out, done)
             shutil.rmtree(work_dir(args.run, cfg))  # the seed's result is written: its checkpoints go

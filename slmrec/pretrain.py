@@ -27,10 +27,10 @@ class PretrainConfig:
     dropout: float | None = setting(None, "Dropout (none: the backbone's own default).")
     block: str | None = setting(None, "SASRec block: pre-ln (the default) or sasrec (the original "
                                       "implementation's residuals and ReLU).")
-    positions: str | None = setting(None, "SASRec positions: from-latest (the default) or from-first (the "
-                                          "original's, counted from the window's first item).")
+    positions: str | None = setting(None, "SASRec positions: from-latest (the default) or from-first (SASRec+'s, "
+                                          "counted from the window's first item).")
     init_std: float | None = setting(None, "SASRec initialisation: > 0 draws every weight from N(0, init_std) "
-                                           "(the original's 0.02); none or 0: scaled init.")
+                                           "(SASRec+'s 0.02); none or 0: scaled init.")
     train: TrainConfig = setting(factory=TrainConfig)
 
 

@@ -2,10 +2,12 @@
 (`TrainConfig.loss` has the sampled alternatives).
 
 Its item-embedding table is what SLMRec projects into the LLM. Histories are left-padded; positions
-count back from the most recent item (or, `positions = "from-first"`, forward from the window's first
-item, as the original implementation and SASRec+ do), so a user's encoding never depends on how much
-padding the batch needed. `block = "sasrec"` and `init_std` give the original implementation's block and
-initialisation (pmixer's SASRec.pytorch, which SASRec+ builds on) in place of the pre-norm transformer's.
+count back from the most recent item, or with `positions = "from-first"` forward from the window's first
+item as SASRec+ (Klenitskiy & Vasilev, 2023) counts them: either way a user's encoding never depends on
+how much padding the batch needed. `block = "sasrec"` is the original implementation's block (the
+attention's residual is its normalised query; ReLU), which SASRec+ keeps, and `init_std = 0.02`
+SASRec+'s initialisation; two differences from SASRec+ remain: dropout on the attention's output as well
+as on its weights, and q/k/v drawn from N(0, init_std) too (SASRec+'s keep PyTorch's Xavier init).
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ class SASRecConfig:
     dropout: float = 0.2
     block: str = "pre-ln"            # or "sasrec": the original implementation's residuals, ReLU
     positions: str = "from-latest"   # or "from-first"
-    init_std: float = 0.0            # > 0: every weight N(0, init_std) (the original's 0.02); 0: scaled init
+    init_std: float = 0.0            # > 0: every weight N(0, init_std) (SASRec+'s 0.02); 0: scaled init
 
     def __post_init__(self):
+        if self.init_std < 0:
+            raise InputError(f"init_std: {self.init_std} (>= 0; 0 is the scaled init)")
         for name, known in (("block", ("pre-ln", "sasrec")), ("positions", ("from-latest", "from-first"))):
             if getattr(self, name) not in known:
                 raise InputError(f"{name}: unknown {getattr(self, name)!r} (known: {', '.join(known)})")

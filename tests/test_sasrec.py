@@ -47,6 +47,36 @@ def test_positions_count_from_the_latest_or_the_first_item_never_the_padding():
     assert small_original().position_ids(real).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
+def original_reference(m: SASRec, histories: list[list[int]]) -> torch.Tensor:
+    """The last real position's vector as SASRec+'s implementation computes it (right padding,
+    positions 0.. from the first item, nn.MultiheadAttention with the query from the normalised input
+    and keys and values from the raw one, residual on the normalised query, then LayerNorm and a
+    feed-forward added to its input), from `m`'s weights; dropout off."""
+    L, D, heads = max(map(len, histories)), m.config.hidden, m.config.heads
+    ids = torch.tensor([h + [0] * (L - len(h)) for h in histories])
+    real = (ids > 0)[..., None]
+    x = (m.item_emb(ids) * D ** 0.5 + m.pos_emb(torch.arange(L))) * real
+    future = ~torch.ones(L, L, dtype=torch.bool).tril()
+    for blk in m.blocks:
+        mha = torch.nn.MultiheadAttention(D, heads, batch_first=True)
+        mha.in_proj_weight.data.copy_(blk.qkv.weight)
+        mha.in_proj_bias.data.copy_(blk.qkv.bias)
+        mha.out_proj.load_state_dict(blk.proj.state_dict())
+        q = blk.ln1(x)
+        x = blk.ln2(q + mha(q, x, x, attn_mask=future, need_weights=False)[0])
+        x = (x + blk.ffn(x)) * real
+    return m.ln(x)[torch.arange(len(histories)), torch.tensor([len(h) - 1 for h in histories])]
+
+
+def test_original_block_matches_the_sasrec_plus_implementation():
+    m = small_original(dropout=0.0)
+    histories = [[3, 4, 5], [1, 2, 3, 4, 5, 6], [7]]
+    with torch.no_grad():
+        want = original_reference(m, histories)
+        got = m.encode(torch.tensor([[0] * (6 - len(h)) + h for h in histories]))[:, -1]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_original_initialisation_and_unknown_settings():
     m = small_original(num_items=2000)
     for w in (m.item_emb.weight[1:], m.pos_emb.weight, m.blocks[0].qkv.weight):
@@ -56,6 +86,8 @@ def test_original_initialisation_and_unknown_settings():
         small(block="post-ln")
     with pytest.raises(InputError, match="positions: unknown 'absolute'"):
         small(positions="absolute")
+    with pytest.raises(InputError, match="init_std: -0.02"):
+        small(init_std=-0.02)
 
 
 @BACKBONES
