@@ -11,9 +11,6 @@ and a large catalogue (`--items`, batch 32). Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ranking import machine, rss_mb  # noqa: E402  (bench/ is the script's folder)
+from bench_ranking import finish, machine, parse_or_run_child, rss_mb, run  # noqa: E402  (bench/ is the script's folder)
 from slmrec.sasrec import SASRec, SASRecConfig  # noqa: E402
 from slmrec.seqrec import trim_padding  # noqa: E402
 
@@ -62,23 +59,13 @@ def child(case: dict) -> dict:
     return {**first, "seconds": times[len(times) // 2], "peak_extra_mb": rss_mb("VmHWM") - before}
 
 
-def run(case: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True)
-    if out.returncode:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=50_000, help="the large catalogue's items")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case (the median is printed)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="also write the rows here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    args = parse_or_run_child(ap, child)
+    if args is None:
         return
     print(machine(), flush=True)
     rows = []
@@ -88,22 +75,17 @@ def main() -> None:
         base = None
         for method in ("unfused", "fused"):
             case = {"items": items, "batch": batch, "method": method, "steps": args.steps, "threads": args.threads}
-            r = run(case)
+            r = run(case, __file__)
             rows.append({**case, **r, "label": label})
             if "error" in r:
                 print(f"| {label}, batch {batch} x 200 | {method} | failed: {r['error']} | | | | | |", flush=True)
                 continue
             base = base or (r if method == "unfused" else None)
-            if base is None:
-                print(f"| {label}, batch {batch} x 200 | {method} | {r['seconds']:.3f} | {r['peak_extra_mb']:.0f} | "
-                      f"{r['loss']:.6f} | {r['grad_norm']:.6f} | | |", flush=True)
-                continue
+            ratios = (f"{base['seconds'] / r['seconds']:.2f}x | {r['peak_extra_mb'] / max(base['peak_extra_mb'], 1):.2f}"
+                      if base else " | ")
             print(f"| {label}, batch {batch} x 200 | {method} | {r['seconds']:.3f} | {r['peak_extra_mb']:.0f} | "
-                  f"{r['loss']:.6f} | {r['grad_norm']:.6f} | {base['seconds'] / r['seconds']:.2f}x | "
-                  f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f} |", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+                  f"{r['loss']:.6f} | {r['grad_norm']:.6f} | {ratios} |", flush=True)
+    finish(rows, args.json)
 
 
 if __name__ == "__main__":

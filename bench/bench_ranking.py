@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -96,8 +97,9 @@ def child(case: dict) -> dict:
             "top": hashlib.sha256(ranking.top.tobytes()).hexdigest()[:12]}
 
 
-def run(case: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True)
+def run(case: dict, script: str = __file__) -> dict:
+    """`script --child CASE` in a fresh process: its last line of output, parsed (or its error)."""
+    out = subprocess.run([sys.executable, script, "--child", json.dumps(case)], capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -110,6 +112,25 @@ def machine() -> str:
             f"commit {commit or 'unknown'}; load average {os.getloadavg()[0]:.1f}")
 
 
+def parse_or_run_child(ap: argparse.ArgumentParser, child: Callable[[dict], dict]) -> argparse.Namespace | None:
+    """The parent's arguments (with --json); or, called as `--child CASE`, run that case here, print its
+    result and return None."""
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return None
+    return args
+
+
+def finish(rows: list[dict], json_path: str | None) -> None:
+    """The load after the cases (a busy machine skews them), and the rows as JSON if asked."""
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ml1m", default="runs/bench-ml1m/data", help="a prepared ml-1m data folder (skipped if absent)")
@@ -118,11 +139,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", default="0,default,4096", help="0 = all at once (the code before chunking)")
-    ap.add_argument("--json", help="also write the rows here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    args = parse_or_run_child(ap, child)
+    if args is None:
         return
     print(machine(), flush=True)
     chunks = [default_chunk(args.batch) if c == "default" else int(c) for c in args.chunks.split(",")]
@@ -150,9 +168,7 @@ def main() -> None:
             print(f"| {data['label']} | {method} | {r['seconds']:.2f} | {r['users_per_s']:.0f} | "
                   f"{r['peak_extra_mb']:.0f} | {r['MRR']:.5f} | {'yes' if r['ranks'] == first['ranks'] else 'NO'} | "
                   f"{same_top} |", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    finish(rows, args.json)
 
 
 if __name__ == "__main__":
