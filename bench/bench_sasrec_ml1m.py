@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--block", default="sasrec", choices=["pre-ln", "sasrec"])
     ap.add_argument("--positions", default="from-first", choices=["from-latest", "from-first"])
     ap.add_argument("--init-std", type=float, default=0.02, help="> 0: every weight N(0, std); 0: scaled init")
+    ap.add_argument("--qkv-init", default="same", choices=["same", "xavier"], help="xavier: SASRec+'s q/k/v init")
+    ap.add_argument("--attn-out-dropout", action=argparse.BooleanOptionalAction, default=True,
+                    help="dropout on the attention's output too (--no-attn-out-dropout: weights only, as SASRec+)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -166,7 +169,9 @@ def main() -> None:
         cfg = PretrainConfig(model=args.model, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
                              heads=args.heads if sasrec else None, gru_hidden=None if sasrec else args.gru_hidden,
                              block=args.block if sasrec else None, positions=args.positions if sasrec else None,
-                             init_std=args.init_std if sasrec else None, train=train)
+                             init_std=args.init_std if sasrec else None,
+                             qkv_init=args.qkv_init if sasrec else None,
+                             attn_out_dropout=args.attn_out_dropout if sasrec else None, train=train)
         out = result_file(args.run, cfg)
         done = read_json(out) if out.exists() else None
         if done is None:

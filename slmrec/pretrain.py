@@ -31,6 +31,10 @@ class PretrainConfig:
                                           "counted from the window's first item).")
     init_std: float | None = setting(None, "SASRec initialisation: > 0 draws every weight from N(0, init_std) "
                                            "(SASRec+'s 0.02); none or 0: scaled init.")
+    qkv_init: str | None = setting(None, "SASRec q/k/v initialisation: same (as the other weights; the default) or "
+                                         "xavier (SASRec+'s, nn.MultiheadAttention's).")
+    attn_out_dropout: bool | None = setting(None, "SASRec dropout on the attention's output as well as its weights "
+                                                  "(the default); false: on its weights only, as SASRec+.")
     train: TrainConfig = setting(factory=TrainConfig)
 
 

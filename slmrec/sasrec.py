@@ -6,8 +6,9 @@ count back from the most recent item, or with `positions = "from-first"` forward
 item as SASRec+ (Klenitskiy & Vasilev, 2023) counts them: either way a user's encoding never depends on
 how much padding the batch needed. `block = "sasrec"` is the original implementation's block (the
 attention's residual is its normalised query; ReLU), which SASRec+ keeps, and `init_std = 0.02`
-SASRec+'s initialisation; two differences from SASRec+ remain: dropout on the attention's output as well
-as on its weights, and q/k/v drawn from N(0, init_std) too (SASRec+'s keep PyTorch's Xavier init).
+SASRec+'s initialisation. With `attn_out_dropout = False` and `qkv_init = "xavier"` the model is SASRec+'s
+exactly: dropout on the attention weights only, and q/k/v keeping PyTorch's Xavier init (its
+nn.MultiheadAttention's) whatever `init_std` draws for the other weights.
 """
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ class SASRecConfig:
     block: str = "pre-ln"            # or "sasrec": the original implementation's residuals, ReLU
     positions: str = "from-latest"   # or "from-first"
     init_std: float = 0.0            # > 0: every weight N(0, init_std) (SASRec+'s 0.02); 0: scaled init
+    qkv_init: str = "same"           # or "xavier": q/k/v Xavier-uniform as nn.MultiheadAttention's (SASRec+'s)
+    attn_out_dropout: bool = True    # False: dropout on the attention weights only (the original's, SASRec+'s)
 
     def __post_init__(self):
         if self.init_std < 0:
             raise InputError(f"init_std: {self.init_std} (>= 0; 0 is the scaled init)")
-        for name, known in (("block", ("pre-ln", "sasrec")), ("positions", ("from-latest", "from-first"))):
+        for name, known in (("block", ("pre-ln", "sasrec")), ("positions", ("from-latest", "from-first")),
+                            ("qkv_init", ("same", "xavier"))):
             if getattr(self, name) not in known:
                 raise InputError(f"{name}: unknown {getattr(self, name)!r} (known: {', '.join(known)})")
 
@@ -58,6 +62,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU() if self.original else nn.GELU(),
                                  nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden))
         self.drop = nn.Dropout(cfg.dropout)
+        self.out_drop = self.drop if cfg.attn_out_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
@@ -70,7 +75,7 @@ class Block(nn.Module):
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.drop.p if self.training else 0.0)
-        x = (normed if self.original else x) + self.drop(self.proj(att.transpose(1, 2).reshape(B, L, D)))
+        x = (normed if self.original else x) + self.out_drop(self.proj(att.transpose(1, 2).reshape(B, L, D)))
         if self.original:
             x = self.ln2(x)
             return x + self.drop(self.ffn(x))
@@ -91,6 +96,10 @@ class SASRec(SequentialRecommender):
         self._init_item_table()
         if cfg.init_std > 0:
             self.apply(self._init_original)
+        if cfg.qkv_init == "xavier":  # nn.MultiheadAttention's: one [3D, D] matrix, zero bias
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.qkv.weight)
+                nn.init.zeros_(block.qkv.bias)
 
     def _init_original(self, module: nn.Module) -> None:
         """The original implementation's: every weight N(0, init_std), biases and padding row zero."""
