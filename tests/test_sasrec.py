@@ -88,6 +88,27 @@ def test_original_initialisation_and_unknown_settings():
         small(positions="absolute")
     with pytest.raises(InputError, match="init_std: -0.02"):
         small(init_std=-0.02)
+    with pytest.raises(InputError, match="qkv_init: unknown 'kaiming'"):
+        small(qkv_init="kaiming")
+
+
+def test_sasrec_plus_keeps_xavier_qkv_and_drops_only_the_attention_weights():
+    """SASRec+'s q/k/v are nn.MultiheadAttention's (Xavier-uniform over one [3D, D] matrix, zero bias)
+    while every other weight is N(0, init_std); its attention output goes to the residual undropped."""
+    m = small_original(num_items=2000, qkv_init="xavier", attn_out_dropout=False, dropout=0.5)
+    bound = math.sqrt(6 / (16 + 3 * 16))
+    for blk in m.blocks:
+        assert blk.qkv.weight.abs().max() <= bound and abs(blk.qkv.weight.std().item() - bound / 3 ** 0.5) < 0.02
+        assert blk.qkv.bias.abs().max() == 0 and abs(blk.proj.weight.std().item() - 0.02) < 0.005
+
+    def residual_dropouts(attn_out_dropout: bool) -> int:
+        model, calls = small_original(dropout=0.5, attn_out_dropout=attn_out_dropout).train(), []
+        for blk in model.blocks:
+            blk.drop.register_forward_hook(lambda *_: calls.append(1))
+        model.encode(torch.tensor([[0, 3, 4, 5]]))
+        return len(calls)
+    # per block: on the attention output and the feed-forward's, or on the latter only
+    assert (residual_dropouts(True), residual_dropouts(False)) == (4, 2)
 
 
 @BACKBONES
