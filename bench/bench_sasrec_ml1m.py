@@ -7,10 +7,11 @@ Data as the SASRec paper: every rating is an interaction (no threshold), 5-core,
 0.1259, with sampled softmax 0.1684, gSASRec 0.1726, eSASRec 0.1772, FuXi-alpha 0.1813 (the
 figures eSASRec's paper collects); SASRec+ (full cross-entropy, Klenitskiy & Vasilev 2023) HR@10
 0.3152. The defaults are SASRec+'s settings and model (`--block sasrec --positions from-first
---init-std 0.02`; `--block pre-ln --positions from-latest --init-std 0` is the project's default
-SASRec). Model selection: validation MRR under full ranking. Prints a time-to-quality curve
-(validation and test full-ranking figures against training minutes) and writes it with the results
-to RUN/bench-<model>-<settings>-seed<S>.json; a seed whose JSON is there is read, not trained again
+--init-std 0.02 --qkv-init xavier --no-attn-out-dropout`; `--block pre-ln --positions from-latest
+--init-std 0 --qkv-init same --attn-out-dropout` is the project's default SASRec). Model selection:
+validation MRR under full ranking. Prints a time-to-quality curve (validation and test full-ranking
+figures against training minutes) and writes it with the results to
+RUN/bench-<model>-<settings>-seed<S>.json; a seed whose JSON is there is read, not trained again
 (seeds can run as separate processes, then one command prints their table). Usage:
   python bench/bench_sasrec_ml1m.py [--run runs/bench-ml1m] [--model sasrec] [--loss ce] [--seeds 42 43 44]
 """
@@ -145,9 +146,9 @@ def main() -> None:
     ap.add_argument("--block", default="sasrec", choices=["pre-ln", "sasrec"])
     ap.add_argument("--positions", default="from-first", choices=["from-latest", "from-first"])
     ap.add_argument("--init-std", type=float, default=0.02, help="> 0: every weight N(0, std); 0: scaled init")
-    ap.add_argument("--qkv-init", default="same", choices=["same", "xavier"], help="xavier: SASRec+'s q/k/v init")
-    ap.add_argument("--attn-out-dropout", action=argparse.BooleanOptionalAction, default=True,
-                    help="dropout on the attention's output too (--no-attn-out-dropout: weights only, as SASRec+)")
+    ap.add_argument("--qkv-init", default="xavier", choices=["same", "xavier"], help="xavier: SASRec+'s q/k/v init")
+    ap.add_argument("--attn-out-dropout", action=argparse.BooleanOptionalAction, default=False,
+                    help="dropout on the attention's output too (the default: on its weights only, as SASRec+)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
