@@ -160,19 +160,17 @@ def main() -> None:
     print(f"ml-1m: {ds.num_users} users, {ds.num_items} items, {len(ds.interactions)} interactions "
           f"(paper: 6,040 users, 3,416 items) in {time.perf_counter() - t0:.0f}s")
     print(f"machine: {machine()}")
+    # each backbone's own settings; the other backbone's stay unset (None)
+    own = ({k: getattr(args, k) for k in ("heads", "block", "positions", "init_std", "qkv_init", "attn_out_dropout")}
+           if args.model == "sasrec" else {"gru_hidden": args.gru_hidden})
     results = []
     for seed in args.seeds:
         train = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                             max_len=args.max_len, select_protocol="full", seed=seed, loss=args.loss,
                             negatives=args.negatives, gbce_t=args.gbce_t, length_pools=args.length_pools,
                             eval_every=args.eval_every, time_budget_s=60 * args.minutes)
-        sasrec = args.model == "sasrec"
         cfg = PretrainConfig(model=args.model, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
-                             heads=args.heads if sasrec else None, gru_hidden=None if sasrec else args.gru_hidden,
-                             block=args.block if sasrec else None, positions=args.positions if sasrec else None,
-                             init_std=args.init_std if sasrec else None,
-                             qkv_init=args.qkv_init if sasrec else None,
-                             attn_out_dropout=args.attn_out_dropout if sasrec else None, train=train)
+                             train=train, **own)
         out = result_file(args.run, cfg)
         done = read_json(out) if out.exists() else None
         if done is None:
