@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 import warnings
@@ -55,6 +56,10 @@ class TrainConfig:
     epochs: int = setting(200, "Most training epochs.")
     batch_size: int = setting(128, "Users per batch.")
     lr: float = setting(1e-3, "Learning rate (AdamW).")
+    lr_schedule: str = setting("constant", "constant, or cosine: the learning rate falls from `lr` to 0 along a half "
+                                           "cosine over `epochs` epochs of steps (annealing settles the weights "
+                                           "where a constant rate keeps them wandering; a run that patience or the "
+                                           "time budget stops sooner ends above 0).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     patience: int = setting(10, "Epochs without a better validation MRR before stopping.")
     eval_every: int = setting(1, "Epochs between validations (and the last epoch); only validated epochs can be "
@@ -114,6 +119,16 @@ def batch_loss(model: torch.nn.Module, cfg: TrainConfig) -> Callable[..., torch.
     if not isinstance(model, SequentialRecommender):
         raise InputError(f"train.loss: {cfg.loss!r} is for ID backbones; {type(model).__name__} trains with 'ce'")
     return partial(model.training_loss, loss=cfg.loss, negatives=cfg.negatives, gbce_t=cfg.gbce_t)
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                 steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step learning-rate schedule `cfg.lr_schedule` names (None: constant)."""
+    if cfg.lr_schedule == "constant":
+        return None
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    raise InputError(f"train.lr_schedule: unknown {cfg.lr_schedule!r} (constant or cosine)")
 
 
 def loss_terms(model: torch.nn.Module, targets: torch.Tensor) -> int:
@@ -249,6 +264,8 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
     users_t, lengths = torch.as_tensor(users), (inputs > 0).sum(1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # every process steps once per global batch, so the schedule counts global batches
+    schedule = lr_scheduler(opt, cfg, math.ceil(len(lengths) / (cfg.batch_size * world)))
     with warnings.catch_warnings():  # torch's deprecation of the name accelerate passes broadcast_buffers by
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
         objective, opt = accelerator.prepare(TrainingLoss(model, batch_loss(model, cfg)), opt)
@@ -278,10 +295,11 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
                             "seconds": time.perf_counter() - t0 - aside, "log": log, "best": best,
                             "best_epoch": best_epoch, "model": {k: now[k] for k in keys},
                             "best_model": {k: best_state[k] for k in keys}, "optimizer": opt.state_dict(),
+                            "schedule": schedule.state_dict() if schedule else None,
                             "random": randoms}, f)
         aside += time.perf_counter() - t1
 
-    saved = resume(checkpoint, model, opt, gen, procs)
+    saved = resume(checkpoint, model, opt, schedule, gen, procs)
     if saved is None:
         # the starting point is a candidate too: a head fitted on top of a trained backbone must not
         # end up worse on validation than the backbone it started as
@@ -310,6 +328,8 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
                 opt.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
                 total, n = total + (loss.item() if world == 1 else loss.item() / world) * len(idx), n + len(idx)
             total = procs.total(total)
             bar.update(task, advance=1)
@@ -333,10 +353,10 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
             "steps_per_epoch": steps}
 
 
-def resume(checkpoint: Path | None, model: nn.Module, opt: Any, gen: torch.Generator,
+def resume(checkpoint: Path | None, model: nn.Module, opt: Any, schedule: Any, gen: torch.Generator,
            procs: Processes) -> dict | None:
-    """The training state of the checkpoint in `checkpoint`, loaded into the model, the optimizer and
-    the random generators (with `best_state`, the best weights so far); None when there is none, or
+    """The training state of the checkpoint in `checkpoint`, loaded into the model, the optimizer, the
+    learning-rate schedule and the random generators (with `best_state`, the best weights so far); None when there is none, or
     it was written by another number of processes (its shares and random streams do not carry over)."""
     file = None if checkpoint is None else checkpoint / CHECKPOINT
     if file is None or not file.exists():
@@ -353,6 +373,8 @@ def resume(checkpoint: Path | None, model: nn.Module, opt: Any, gen: torch.Gener
     if unexpected:
         raise InputError(f"{file}: checkpoint does not match the model (unexpected {unexpected[:3]})")
     opt.load_state_dict(saved["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(saved["schedule"])
     _set_random_state(saved["random"][procs.rank], gen)
     return {**saved, "best_state": best_state}
 

@@ -203,7 +203,8 @@ def same_build(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("kind", ["sasrec", "fusion"])
 def test_a_stopped_training_stage_resumes_from_its_checkpoint(kind, preset, tmp_path, monkeypatch):
     """Stopped at a validation, the stage reruns from the last validated epoch's checkpoint (the
-    random draws of dropout, sampled negatives and id_dropout included) to the uninterrupted result."""
+    random draws of dropout, sampled negatives and id_dropout included, and where the learning-rate
+    schedule was) to the uninterrupted result."""
     whole, cut = prepared(tmp_path / "whole", preset), tmp_path / "cut"
     shutil.copytree(whole, cut)
     if kind == "fusion":  # a frozen backbone (not in the checkpoint) and two seeds; stopped in the second
@@ -214,7 +215,8 @@ def test_a_stopped_training_stage_resumes_from_its_checkpoint(kind, preset, tmp_
         stage, stop_at = (lambda run: FusionStage(run, cfg, folder="fusion/f")), 6 + 3  # seed 2, epoch 2
     else:  # dropout and sampled negatives: random draws every step
         cfg = PretrainConfig(hidden=16, layers=1, dropout=0.3, train=TrainConfig(
-            epochs=6, max_len=10, batch_size=8, loss="sampled", negatives=5, length_pools=2, patience=10))
+            epochs=6, max_len=10, batch_size=8, loss="sampled", negatives=5, length_pools=2, patience=10,
+            lr_schedule="cosine"))
         stage, stop_at = (lambda run: BackboneStage(run, cfg)), 4  # epoch 3's validation
 
     run_stage(stage(whole))

@@ -19,7 +19,7 @@ from slmrec.gru4rec import GRU4Rec, GRU4RecConfig
 from slmrec.pretrain import BackboneStage, PretrainConfig
 from slmrec.sasrec import SASRec, SASRecConfig
 from slmrec.seqrec import load_item_embeddings
-from slmrec.trainer import TrainConfig, batches, fit
+from slmrec.trainer import TrainConfig, batches, fit, lr_scheduler
 
 
 def small(num_items=30, **kw):
@@ -292,3 +292,21 @@ def test_length_pools_batch_every_example_once_with_similar_lengths():
     plain = sum(int(lengths[b].max()) * len(b) for b in batches(lengths, TrainConfig(batch_size=50),
                                                                torch.Generator().manual_seed(0)))
     assert padded < 0.7 * plain
+
+
+def test_cosine_schedule_anneals_the_rate_to_zero_over_the_epochs_and_names_an_unknown_one(tmp_path, one_thread):
+    opt = torch.optim.AdamW(small().parameters(), lr=0.01)
+    assert lr_scheduler(opt, TrainConfig(epochs=4), steps_per_epoch=5) is None  # constant: no schedule
+    schedule = lr_scheduler(opt, TrainConfig(epochs=4, lr_schedule="cosine"), steps_per_epoch=5)
+    rates = []
+    for _ in range(20):
+        opt.step()
+        schedule.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates[9] == pytest.approx(0.005) and rates[-1] == pytest.approx(0.0, abs=1e-12)  # half-way, the end
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(InputError, match="train.lr_schedule: unknown 'step'"):
+        lr_scheduler(opt, TrainConfig(lr_schedule="step"), steps_per_epoch=5)
+    # the training loop steps it and still learns the pattern
+    log, test, _ = ring_fit(tmp_path, "sampled", lr_schedule="cosine")
+    assert test["HR@1"] > 0.9 and all(math.isfinite(e["loss"]) for e in log["epochs"][1:])
