@@ -168,10 +168,10 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         train = TrainConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                            lr_schedule=args.lr_schedule,
-                            max_len=args.max_len, select_protocol="full", seed=seed, loss=args.loss,
-                            negatives=args.negatives, gbce_t=args.gbce_t, length_pools=args.length_pools,
-                            eval_every=args.eval_every, time_budget_s=60 * args.minutes)
+                            lr_schedule=args.lr_schedule, max_len=args.max_len, select_protocol="full", seed=seed,
+                            loss=args.loss, negatives=args.negatives, gbce_t=args.gbce_t,
+                            length_pools=args.length_pools, eval_every=args.eval_every,
+                            time_budget_s=60 * args.minutes)
         cfg = PretrainConfig(model=args.model, hidden=args.hidden, layers=args.layers, dropout=args.dropout,
                              train=train, **own)
         out = result_file(args.run, cfg)

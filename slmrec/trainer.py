@@ -57,9 +57,10 @@ class TrainConfig:
     batch_size: int = setting(128, "Users per batch.")
     lr: float = setting(1e-3, "Learning rate (AdamW).")
     lr_schedule: str = setting("constant", "constant, or cosine: the learning rate falls from `lr` to 0 along a half "
-                                           "cosine over `epochs` epochs of steps (annealing settles the weights "
-                                           "where a constant rate keeps them wandering; a run that patience or the "
-                                           "time budget stops sooner ends above 0).")
+                                           "cosine over `epochs` epochs of steps (a run that patience or the time "
+                                           "budget stops sooner ends above 0). On ml-1m SASRec over 90 epochs it "
+                                           "ended 0.0013 NDCG@10 below the constant rate: the lower rate cost more "
+                                           "training than settling the weights gained.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     patience: int = setting(10, "Epochs without a better validation MRR before stopping.")
     eval_every: int = setting(1, "Epochs between validations (and the last epoch); only validated epochs can be "
@@ -353,11 +354,13 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
             "steps_per_epoch": steps}
 
 
-def resume(checkpoint: Path | None, model: nn.Module, opt: Any, schedule: Any, gen: torch.Generator,
+def resume(checkpoint: Path | None, model: nn.Module, opt: Any,
+           schedule: torch.optim.lr_scheduler.LRScheduler | None, gen: torch.Generator,
            procs: Processes) -> dict | None:
     """The training state of the checkpoint in `checkpoint`, loaded into the model, the optimizer, the
-    learning-rate schedule and the random generators (with `best_state`, the best weights so far); None when there is none, or
-    it was written by another number of processes (its shares and random streams do not carry over)."""
+    learning-rate schedule and the random generators (with `best_state`, the best weights so far);
+    None when there is none, or it was written by another number of processes (its shares and random
+    streams do not carry over)."""
     file = None if checkpoint is None else checkpoint / CHECKPOINT
     if file is None or not file.exists():
         return None
