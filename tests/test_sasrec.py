@@ -19,7 +19,7 @@ from slmrec.gru4rec import GRU4Rec, GRU4RecConfig
 from slmrec.pretrain import BackboneStage, PretrainConfig
 from slmrec.sasrec import SASRec, SASRecConfig
 from slmrec.seqrec import load_item_embeddings
-from slmrec.trainer import TrainConfig, batches, fit, lr_scheduler
+from slmrec.trainer import TrainConfig, batches, fit, lr_scheduler, next_item_pairs
 
 
 def small(num_items=30, **kw):
@@ -292,6 +292,28 @@ def test_length_pools_batch_every_example_once_with_similar_lengths():
     plain = sum(int(lengths[b].max()) * len(b) for b in batches(lengths, TrainConfig(batch_size=50),
                                                                torch.Generator().manual_seed(0)))
     assert padded < 0.7 * plain
+
+
+def test_all_windows_train_every_next_item_pair_once_and_latest_keeps_the_most_recent(tmp_path):
+    rows = [(f"u{u}", f"i{(7 * u + t) % 30}", 5, t) for u, n in enumerate([3, 6, 11, 14]) for t in range(n)]
+    ds = prepare_dataset(PrepareConfig(source=str(write_atomic(tmp_path / "src", "lengths", rows)), rating_gt=None,
+                                       user_core=1, item_core=1, negatives=[5]), tmp_path / "run")
+    sequences = [s.tolist() for s in ds.train_sequences()]  # 1, 4, 9 and 12 items: the last two held out
+    users, inputs, targets = next_item_pairs(ds, 4)
+    assert users.tolist() == [1, 2, 3]  # a history of one item has no pair
+    for u, x, y in zip(users, inputs, targets):
+        assert x[x > 0].tolist() == sequences[u][:-1][-4:] and y[y > 0].tolist() == sequences[u][1:][-4:]
+    users, inputs, targets = next_item_pairs(ds, 4, "all")
+    assert users.tolist() == [1, 2, 2, 3, 3, 3]  # one row per 4 targets, latest first
+    pairs = {u: [] for u in range(ds.num_users)}
+    for u, x, y in zip(users, inputs, targets):
+        assert ((x > 0) == (y > 0)).all() and (x[1:][y[:-1] > 0] == y[:-1][y[:-1] > 0]).all()  # shifted by one
+        pairs[u] += list(zip(x[y > 0].tolist(), y[y > 0].tolist()))
+    for u, s in enumerate(sequences):
+        assert sorted(pairs[u]) == sorted(zip(s[:-1], s[1:]))  # every pair of the history, once
+    assert next_item_pairs(ds, 20, "all")[2].equal(next_item_pairs(ds, 20)[2])  # short histories: the same rows
+    with pytest.raises(InputError, match="train.windows: unknown 'every'"):
+        next_item_pairs(ds, 4, "every")
 
 
 def test_cosine_schedule_anneals_the_rate_to_zero_over_the_epochs_and_names_an_unknown_one(tmp_path, one_thread):
