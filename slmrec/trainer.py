@@ -274,6 +274,9 @@ def fit(model: torch.nn.Module, ds: SeqDataset, cfg: TrainConfig, desc: str = "t
     world, rank, device = procs.world, procs.rank, procs.device
     torch.manual_seed(cfg.seed + rank)  # dropout and sampled negatives: a stream per process
     gen = torch.Generator().manual_seed(cfg.seed)  # the batches: the same on every process
+    if cfg.windows != "latest" and not isinstance(model, SequentialRecommender):  # rationales fit the latest only
+        raise InputError(f"train.windows: {cfg.windows!r} is for ID backbones; {type(model).__name__} trains on "
+                         "each history's latest window")
     users, inputs, targets = examples if examples is not None else next_item_pairs(ds, cfg.max_len, cfg.windows)
     users_t, lengths = torch.as_tensor(users), (inputs > 0).sum(1)
     params = [p for p in model.parameters() if p.requires_grad]
