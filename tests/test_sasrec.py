@@ -314,6 +314,8 @@ def test_all_windows_train_every_next_item_pair_once_and_latest_keeps_the_most_r
     assert next_item_pairs(ds, 20, "all")[2].equal(next_item_pairs(ds, 20)[2])  # short histories: the same rows
     with pytest.raises(InputError, match="train.windows: unknown 'every'"):
         next_item_pairs(ds, 4, "every")
+    with pytest.raises(InputError, match="train.windows: 'all' is for ID backbones; Linear trains on"):
+        fit(torch.nn.Linear(2, 2), ds, TrainConfig(windows="all"))  # a rationale fits only the latest window
 
 
 def test_cosine_schedule_anneals_the_rate_to_zero_over_the_epochs_and_names_an_unknown_one(tmp_path, one_thread):
